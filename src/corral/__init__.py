@@ -1,0 +1,1 @@
+"""corral: Linux sandboxes for untrusted code, with a programmable host-side network."""

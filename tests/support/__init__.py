@@ -1,0 +1,1 @@
+"""Test support: the hermetic network world, test servers, image builders."""
