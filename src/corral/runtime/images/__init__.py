@@ -1,0 +1,1 @@
+"""Container images: references, registry client, content-addressed store, unpacking."""
