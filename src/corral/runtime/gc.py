@@ -1,0 +1,104 @@
+"""``corral gc``: remove everything a sandbox whose supervisor died left behind.
+
+A supervisor that is SIGKILLed (or whose machine lost power) cannot clean up: the sandbox's
+init may still run, its cgroup, netns, veth, nftables table and mounts stay. The supervisor's
+pid file plus its start time tell a dead supervisor from a live one (pid reuse included), and
+a missing ``stopped`` marker tells a crash from a clean stop (see :mod:`corral.runtime.state`).
+Every step runs under the sandbox name's lock, so gc never races a ``create`` of that name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+from pathlib import Path
+
+from corral.errors import SandboxError
+from corral.runtime import state
+
+#: umount2 flag: detach now, finish when the mount is no longer busy (a crashed sandbox's
+#: process may still hold it for a moment while being killed).
+_MNT_DETACH = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def mounts_under(directory: Path) -> list[str]:
+    """Mount points at or below ``directory`` in our mount namespace, deepest first."""
+    prefix = str(directory.resolve())
+    found: list[str] = []
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                point = line.split()[4].encode().decode("unicode_escape")
+                if point == prefix or point.startswith(prefix + "/"):
+                    found.append(point)
+    except FileNotFoundError:
+        return []
+    return sorted(found, key=len, reverse=True)
+
+
+def unmount(point: str) -> None:
+    if _libc.umount2(point.encode(), _MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        raise SandboxError(f"gc: cannot unmount {point}: {os.strerror(err)}")
+
+
+def release_leftovers(name: str, directory: Path) -> list[str]:
+    """Remove what a dead supervisor of ``name`` left: processes, cgroup, network, mounts.
+
+    Returns one line per thing removed. Hold ``state.name_lock(name)``.
+    """
+    removed: list[str] = []
+    try:
+        from corral.runtime import launcher
+    except ImportError:
+        launcher = None  # type: ignore[assignment]
+    if launcher is not None:
+        removed += [str(x) for x in launcher.cleanup_leftovers(name, directory) or ()]
+    try:
+        from corral.net import datapath
+    except ImportError:
+        datapath = None  # type: ignore[assignment]
+    if datapath is not None:
+        removed += [str(x) for x in datapath.cleanup_leftovers(name, directory) or ()]
+    for point in mounts_under(directory):
+        unmount(point)
+        removed.append(f"mount {point}")
+    with contextlib.suppress(FileNotFoundError):
+        (directory / state.CONTROL_SOCKET).unlink()
+    return removed
+
+
+def remove_directory(directory: Path) -> None:
+    """Delete a sandbox's directory (its writable layer included), unmounting first."""
+    for point in mounts_under(directory):
+        unmount(point)
+    try:
+        shutil.rmtree(directory)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise SandboxError(f"cannot remove {directory}: {exc.strerror or exc}") from None
+
+
+def collect(names: list[str] | None = None, *, keep_state: bool = False) -> list[str]:
+    """``corral gc``: clean up every sandbox (or those named) whose supervisor died.
+
+    A crashed sandbox's leftovers are removed and, unless ``keep_state``, its directory too.
+    Running sandboxes and cleanly stopped ones are left alone (``corral rm`` removes those).
+    Returns one line per thing removed.
+    """
+    report: list[str] = []
+    for name in names if names is not None else state.list_names():
+        directory = state.sandbox_dir(name)
+        with state.name_lock(name):
+            if not directory.exists() or state.status(directory) != state.CRASHED:
+                continue
+            for item in release_leftovers(name, directory):
+                report.append(f"{name}: {item}")
+            if not keep_state:
+                remove_directory(directory)
+                report.append(f"{name}: state directory {directory}")
+    return report

@@ -1,0 +1,456 @@
+"""The per-sandbox supervisor: ``python -m corral.runtime.supervisor <state_dir>``.
+
+One supervisor process owns one sandbox for its whole life (SPEC section 5): it launches the
+sandbox's init, runs its network data path, answers the control socket, and on ``stop`` (or
+SIGTERM, or the init dying) releases everything and writes the ``stopped`` marker. There is no
+global daemon; ``corral gc`` cleans up after a supervisor that died without doing so.
+
+Start-up is on the path of every ``Sandbox.create``, and this machine's interpreter needs
+about 11 ms to start and 5-20 ms more for each of ``typing``, ``dataclasses``, ``re``, ``enum``
+or ``asyncio``. So this module imports only builtin C modules at the top (``_socket``,
+``_signal``, ``select``, the lean JSON of :mod:`corral.runtime.leanjson`), and the control loop
+is a plain ``epoll`` loop. Only a sandbox that has a network pays for ``asyncio``: its data path
+runs on an asyncio loop in a second thread, started after ``launch()`` forked the init (forking
+from a threaded process is what the launcher must not do).
+
+Steps, in order (each failure is one sentence sent to the creator over the ready pipe):
+    1. write ``supervisor.pid`` (pid + start time, so gc can tell a dead supervisor from a live
+       one even after pid reuse);
+    2. read ``state.json``;
+    3. reserve the network (netns, addresses) unless the sandbox is offline;
+    4. ``launch()`` the init into the rootfs (and the netns);
+    5. start the network data path (thread with an asyncio loop);
+    6. listen on ``control.sock`` and report ``ready`` on the pipe whose fd is in
+       ``CORRAL_READY_FD``;
+    7. serve until ``stop``, SIGTERM/SIGINT, or the init exiting; then stop the init (grace,
+       then kill), close the network, remove the socket, write ``stopped``.
+"""
+
+from __future__ import annotations
+
+import _signal  # type: ignore[import-not-found]  # no stub; ``signal`` would import enum
+import _socket
+import os
+import select
+import sys
+import time
+
+from corral.errors import CorralError
+from corral.runtime import control, leanjson
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from corral.runtime.launcher import Launched
+
+#: Environment variable carrying the fd of the pipe the creator waits on for "ready".
+READY_FD_ENV = "CORRAL_READY_FD"
+
+#: Connections the control socket queues before accept: a handful of CLI/SDK clients.
+CONTROL_BACKLOG = 16
+
+#: Concurrent control connections served; more are refused so a stuck client cannot grow
+#: the supervisor's memory without bound.
+MAX_CONTROL_CLIENTS = 64
+
+#: Bytes read from a control connection at once (requests are tens of bytes).
+CONTROL_READ_SIZE = 65536
+
+#: Seconds the network data path gets to start or close before the supervisor gives up.
+NETWORK_START_TIMEOUT = 30.0
+NETWORK_CLOSE_TIMEOUT = 10.0
+
+#: /etc/hosts of a sandbox without network (the hostname is the sandbox's name).
+OFFLINE_HOSTS = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+
+
+class StartError(CorralError):
+    """A step of the supervisor's start failed (the message names the step)."""
+
+    exit_code = 4
+
+
+def _write_file(path: str, text: str, mode: int = 0o600) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _own_start_time() -> int:
+    with open("/proc/self/stat", "rb") as f:
+        stat = f.read()
+    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+
+
+def _log(message: str) -> None:
+    """One line to supervisor.log (our stderr), timestamped for post-mortems."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+    sys.stderr.write(f"{stamp} supervisor[{os.getpid()}]: {message}\n")
+    sys.stderr.flush()
+
+
+class NetworkThread:
+    """The sandbox's network data path on an asyncio loop in its own thread."""
+
+    def __init__(self, network: object) -> None:
+        import asyncio
+        import threading
+
+        self._asyncio = asyncio
+        self._network = network
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="corral-net", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        if not self._started.wait(NETWORK_START_TIMEOUT):
+            raise StartError(
+                f"network: the data path did not start within {NETWORK_START_TIMEOUT:g} s"
+            )
+        if self._start_error is not None:
+            error = self._start_error
+            if isinstance(error, CorralError):
+                raise error
+            raise StartError(f"network: starting the data path failed: {error}")
+
+    def _run(self) -> None:
+        self._asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self._loop = self._asyncio.get_running_loop()
+        self._stop_event = self._asyncio.Event()
+        try:
+            await self._network.start()  # type: ignore[attr-defined]
+        except BaseException as exc:  # reported to the main thread, which fails the start
+            self._start_error = exc
+            self._started.set()
+            return
+        self._started.set()
+        await self._stop_event.wait()
+
+    def close(self) -> None:
+        """Stop serving and release the network (netns, veth, nft table, listeners)."""
+        loop, event = self._loop, self._stop_event
+        if loop is not None and event is not None and self._thread.is_alive():
+            loop.call_soon_threadsafe(event.set)
+            self._thread.join(NETWORK_CLOSE_TIMEOUT)
+        # close() is a coroutine of the data path; run it on a fresh loop in this thread.
+        self._asyncio.run(self._network.close())  # type: ignore[attr-defined]
+
+
+class Supervisor:
+    """The state of one supervisor run; :meth:`run` is steps 1-7 of the module docstring."""
+
+    def __init__(self, state_dir: str, ready_fd: int) -> None:
+        self.state_dir = state_dir
+        self.ready_fd = ready_fd
+        self.state: dict[str, object] = {}
+        self.network: object | None = None
+        self.network_thread: NetworkThread | None = None
+        self.launched: Launched | None = None
+        self.listener: _socket.socket | None = None
+        self.control_path = os.path.join(state_dir, "control.sock")
+        self.stop_reason: str | None = None
+        self.stop_timeout = control.DEFAULT_STOP_TIMEOUT
+        self.stop_waiters: list[_socket.socket] = []
+        self.signal_pipe: tuple[int, int] | None = None
+
+    # -- start ------------------------------------------------------------------------------
+    def run(self) -> int:
+        _write_file(
+            os.path.join(self.state_dir, "supervisor.pid"), f"{os.getpid()} {_own_start_time()}\n"
+        )
+        self._install_signals()
+        try:
+            self._start()
+        except BaseException as exc:
+            message = str(exc) if isinstance(exc, CorralError) else f"supervisor: {exc!r}"
+            _log(f"start failed: {message}")
+            self._release()
+            self._finish(f"failed to start: {message}")
+            self._report(f"error\t{message}")
+            return 1
+        _log(f"ready: init pid {self._init_pid()}")
+        self._report(
+            "ok\t"
+            + leanjson.dumps(
+                {
+                    "init_pid": self._init_pid(),
+                    "channel_path": str(getattr(self.launched, "channel_path", "")),
+                    "cgroup": str(getattr(self.launched, "cgroup", "") or ""),
+                    "netns_path": getattr(self.network, "netns_path", None),
+                }
+            )
+        )
+        self._serve()
+        self._release()
+        self._finish(self.stop_reason or "stopped")
+        for client in self.stop_waiters:
+            try:
+                client.setblocking(True)
+                client.sendall(control.encode(control.ok_reply(stopped=True)))
+            except OSError:
+                pass
+            client.close()
+        return 0
+
+    def _start(self) -> None:
+        try:
+            with open(os.path.join(self.state_dir, "state.json")) as f:
+                loaded = leanjson.loads(f.read())
+        except (OSError, ValueError) as exc:
+            raise StartError(f"state: cannot read {self.state_dir}/state.json: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise StartError(f"state: {self.state_dir}/state.json is not a JSON object")
+        self.state = loaded
+        name = str(loaded["name"])
+        hosts = OFFLINE_HOSTS + f"127.0.1.1\t{name}\n"
+        resolv_conf = "# this sandbox has no network (policy none)\n"
+        netns_path = None
+        if not loaded.get("offline", True):
+            self.network = self._reserve_network(name)
+            netns_path = self.network.netns_path  # type: ignore[attr-defined]
+            hosts = self.network.hosts_entries()  # type: ignore[attr-defined]
+            resolv_conf = self.network.resolv_conf()  # type: ignore[attr-defined]
+        from corral.runtime.launcher import LaunchSpec, launch
+
+        spec = LaunchSpec(
+            name=name,
+            rootfs=str(loaded["rootfs"]),
+            state_dir=self.state_dir,
+            netns_path=netns_path,
+            env=dict(loaded.get("env") or {}),  # type: ignore[call-overload]
+            workdir=str(loaded.get("workdir") or "/"),
+            user=str(loaded.get("user") or "0"),
+            cpus=loaded.get("cpus"),  # type: ignore[arg-type]
+            memory=loaded.get("memory"),  # type: ignore[arg-type]
+            pids_max=loaded.get("pids_max"),  # type: ignore[arg-type]
+            hosts=hosts,
+            resolv_conf=resolv_conf,
+        )
+        self.launched = launch(spec)
+        if self.network is not None:
+            self.network_thread = NetworkThread(self.network)
+            self.network_thread.start()
+        self._listen()
+
+    def _reserve_network(self, name: str) -> object:
+        try:
+            from corral.net.datapath import SandboxNetwork
+        except ImportError:
+            policy = (self.state.get("network") or {}).get("policy")  # type: ignore[attr-defined]
+            raise StartError(
+                f"network policy {policy or 'custom'!r} needs the network data path, which is "
+                "not available yet; use network=NetworkPolicy.none()"
+            ) from None
+        from corral.config import NetworkConfig
+
+        config = NetworkConfig.from_json(leanjson.dumps(self.state.get("network") or {}))
+        return SandboxNetwork.reserve(name, config, self.state_dir)
+
+    def _listen(self) -> None:
+        try:  # noqa: SIM105 - contextlib is not on the lean import path
+            os.unlink(self.control_path)
+        except FileNotFoundError:
+            pass
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+        old_umask = os.umask(0o077)  # the socket is as private as the state directory
+        try:
+            sock.bind(self.control_path)
+        finally:
+            os.umask(old_umask)
+        sock.listen(CONTROL_BACKLOG)
+        sock.setblocking(False)
+        self.listener = sock
+
+    def _install_signals(self) -> None:
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.signal_pipe = (read_end, write_end)
+        _signal.set_wakeup_fd(write_end)
+        for signum in (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP):
+            _signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = f"stopped by signal {signum}"
+
+    def _report(self, line: str) -> None:
+        if self.ready_fd < 0:
+            return
+        try:
+            os.write(self.ready_fd, (line.replace("\n", " ") + "\n").encode())
+        except OSError:
+            pass  # the creator is gone; the sandbox stays up and reachable through get()
+        finally:
+            os.close(self.ready_fd)
+            self.ready_fd = -1
+
+    def _init_pid(self) -> int:
+        return int(getattr(self.launched, "init_pid", 0) or 0)
+
+    # -- serve ------------------------------------------------------------------------------
+    def _serve(self) -> None:
+        assert self.listener is not None and self.signal_pipe is not None
+        poller = select.epoll()
+        poller.register(self.listener.fileno(), select.EPOLLIN)
+        poller.register(self.signal_pipe[0], select.EPOLLIN)
+        pidfd = -1
+        try:
+            pidfd = os.pidfd_open(self._init_pid())
+            poller.register(pidfd, select.EPOLLIN)
+        except (OSError, ValueError):
+            self.stop_reason = self.stop_reason or "the sandbox's init was gone at start"
+        clients: dict[int, tuple[_socket.socket, control.LineDecoder]] = {}
+        while self.stop_reason is None:
+            try:
+                events = poller.poll()
+            except InterruptedError:
+                continue
+            for fd, _mask in events:
+                if fd == self.listener.fileno():
+                    self._accept(poller, clients)
+                elif fd == self.signal_pipe[0]:
+                    try:  # noqa: SIM105 - contextlib is not on the lean import path
+                        os.read(fd, 512)
+                    except BlockingIOError:
+                        pass
+                elif fd == pidfd:
+                    self.stop_reason = self.stop_reason or "the sandbox's init exited"
+                elif fd in clients:
+                    self._on_client(fd, poller, clients)
+        if pidfd >= 0:
+            os.close(pidfd)
+        for fd, (sock, _decoder) in clients.items():
+            if sock not in self.stop_waiters:
+                sock.close()
+            poller.unregister(fd)
+        poller.close()
+
+    def _accept(
+        self, poller: select.epoll, clients: dict[int, tuple[_socket.socket, control.LineDecoder]]
+    ) -> None:
+        assert self.listener is not None
+        try:
+            fd, _addr = self.listener._accept()  # type: ignore[attr-defined]
+        except BlockingIOError:
+            return
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM, fileno=fd)
+        if len(clients) >= MAX_CONTROL_CLIENTS:
+            sock.close()
+            return
+        sock.setblocking(False)
+        clients[fd] = (sock, control.LineDecoder())
+        poller.register(fd, select.EPOLLIN)
+
+    def _on_client(
+        self,
+        fd: int,
+        poller: select.epoll,
+        clients: dict[int, tuple[_socket.socket, control.LineDecoder]],
+    ) -> None:
+        sock, decoder = clients[fd]
+        try:
+            data = sock.recv(CONTROL_READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        replies: list[dict[str, object]] = []
+        if data:
+            try:
+                for message in decoder.feed(data):
+                    reply = self._handle(message, sock)
+                    if reply is not None:
+                        replies.append(reply)
+            except control.ControlProtocolError as exc:
+                replies.append(control.error_reply(str(exc)))
+                data = b""  # a peer that broke the protocol is disconnected
+        try:
+            if replies:
+                sock.setblocking(True)
+                sock.settimeout(1.0)  # a client that does not read its reply is dropped
+                sock.sendall(b"".join(control.encode(r) for r in replies))
+                sock.setblocking(False)
+        except OSError:
+            data = b""
+        if not data and sock not in self.stop_waiters:
+            poller.unregister(fd)
+            del clients[fd]
+            sock.close()
+
+    def _handle(self, message: dict[str, object], sock: _socket.socket) -> dict[str, object] | None:
+        try:
+            op, args = control.parse_request(message)
+        except control.ControlProtocolError as exc:
+            return control.error_reply(str(exc))
+        if op == control.OP_INFO:
+            return control.ok_reply(
+                name=self.state.get("name"),
+                supervisor_pid=os.getpid(),
+                init_pid=self._init_pid(),
+                init_alive=bool(self.launched is not None and self.launched.alive()),
+                network=self.network is not None,
+            )
+        if op == control.OP_LOGS:
+            offset = args["offset"]
+            assert isinstance(offset, int)
+            return control.read_log_chunk(os.path.join(self.state_dir, "net-audit.jsonl"), offset)
+        timeout = args["timeout"]
+        assert isinstance(timeout, float)
+        self.stop_timeout = timeout
+        self.stop_reason = self.stop_reason or "stopped on request"
+        self.stop_waiters.append(sock)
+        return None  # answered once everything is released
+
+    # -- stop -------------------------------------------------------------------------------
+    def _release(self) -> None:
+        """Undo whatever of steps 3-6 happened; each part is attempted even if one fails."""
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+            try:  # noqa: SIM105 - contextlib is not on the lean import path
+                os.unlink(self.control_path)
+            except FileNotFoundError:
+                pass
+        if self.launched is not None:
+            try:
+                from corral.runtime.launcher import stop
+
+                stop(self.launched, timeout=self.stop_timeout)
+            except BaseException as exc:
+                _log(f"stopping the sandbox's init failed: {exc!r}")
+        if self.network_thread is not None:
+            try:
+                self.network_thread.close()
+            except BaseException as exc:
+                _log(f"closing the network failed: {exc!r}")
+        elif self.network is not None:
+            import asyncio
+
+            try:
+                asyncio.run(self.network.close())  # type: ignore[attr-defined]
+            except BaseException as exc:
+                _log(f"releasing the network failed: {exc!r}")
+
+    def _finish(self, reason: str) -> None:
+        _write_file(os.path.join(self.state_dir, "stopped"), reason + "\n")
+        _log(reason)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        sys.stderr.write("usage: python -m corral.runtime.supervisor STATE_DIR\n")
+        return 2
+    ready_fd = int(os.environ.pop(READY_FD_ENV, "-1"))
+    return Supervisor(os.path.abspath(args[0]), ready_fd).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,592 @@
+"""``corral.Sandbox``: the async SDK (SPEC section 1).
+
+A :class:`Sandbox` is a handle on a sandbox directory (:mod:`corral.runtime.state`); the
+sandbox itself lives in its supervisor process, so handles are cheap, any number of processes
+can hold one (``Sandbox.get``), and the sandbox outlives the process that created it.
+
+Exec and files go straight to the sandbox init's channel socket (not through the supervisor and
+not over the network); lifecycle steps go to the supervisor's control socket. Blocking steps
+(image resolution, spawning the supervisor, deleting a directory) run in a worker thread so the
+caller's event loop keeps running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from corral.config import (
+    NetworkConfig,
+    NetworkPolicy,
+    PortBinding,
+    SecretEntry,
+    validate_secrets,
+)
+from corral.errors import ConfigError, SandboxError
+from corral.runtime import control, gc, state
+from corral.runtime.channel import ChannelClient, ExecProcess, FileInfo
+from corral.sdk import lifecycle
+
+#: Bytes per chunk when files stream between host and sandbox: large enough for few
+#: round trips, small enough that a multi-GiB file never sits in memory.
+COPY_CHUNK = 1024 * 1024
+
+#: Seconds of grace a stop gives the sandbox's processes before they are killed.
+DEFAULT_STOP_TIMEOUT = control.DEFAULT_STOP_TIMEOUT
+
+#: Seconds a control request (other than stop) may take before the supervisor is deemed hung.
+CONTROL_TIMEOUT = 10.0
+
+#: Memory size suffixes accepted by ``memory=`` (binary units, as docker and cgroups use them).
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+#: Smallest memory limit accepted: below this even busybox's init cannot start.
+MIN_MEMORY = 4 * 1024 * 1024
+
+
+def parse_memory(value: int | str | None, field: str = "memory") -> int | None:
+    """Bytes from ``268435456``, ``"256m"``, ``"1g"``, ``"512MiB"``; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(field, f"{value!r} is not a memory size")
+    if isinstance(value, int):
+        amount = value
+    elif isinstance(value, str):
+        text = value.strip().lower().removesuffix("ib").removesuffix("b")
+        digits = text.rstrip("kmgt")
+        unit = text[len(digits) :]
+        if not digits.isdigit() or unit not in _SIZE_UNITS:
+            raise ConfigError(field, f"{value!r} is not a memory size (like 256m or 1g)")
+        amount = int(digits) * _SIZE_UNITS[unit]
+    else:
+        raise ConfigError(field, f"{value!r} is not a memory size (like 256m or 1g)")
+    if amount < MIN_MEMORY:
+        raise ConfigError(field, f"{value!r} is below the minimum of 4 MiB")
+    return amount
+
+
+def parse_cpus(value: float | int | str | None, field: str = "cpus") -> float | None:
+    if value is None:
+        return None
+    try:
+        cpus = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(field, f"{value!r} is not a number of CPUs") from None
+    if isinstance(value, bool) or not 0.01 <= cpus <= (os.cpu_count() or 1) * 1.0:
+        raise ConfigError(
+            field, f"{value!r} is not a number of CPUs in 0.01..{os.cpu_count() or 1}"
+        )
+    return cpus
+
+
+def _env_list_to_dict(entries: Iterable[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for entry in entries:
+        key, sep, val = entry.partition("=")
+        if sep and key:
+            out[key] = val
+    return out
+
+
+def _check_env(env: Mapping[str, str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, val in (env or {}).items():
+        if not isinstance(key, str) or not key or "=" in key or "\0" in key:
+            raise ConfigError(f"env[{key!r}]", "is not an environment variable name")
+        if not isinstance(val, str) or "\0" in val:
+            raise ConfigError(f"env[{key!r}]", f"{val!r} is not a string without NUL bytes")
+        out[key] = val
+    return out
+
+
+def _resolve_secrets(
+    secrets: Iterable[SecretEntry | Mapping[str, Any]] | None,
+) -> tuple[SecretEntry, ...]:
+    """Validate secrets and read ``from_env`` values now (the host's environment at create)."""
+    entries = validate_secrets(secrets or ())
+    resolved = []
+    for i, entry in enumerate(entries):
+        if entry.from_env is not None:
+            value = os.environ.get(entry.from_env)
+            if not value:
+                raise ConfigError(
+                    f"secrets[{i}].from_env",
+                    f"the host environment variable {entry.from_env!r} is not set",
+                )
+            entry = dataclasses.replace(entry, value=value, from_env=None)
+        resolved.append(entry)
+    return tuple(resolved)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecResult:
+    """The outcome of :meth:`Sandbox.exec`."""
+
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def stdout_text(self) -> str:
+        return self.stdout.decode("utf-8", "replace")
+
+    @property
+    def stderr_text(self) -> str:
+        return self.stderr.decode("utf-8", "replace")
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+class ExecStream:
+    """A running command: iterate for ``(stream, bytes)`` chunks, then ``await wait()``.
+
+    ``stream`` is ``"stdout"`` or ``"stderr"``. Chunks arrive as the command writes them.
+    """
+
+    def __init__(self, process: ExecProcess, argv: Sequence[str]) -> None:
+        self._process = process
+        self.argv = list(argv)
+
+    def __aiter__(self) -> AsyncIterator[tuple[str, bytes]]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[tuple[str, bytes]]:
+        async for stream, data in self._process.output():
+            yield str(stream), bytes(data)
+
+    async def wait(self) -> int:
+        """The command's exit code (128 + N when killed by signal N)."""
+        return await self._process.wait()
+
+    @property
+    def timed_out(self) -> bool:
+        """True when the exec's ``timeout`` expired and the command was killed."""
+        return self._process.timed_out
+
+    async def kill(self) -> None:
+        await self._process.kill()
+
+
+class SandboxFs:
+    """Files inside a sandbox, through the channel (``sb.fs``)."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sandbox = sandbox
+
+    async def read(self, path: str) -> bytes:
+        """The whole file (use :meth:`copy_out` or :meth:`read_stream` for large files)."""
+        chunks = [chunk async for chunk in self.read_stream(path)]
+        return b"".join(chunks)
+
+    async def read_stream(self, path: str) -> AsyncIterator[bytes]:
+        client = await self._sandbox._channel()
+        async for chunk in client.read_file(path):
+            yield bytes(chunk)
+
+    async def write(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
+        client = await self._sandbox._channel()
+        payload = data.encode() if isinstance(data, str) else bytes(data)
+        await client.write_file(path, payload, mode)
+
+    async def list(self, path: str) -> list[FileInfo]:
+        client = await self._sandbox._channel()
+        return await client.list_dir(path)
+
+    async def stat(self, path: str) -> FileInfo:
+        client = await self._sandbox._channel()
+        return await client.stat(path)
+
+    async def mkdir(self, path: str, parents: bool = False) -> None:
+        client = await self._sandbox._channel()
+        await client.mkdir(path, parents)
+
+    async def remove(self, path: str, recursive: bool = False) -> None:
+        client = await self._sandbox._channel()
+        await client.remove(path, recursive)
+
+    async def exists(self, path: str) -> bool:
+        client = await self._sandbox._channel()
+        return await client.exists(path)
+
+    async def copy_in(self, host_path: str | os.PathLike[str], path: str) -> None:
+        """Copy a host file into the sandbox, streamed in COPY_CHUNK pieces."""
+        source = Path(host_path)
+        try:
+            mode = source.stat().st_mode & 0o7777
+            handle = open(source, "rb")  # noqa: SIM115 - closed by the generator below
+        except OSError as exc:
+            raise SandboxError(f"copy_in: cannot read {source}: {exc.strerror or exc}") from None
+
+        async def chunks() -> AsyncIterator[bytes]:
+            with handle:
+                while True:
+                    chunk = await asyncio.to_thread(handle.read, COPY_CHUNK)
+                    if not chunk:
+                        return
+                    yield chunk
+
+        client = await self._sandbox._channel()
+        await client.write_file(path, chunks(), mode)
+
+    async def copy_out(self, path: str, host_path: str | os.PathLike[str]) -> None:
+        """Copy a sandbox file to the host, streamed; the host file appears whole or not at all."""
+        target = Path(host_path)
+        tmp = target.with_name(f".{target.name}.corral-{os.getpid()}.part")
+        try:
+            with open(tmp, "wb") as out:
+                async for chunk in self.read_stream(path):
+                    await asyncio.to_thread(out.write, chunk)
+            os.replace(tmp, target)
+        except OSError as exc:
+            raise SandboxError(f"copy_out: cannot write {target}: {exc.strerror or exc}") from None
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+
+class Sandbox:
+    """A handle on one sandbox. Create with :meth:`create`, reattach with :meth:`get`."""
+
+    def __init__(self, sandbox_state: state.SandboxState) -> None:
+        self._state = sandbox_state
+        self._directory = state.sandbox_dir(sandbox_state.name)
+        self._client: ChannelClient | None = None
+        self.fs = SandboxFs(self)
+
+    # -- identity ---------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self._state.name
+
+    @property
+    def image(self) -> str:
+        return self._state.image
+
+    @property
+    def state(self) -> state.SandboxState:
+        """What the sandbox was created with (a copy; changing it changes nothing)."""
+        return dataclasses.replace(self._state)
+
+    @property
+    def network(self) -> NetworkConfig:
+        return NetworkConfig.from_dict(self._state.network)
+
+    @property
+    def status(self) -> str:
+        """``creating``, ``running``, ``stopped`` or ``crashed`` (read now, from disk)."""
+        return state.status(self._directory)
+
+    @property
+    def directory(self) -> Path:
+        return self._directory
+
+    def __repr__(self) -> str:
+        return f"<Sandbox {self.name!r} image={self.image!r} {self.status}>"
+
+    # -- lifecycle --------------------------------------------------------------------------
+    @classmethod
+    async def create(
+        cls,
+        name: str,
+        *,
+        image: str,
+        network: NetworkConfig | None = None,
+        ports: Mapping[int, int] | None = None,
+        ports_udp: Mapping[int, int] | None = None,
+        port_bindings: Iterable[PortBinding | Mapping[str, Any]] | None = None,
+        secrets: Iterable[SecretEntry | Mapping[str, Any]] | None = None,
+        env: Mapping[str, str] | None = None,
+        cpus: float | int | str | None = None,
+        memory: int | str | None = None,
+        workdir: str | None = None,
+    ) -> Sandbox:
+        """Create and start a sandbox; returns once it accepts exec and files.
+
+        ``network=None`` means ``NetworkPolicy.public_only()``. ``memory`` takes bytes or
+        ``"256m"``; ``cpus`` a fraction of CPUs. Errors are one sentence (ConfigError for a bad
+        argument, ImageError for the image, SandboxExists for a taken name, SandboxError or
+        NetworkError for a failed start) and leave nothing behind.
+        """
+        state.validate_name(name)
+        if not isinstance(image, str) or not image:
+            raise ConfigError("image", f"{image!r} is not an image reference")
+        config = NetworkPolicy.public_only() if network is None else network
+        if not isinstance(config, NetworkConfig):
+            raise ConfigError("network", f"{type(config).__name__} is not a NetworkConfig")
+        if ports or ports_udp or port_bindings:
+            config = config.merged_ports(ports, ports_udp, port_bindings)
+        resolved_secrets = _resolve_secrets(secrets)
+        user_env = _check_env(env)
+        memory_bytes = parse_memory(memory)
+        cpu_count = parse_cpus(cpus)
+        if workdir is not None and (not isinstance(workdir, str) or not workdir.startswith("/")):
+            raise ConfigError("workdir", f"{workdir!r} is not an absolute path")
+        new_state = await asyncio.to_thread(
+            _prepare_state,
+            name,
+            image,
+            config,
+            resolved_secrets,
+            user_env,
+            cpu_count,
+            memory_bytes,
+            workdir,
+        )
+        sandbox_state = await asyncio.to_thread(_start, new_state)
+        return cls(sandbox_state)
+
+    @classmethod
+    async def get(cls, name: str) -> Sandbox:
+        """A handle on an existing sandbox (from any process); SandboxNotFound if none."""
+        return cls(await asyncio.to_thread(state.read_state, name))
+
+    @classmethod
+    async def list(cls) -> list[Sandbox]:
+        """Every sandbox under CORRAL_HOME (half-created ones without state are skipped)."""
+
+        def read_all() -> list[state.SandboxState]:
+            found = []
+            for name in state.list_names():
+                try:
+                    found.append(state.read_state(name))
+                except SandboxError:
+                    continue
+            return found
+
+        return [cls(s) for s in await asyncio.to_thread(read_all)]
+
+    async def info(self) -> dict[str, Any]:
+        """State plus the live view: status, supervisor and init pids (JSON-ready)."""
+        out: dict[str, Any] = self._state.to_dict()
+        out["secrets"] = [
+            {**s, "value": "<redacted>"} if "value" in s else s for s in out["secrets"]
+        ]
+        out["status"] = self.status
+        out["directory"] = str(self._directory)
+        recorded = state.read_supervisor_pid(self._directory)
+        out["supervisor_pid"] = recorded[0] if recorded else None
+        out["stopped_reason"] = state.stopped_reason(self._directory)
+        return out
+
+    async def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT) -> None:
+        """Stop the sandbox: SIGTERM to its processes, SIGKILL after ``timeout`` seconds.
+
+        Stopping a stopped sandbox does nothing; a crashed one is cleaned up (as gc would).
+        """
+        await self._close_channel()
+        status = self.status
+        if status in (state.RUNNING, state.CREATING):
+            recorded = state.read_supervisor_pid(self._directory)
+            try:
+                await control.call(
+                    str(self._directory / state.CONTROL_SOCKET),
+                    control.stop_request(timeout),
+                    timeout + lifecycle.EXIT_MARGIN,
+                )
+            except SandboxError:
+                if state.supervisor_alive(self._directory):
+                    raise
+            if recorded is not None:
+                await asyncio.to_thread(
+                    lifecycle.wait_supervisor_exit, recorded[0], lifecycle.EXIT_MARGIN
+                )
+        elif status == state.CRASHED:
+            await asyncio.to_thread(gc.collect, [self.name], keep_state=True)
+
+    async def remove(self, *, force: bool = True) -> None:
+        """Stop (if running) and delete the sandbox and its writable layer.
+
+        With ``force=False`` a running sandbox is an error instead of being stopped.
+        """
+        if not force and self.status == state.RUNNING:
+            raise SandboxError(
+                f"sandbox {self.name!r} is running; stop it first or remove it with force"
+            )
+        await self.stop()
+        await asyncio.to_thread(_remove, self.name)
+
+    async def __aenter__(self) -> Sandbox:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.remove()
+
+    # -- exec -------------------------------------------------------------------------------
+    async def _channel(self) -> ChannelClient:
+        if self._client is None:
+            status = self.status
+            if status != state.RUNNING or not self._state.channel_path:
+                raise SandboxError(
+                    f"sandbox {self.name!r} is {status}; it cannot run commands or reach files"
+                )
+            self._client = await ChannelClient.connect(Path(self._state.channel_path))
+        return self._client
+
+    async def _close_channel(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+    async def exec_stream(
+        self,
+        cmd: str,
+        args: Sequence[str] | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: bytes | str | AsyncIterable[bytes] | None = None,
+    ) -> ExecStream:
+        """Start ``cmd args...`` in the sandbox and stream its output (see ExecStream)."""
+        argv = [cmd, *(args or ())]
+        if not cmd:
+            raise ConfigError("cmd", "the command is empty")
+        client = await self._channel()
+        payload = stdin.encode() if isinstance(stdin, str) else stdin
+        process = await client.exec(
+            argv, env=_check_env(env) or None, cwd=cwd, stdin=payload, timeout=timeout
+        )
+        return ExecStream(process, argv)
+
+    async def exec(
+        self,
+        cmd: str,
+        args: Sequence[str] | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: bytes | str | AsyncIterable[bytes] | None = None,
+    ) -> ExecResult:
+        """Run ``cmd args...`` to completion; stdout and stderr are collected separately."""
+        stream = await self.exec_stream(cmd, args, env=env, cwd=cwd, timeout=timeout, stdin=stdin)
+        out: list[bytes] = []
+        err: list[bytes] = []
+        async for which, data in stream:
+            (err if which == "stderr" else out).append(data)
+        code = await stream.wait()
+        return ExecResult(code, b"".join(out), b"".join(err))
+
+    # -- logs -------------------------------------------------------------------------------
+    async def logs(self, *, follow: bool = False) -> AsyncIterator[Any]:
+        """The sandbox's network audit events (``corral.net.audit.AuditEvent``), oldest first.
+
+        With ``follow`` the iterator waits for new events until the sandbox stops.
+        """
+        from corral.net import audit
+
+        path = self._directory / audit.AUDIT_FILE
+        if not follow:
+            for event in await asyncio.to_thread(audit.read_events, path):
+                yield event
+            return
+        iterator = audit.follow(path).__aiter__()
+        while True:
+            task = asyncio.ensure_future(iterator.__anext__())
+            while not task.done():
+                done, _ = await asyncio.wait({task}, timeout=0.5)
+                if not done and self.status != state.RUNNING:
+                    task.cancel()
+                    return
+            try:
+                yield task.result()
+            except StopAsyncIteration:
+                return
+
+
+# -- blocking steps (worker thread) ---------------------------------------------------------
+
+
+def _prepare_state(
+    name: str,
+    image_ref: str,
+    config: NetworkConfig,
+    secrets: tuple[SecretEntry, ...],
+    user_env: dict[str, str],
+    cpus: float | None,
+    memory: int | None,
+    workdir: str | None,
+) -> state.SandboxState:
+    """Resolve the image (pulling it if needed) and compute what the supervisor launches."""
+    from corral.runtime.images import ImageStore
+
+    image = ImageStore().resolve(image_ref)
+    image_config = image.config.get("config", image.config) or {}
+    env = _env_list_to_dict(image_config.get("Env") or ())
+    env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    env.setdefault("HOME", "/root")
+    env.update(user_env)
+    for secret in secrets:
+        assert secret.placeholder is not None
+        env[secret.env_var] = secret.placeholder
+    return state.SandboxState(
+        name=name,
+        image=image.reference,
+        image_digest=image.digest,
+        rootfs=str(image.rootfs),
+        network=config.to_dict(),
+        offline=config.is_offline,
+        secrets=[s.to_dict() for s in secrets],
+        env=env,
+        workdir=workdir or image_config.get("WorkingDir") or "/",
+        user=image_config.get("User") or "0",
+        cpus=cpus,
+        memory=memory,
+        entrypoint=list(image_config.get("Entrypoint") or []),
+        cmd=list(image_config.get("Cmd") or []),
+        created_at=time.time(),
+    )
+
+
+def _start(new_state: state.SandboxState) -> state.SandboxState:
+    """Claim the name (after gc of a crashed namesake), write state, spawn, wait for ready."""
+    name = new_state.name
+    with state.name_lock(name):
+        directory = state.sandbox_dir(name)
+        if directory.exists() and state.status(directory) == state.CRASHED:
+            gc.release_leftovers(name, directory)
+            gc.remove_directory(directory)
+        directory = state.claim(name)
+        try:
+            state.write_state(directory, new_state)
+            ready = lifecycle.spawn_supervisor(directory)
+            new_state = dataclasses.replace(
+                new_state,
+                init_pid=int(ready.get("init_pid") or 0) or None,  # type: ignore[call-overload]
+                channel_path=str(ready.get("channel_path") or "") or None,
+                cgroup=str(ready.get("cgroup") or "") or None,
+                netns_path=str(ready.get("netns_path") or "") or None,
+            )
+            state.write_state(directory, new_state)
+        except BaseException:
+            lifecycle.kill_supervisor(directory)
+            gc.release_leftovers(name, directory)
+            gc.remove_directory(directory)
+            raise
+    return new_state
+
+
+def _remove(name: str) -> None:
+    with state.name_lock(name):
+        directory = state.sandbox_dir(name)
+        if not directory.exists():
+            return
+        if state.supervisor_alive(directory):
+            raise SandboxError(f"sandbox {name!r} is still running; stop it before removing it")
+        if state.status(directory) == state.CRASHED:
+            gc.release_leftovers(name, directory)
+        gc.remove_directory(directory)
