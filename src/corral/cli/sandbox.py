@@ -1,0 +1,516 @@
+"""Sandbox commands of the CLI: run, create, exec, ls, inspect, logs, stop, rm, gc.
+
+Each command is a thin shell over the async SDK (one ``asyncio.run`` per command). The pure
+parts (turning flags into a NetworkConfig, ``K=V`` pairs into an env) are plain functions, so
+the unit tests check them without a sandbox. Exit codes are in docs/cli.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import secrets as _random
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from corral.config import (
+    DNSConfig,
+    NetworkConfig,
+    NetworkPolicy,
+    TLSConfig,
+    parse_publish,
+    parse_rule,
+    parse_secret,
+)
+from corral.errors import ConfigError, SandboxError
+from corral.runtime import state
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Exit code of ``run``/``exec`` when the command does not exist in the sandbox (as a shell).
+EXIT_COMMAND_NOT_FOUND = 127
+#: Exit code of ``run``/``exec`` when the command exists but cannot be executed (as a shell).
+EXIT_NOT_EXECUTABLE = 126
+#: Exit code after Ctrl-C (128 + SIGINT, as a shell).
+EXIT_INTERRUPTED = 130
+
+PRESETS = {
+    "none": NetworkPolicy.none,
+    "public-only": NetworkPolicy.public_only,
+    "non-local": NetworkPolicy.non_local,
+    "allow-all": NetworkPolicy.allow_all,
+}
+
+#: Bytes read from the host's stdin at once when it is streamed into a command (-i).
+STDIN_CHUNK = 64 * 1024
+
+
+# -- pure helpers (unit-tested) ---------------------------------------------------------------
+
+
+def parse_env(pairs: Sequence[str], flag: str = "--env") -> dict[str, str]:
+    """``K=V`` pairs as a dict; a bare ``K`` takes the host's value of K (as docker does)."""
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not key:
+            raise ConfigError(flag, f"{pair!r} is not KEY=VALUE")
+        if not sep:
+            if key not in os.environ:
+                raise ConfigError(flag, f"{pair!r} has no value and ${key} is not set on the host")
+            value = os.environ[key]
+        env[key] = value
+    return env
+
+
+def build_network(
+    *,
+    net: str | None = None,
+    network_file: str | None = None,
+    rules: Sequence[str] = (),
+    default_egress: str | None = None,
+    default_ingress: str | None = None,
+    publish: Sequence[str] = (),
+    max_connections: int | None = None,
+    ipv4_pool: str | None = None,
+    ipv6_pool: str | None = None,
+    deny_domains: Sequence[str] = (),
+    dns_nameservers: Sequence[str] = (),
+    tls: bool = False,
+    tls_bypass: Sequence[str] = (),
+) -> NetworkConfig:
+    """The NetworkConfig the network flags describe (SPEC section 1, one flag per field).
+
+    ``--network-file`` gives the base config (wire format), else ``--net`` a preset, else
+    ``public-only``; the other flags then override or extend that base (``--rule`` appends
+    after the base's rules, ``-p`` adds published ports).
+    """
+    if network_file is not None and net is not None:
+        raise ConfigError("--net", "give either --net or --network-file, not both")
+    if network_file is not None:
+        try:
+            text = Path(network_file).read_text()
+        except OSError as exc:
+            raise ConfigError(
+                "--network-file", f"cannot read {network_file}: {exc.strerror}"
+            ) from None
+        try:
+            config = NetworkConfig.from_json(text)
+        except ConfigError as exc:
+            raise exc.under("--network-file") from None
+    elif net is not None:
+        if net not in PRESETS:
+            raise ConfigError(
+                "--net", f"{net!r} is not a preset (one of {', '.join(sorted(PRESETS))})"
+            )
+        config = PRESETS[net]()
+    else:
+        config = NetworkPolicy.public_only()
+    changes: dict[str, Any] = {}
+    if rules:
+        changes["rules"] = (*config.rules, *(parse_rule(r) for r in rules))
+    if default_egress is not None:
+        changes["default_egress"] = default_egress
+    if default_ingress is not None:
+        changes["default_ingress"] = default_ingress
+    if max_connections is not None:
+        changes["max_connections"] = max_connections
+    if ipv4_pool is not None:
+        changes["ipv4_pool"] = ipv4_pool
+    if ipv6_pool is not None:
+        changes["ipv6_pool"] = ipv6_pool
+    if deny_domains:
+        exact = [d for d in deny_domains if not d.startswith(".")]
+        suffixes = [d for d in deny_domains if d.startswith(".")]
+        changes["deny_domains"] = (*config.deny_domains, *exact)
+        changes["deny_domain_suffixes"] = (*config.deny_domain_suffixes, *suffixes)
+    if dns_nameservers:
+        base_dns = config.dns or DNSConfig()
+        changes["dns"] = dataclasses.replace(base_dns, nameservers=tuple(dns_nameservers))
+    if tls or tls_bypass:
+        base_tls = config.tls or TLSConfig()
+        changes["tls"] = dataclasses.replace(
+            base_tls, bypass=(*base_tls.bypass, *tls_bypass)
+        )
+    if changes:
+        try:
+            config = dataclasses.replace(config, **changes)
+        except ConfigError as exc:
+            flag = "--" + exc.path.split(".")[0].split("[")[0].replace("_", "-")
+            raise ConfigError(flag, str(exc)) from None
+    if publish:
+        config = config.merged_ports(port_bindings=[parse_publish(p) for p in publish])
+    return config
+
+
+def command_exit_code(error: SandboxError) -> int | None:
+    """The shell-style exit code for a command that could not start, else None."""
+    text = str(error)
+    if text.startswith("command not found in the sandbox"):
+        return EXIT_COMMAND_NOT_FOUND
+    if text.startswith("command is not executable in the sandbox"):
+        return EXIT_NOT_EXECUTABLE
+    return None
+
+
+def default_name(image: str) -> str:
+    """``<image base name>-<6 hex>``: readable in ``corral ls``, unlikely to collide."""
+    base = image.rsplit("/", 1)[-1].split("@")[0].split(":")[0].lower()
+    base = "".join(c if c.isalnum() or c in "_.-" else "-" for c in base).strip("-._") or "sb"
+    return f"{base[:50]}-{_random.token_hex(3)}"
+
+
+# -- shared options ---------------------------------------------------------------------------
+
+
+def sandbox_options(func: F) -> F:
+    """The options of ``run`` and ``create``: resources plus every network flag."""
+    options = [
+        click.option("--name", help="Sandbox name (default: IMAGE-<random>)."),
+        click.option(
+            "--net",
+            type=click.Choice(sorted(PRESETS)),
+            help="Network preset (default: public-only).",
+        ),
+        click.option(
+            "--network-file",
+            type=click.Path(dir_okay=False),
+            help="Whole NetworkConfig as JSON (wire format).",
+        ),
+        click.option(
+            "--rule",
+            "rules",
+            multiple=True,
+            metavar="RULE",
+            help="Append a rule, e.g. allow:egress@api.example.com:tcp:443 (repeatable).",
+        ),
+        click.option("--default-egress", type=click.Choice(["allow", "deny"])),
+        click.option("--default-ingress", type=click.Choice(["allow", "deny"])),
+        click.option(
+            "-p",
+            "--publish",
+            multiple=True,
+            metavar="[BIND:]HOST:GUEST[/udp]",
+            help="Publish a guest port on the host (repeatable).",
+        ),
+        click.option("--max-connections", type=int, help="Concurrent TCP connections + UDP flows."),
+        click.option("--ipv4-pool", metavar="CIDR"),
+        click.option("--ipv6-pool", metavar="CIDR"),
+        click.option(
+            "--deny-domain",
+            "deny_domains",
+            multiple=True,
+            metavar="NAME",
+            help="Deny a domain (.suffix for every subdomain) (repeatable).",
+        ),
+        click.option("--dns-nameserver", "dns_nameservers", multiple=True, metavar="ADDR[:PORT]"),
+        click.option("--tls", is_flag=True, help="Turn on TLS interception."),
+        click.option("--tls-bypass", multiple=True, metavar="PATTERN"),
+        click.option(
+            "--secret",
+            "secret_specs",
+            multiple=True,
+            metavar="ENV@HOST[,HOST]",
+            help="Pass $ENV as a secret usable only toward HOST (repeatable).",
+        ),
+        click.option("-e", "--env", "env_pairs", multiple=True, metavar="KEY=VALUE"),
+        click.option("--cpus", type=float, help="CPU limit (e.g. 0.5)."),
+        click.option("--memory", metavar="SIZE", help="Memory limit (e.g. 256m, 1g)."),
+        click.option("--workdir", metavar="PATH", help="Working directory (default: image's)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+async def _create_from_options(image: str, opts: dict[str, Any]) -> Any:
+    from corral.sdk.sandbox import Sandbox
+
+    network = build_network(
+        net=opts["net"],
+        network_file=opts["network_file"],
+        rules=opts["rules"],
+        default_egress=opts["default_egress"],
+        default_ingress=opts["default_ingress"],
+        publish=opts["publish"],
+        max_connections=opts["max_connections"],
+        ipv4_pool=opts["ipv4_pool"],
+        ipv6_pool=opts["ipv6_pool"],
+        deny_domains=opts["deny_domains"],
+        dns_nameservers=opts["dns_nameservers"],
+        tls=opts["tls"],
+        tls_bypass=opts["tls_bypass"],
+    )
+    return await Sandbox.create(
+        opts["name"] or default_name(image),
+        image=image,
+        network=network,
+        secrets=[parse_secret(s) for s in opts["secret_specs"]],
+        env=parse_env(opts["env_pairs"]),
+        cpus=opts["cpus"],
+        memory=opts["memory"],
+        workdir=opts["workdir"],
+    )
+
+
+async def _host_stdin() -> AsyncIterator[bytes]:
+    fd = sys.stdin.fileno()
+    while True:
+        chunk = await asyncio.to_thread(os.read, fd, STDIN_CHUNK)
+        if not chunk:
+            return
+        yield chunk
+
+
+async def _stream_command(
+    sandbox: Any,
+    argv: Sequence[str],
+    *,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+    timeout: float | None = None,
+    interactive: bool = False,
+) -> int:
+    """Run argv in the sandbox with its output streamed to ours; the exit code."""
+    try:
+        stream = await sandbox.exec_stream(
+            argv[0],
+            list(argv[1:]),
+            env=env,
+            cwd=cwd,
+            timeout=timeout,
+            stdin=_host_stdin() if interactive else None,
+        )
+    except SandboxError as exc:
+        start_code = command_exit_code(exc)
+        if start_code is None:
+            raise
+        click.echo(f"corral: {exc}", err=True)
+        return start_code
+    out, err = sys.stdout.buffer, sys.stderr.buffer
+    async for which, data in stream:
+        target = err if which == "stderr" else out
+        target.write(data)
+        target.flush()
+    code: int = await stream.wait()
+    if stream.timed_out:
+        click.echo(f"corral: {argv[0]!r} timed out after {timeout:g} s and was killed", err=True)
+    return code
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+@click.command(context_settings={"allow_interspersed_args": False})
+@sandbox_options
+@click.option("--keep", is_flag=True, help="Keep the sandbox after the command exits.")
+@click.option("-i", "--interactive", is_flag=True, help="Stream this terminal's stdin in.")
+@click.option("--timeout", type=float, help="Kill the command after this many seconds.")
+@click.argument("image")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def run(image: str, command: tuple[str, ...], keep: bool, interactive: bool,
+        timeout: float | None, **opts: Any) -> None:
+    """Create a sandbox from IMAGE, run COMMAND in it, remove it; exit with COMMAND's code.
+
+    Without COMMAND the image's Entrypoint and Cmd run. Put COMMAND after `--`.
+    """
+
+    async def go() -> int:
+        sandbox = await _create_from_options(image, opts)
+        try:
+            argv = list(command) or [*sandbox.state.entrypoint, *sandbox.state.cmd]
+            if not argv:
+                raise ConfigError(
+                    "COMMAND", f"the image {image!r} has no Entrypoint or Cmd; give a command"
+                )
+            return await _stream_command(
+                sandbox, argv, timeout=timeout, interactive=interactive
+            )
+        finally:
+            if keep:
+                click.echo(f"corral: kept sandbox {sandbox.name!r}", err=True)
+            else:
+                await sandbox.remove()
+
+    sys.exit(asyncio.run(go()))
+
+
+@click.command()
+@sandbox_options
+@click.argument("image")
+def create(image: str, **opts: Any) -> None:
+    """Create a sandbox from IMAGE and leave it running; prints its name."""
+
+    async def go() -> str:
+        sandbox = await _create_from_options(image, opts)
+        return str(sandbox.name)
+
+    click.echo(asyncio.run(go()))
+
+
+@click.command(name="exec", context_settings={"allow_interspersed_args": False})
+@click.option("-e", "--env", "env_pairs", multiple=True, metavar="KEY=VALUE")
+@click.option("-w", "--workdir", metavar="PATH", help="Working directory of the command.")
+@click.option("--timeout", type=float, help="Kill the command after this many seconds.")
+@click.option("-i", "--interactive", is_flag=True, help="Stream this terminal's stdin in.")
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_command(
+    name: str,
+    command: tuple[str, ...],
+    env_pairs: tuple[str, ...],
+    workdir: str | None,
+    timeout: float | None,
+    interactive: bool,
+) -> None:
+    """Run COMMAND in the running sandbox NAME; exit with its code. Put COMMAND after `--`."""
+    from corral.sdk.sandbox import Sandbox
+
+    async def go() -> int:
+        sandbox = await Sandbox.get(name)
+        return await _stream_command(
+            sandbox,
+            command,
+            env=parse_env(env_pairs) or None,
+            cwd=workdir,
+            timeout=timeout,
+            interactive=interactive,
+        )
+
+    sys.exit(asyncio.run(go()))
+
+
+@click.command(name="ls")
+@click.option("-q", "--quiet", is_flag=True, help="Names only.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per sandbox.")
+def ls(quiet: bool, as_json: bool) -> None:
+    """List sandboxes."""
+    import time
+
+    from corral.sdk.sandbox import Sandbox
+
+    sandboxes = asyncio.run(Sandbox.list())
+    if quiet:
+        for sb in sandboxes:
+            click.echo(sb.name)
+        return
+    if as_json:
+        for sb in sandboxes:
+            st = sb.state
+            click.echo(
+                json.dumps(
+                    {"name": sb.name, "status": sb.status, "image": sb.image,
+                     "created_at": st.created_at}
+                )
+            )
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for column in ("NAME", "STATUS", "IMAGE", "NETWORK", "CREATED"):
+        table.add_column(column)
+    now = time.time()
+    for sb in sandboxes:
+        st = sb.state
+        policy = st.network.get("policy") or "custom"
+        table.add_row(sb.name, sb.status, sb.image, str(policy), _ago(now - st.created_at))
+    Console().print(table)
+
+
+def _ago(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit} ago"
+    return f"{int(seconds)}s ago"
+
+
+@click.command()
+@click.argument("name")
+def inspect(name: str) -> None:
+    """Print everything about sandbox NAME as JSON (secret values redacted)."""
+    from corral.sdk.sandbox import Sandbox
+
+    async def go() -> dict[str, Any]:
+        return await (await Sandbox.get(name)).info()
+
+    click.echo(json.dumps(asyncio.run(go()), indent=2, sort_keys=True))
+
+
+@click.command()
+@click.option("--net", "net_events", is_flag=True, help="Network audit events (JSON lines).")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until it stops.")
+@click.argument("name")
+def logs(net_events: bool, follow: bool, name: str) -> None:
+    """Print the supervisor's log of NAME, or with --net its network audit events."""
+    from corral.sdk.sandbox import Sandbox
+
+    async def go() -> None:
+        sandbox = await Sandbox.get(name)
+        if net_events:
+            async for event in sandbox.logs(follow=follow):
+                click.echo(event.to_json())
+            return
+        path = sandbox.directory / state.LOG_FILE
+        if path.exists():
+            click.echo(path.read_text(errors="replace"), nl=False)
+
+    asyncio.run(go())
+
+
+@click.command()
+@click.option("-t", "--timeout", type=float, default=5.0, show_default=True,
+              help="Seconds of grace before the sandbox's processes are killed.")
+@click.argument("names", nargs=-1, required=True)
+def stop(timeout: float, names: tuple[str, ...]) -> None:
+    """Stop sandboxes (their state stays until `corral rm`)."""
+    from corral.sdk.sandbox import Sandbox
+
+    async def go() -> None:
+        for name in names:
+            await (await Sandbox.get(name)).stop(timeout)
+            click.echo(name)
+
+    asyncio.run(go())
+
+
+@click.command()
+@click.option("-f", "--force", is_flag=True, help="Stop running sandboxes first.")
+@click.argument("names", nargs=-1, required=True)
+def rm(force: bool, names: tuple[str, ...]) -> None:
+    """Remove sandboxes and their writable layers."""
+    from corral.sdk.sandbox import Sandbox
+
+    async def go() -> None:
+        for name in names:
+            await (await Sandbox.get(name)).remove(force=force)
+            click.echo(name)
+
+    asyncio.run(go())
+
+
+@click.command()
+@click.option("--keep-state", is_flag=True, help="Keep crashed sandboxes' directories.")
+@click.argument("names", nargs=-1)
+def gc(keep_state: bool, names: tuple[str, ...]) -> None:
+    """Remove what crashed sandboxes left behind (processes, cgroups, network, mounts)."""
+    from corral.runtime import gc as gc_mod
+
+    for name in names:
+        state.validate_name(name)
+    removed = gc_mod.collect(list(names) or None, keep_state=keep_state)
+    for line in removed:
+        click.echo(f"removed {line}")
+    if not removed:
+        click.echo("nothing to remove", err=True)
+
+
+def register(group: click.Group) -> None:
+    for command in (run, create, exec_command, ls, inspect, logs, stop, rm, gc):
+        group.add_command(command)
