@@ -1,0 +1,259 @@
+"""Per-sandbox address slots: a /30 out of ``ipv4_pool`` and a /64 out of ``ipv6_pool``.
+
+Each supervisor is a separate process, so "never two sandboxes on one slot" cannot be an
+in-memory fact: leases live in one JSON file under ``CORRAL_HOME/net/`` and every read-modify-
+write of it holds an ``flock``. The choice of a slot is a pure function (:func:`choose_slot`)
+so the rules (skip slots overlapping a host route, skip leased slots, lowest free first) are
+unit-tested without touching the machine; :class:`AddressPool` is the thin I/O shell.
+
+A lease also carries a small integer (``number``) unique among live leases; the data path
+derives per-sandbox kernel identifiers from it (the policy routing table of the TPROXY
+divert), so nothing needs a second registry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import ipaddress
+import json
+import os
+import subprocess
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from corral.errors import NetworkError
+from corral.runtime.paths import PRIVATE_DIR_MODE, corral_home
+
+IPv4Network = ipaddress.IPv4Network
+IPv6Network = ipaddress.IPv6Network
+IPNetwork = IPv4Network | IPv6Network
+
+#: A sandbox's IPv4 slot: network, gateway (.1), guest (.2), broadcast — the smallest subnet
+#: with two usable hosts.
+IPV4_SLOT_PREFIX = 30
+#: A sandbox's IPv6 slot: /64 is the smallest prefix SLAAC and most tooling treat as a link.
+IPV6_SLOT_PREFIX = 64
+
+#: Lease numbers start here; 0 is never used so "no lease" can't be mistaken for one.
+FIRST_LEASE_NUMBER = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """The addresses of one sandbox's link: gateway (host side) and guest."""
+
+    ipv4: IPv4Network
+    ipv6: IPv6Network | None
+    number: int
+
+    @property
+    def gateway_ipv4(self) -> ipaddress.IPv4Address:
+        return self.ipv4.network_address + 1
+
+    @property
+    def guest_ipv4(self) -> ipaddress.IPv4Address:
+        return self.ipv4.network_address + 2
+
+    @property
+    def gateway_ipv6(self) -> ipaddress.IPv6Address | None:
+        return None if self.ipv6 is None else self.ipv6.network_address + 1
+
+    @property
+    def guest_ipv6(self) -> ipaddress.IPv6Address | None:
+        return None if self.ipv6 is None else self.ipv6.network_address + 2
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "ipv4": str(self.ipv4),
+            "ipv6": None if self.ipv6 is None else str(self.ipv6),
+            "number": self.number,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> Slot:
+        v6 = data.get("ipv6")
+        return cls(
+            ipv4=IPv4Network(str(data["ipv4"])),
+            ipv6=None if v6 is None else IPv6Network(str(v6)),
+            number=int(str(data["number"])),
+        )
+
+
+# -- pure part ------------------------------------------------------------------------------
+
+
+def choose_slot(
+    pool: IPNetwork, prefixlen: int, taken: Iterable[IPNetwork], host_routes: Iterable[IPNetwork]
+) -> IPNetwork | None:
+    """The lowest ``/prefixlen`` of ``pool`` not taken and not overlapping a host route.
+
+    Default routes (/0) are ignored: they overlap everything and say nothing about which
+    addresses are in use on a link. Returns None when the pool has no free slot.
+    """
+    if prefixlen < pool.prefixlen:
+        return None
+    blockers = sorted(
+        (
+            (int(n.network_address), int(n.broadcast_address))
+            for n in [*taken, *host_routes]
+            if n.version == pool.version and n.prefixlen > 0 and n.overlaps(pool)
+        ),
+    )
+    size = 1 << (pool.max_prefixlen - prefixlen)
+    start = int(pool.network_address)
+    end = int(pool.broadcast_address)
+    candidate = start
+    for lo, hi in blockers:
+        if candidate + size - 1 < lo:
+            break  # the candidate ends before this (and, sorted, every later) blocker
+        if hi >= candidate:
+            # Next aligned slot after the blocker's end.
+            candidate = max(candidate, ((hi - start) // size + 1) * size + start)
+        if candidate > end:
+            return None
+    if candidate + size - 1 > end:
+        return None
+    return ipaddress.ip_network((candidate, prefixlen))
+
+
+def next_lease_number(used: Iterable[int]) -> int:
+    """The smallest lease number not in ``used``."""
+    taken = set(used)
+    number = FIRST_LEASE_NUMBER
+    while number in taken:
+        number += 1
+    return number
+
+
+# -- I/O part -------------------------------------------------------------------------------
+
+
+def host_routes() -> list[IPNetwork]:
+    """Every route destination of the current network namespace (all tables, v4 and v6)."""
+    routes: list[IPNetwork] = []
+    for family in ("-4", "-6"):
+        res = subprocess.run(
+            ["ip", "-j", family, "route", "show", "table", "all"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if res.returncode != 0:
+            if family == "-6":
+                continue  # no IPv6 in this kernel/netns: nothing to skip
+            raise NetworkError(f"reading the host's routes failed: {res.stderr.strip()}")
+        for entry in json.loads(res.stdout or "[]"):
+            dst = entry.get("dst", "")
+            if dst in ("", "default"):
+                continue
+            with contextlib.suppress(ValueError):
+                routes.append(ipaddress.ip_network(dst, strict=False))
+    return routes
+
+
+def host_has_ipv6() -> bool:
+    """IPv6 is enabled in this netns and some interface has a global IPv6 address."""
+    try:
+        disabled = Path("/proc/sys/net/ipv6/conf/all/disable_ipv6").read_text().strip()
+        lines = Path("/proc/thread-self/net/if_inet6").read_text().splitlines()
+    except OSError:
+        return False
+    # if_inet6 columns: address, ifindex, prefixlen, scope, flags, name; scope 00 = global.
+    return disabled == "0" and any(
+        len(cols) >= 4 and cols[3] == "00" for cols in (line.split() for line in lines)
+    )
+
+
+class AddressPool:
+    """Leases slots of the configured pools to sandboxes, shared by every corral process.
+
+    The lease file maps sandbox id -> :class:`Slot`. All access holds an exclusive ``flock``
+    on a sibling lock file, so two supervisors starting at once cannot pick the same slot.
+    """
+
+    def __init__(self, directory: Path | None = None) -> None:
+        self.directory = directory if directory is not None else corral_home() / "net"
+        self.leases_path = self.directory / "leases.json"
+        self.lock_path = self.directory / "leases.lock"
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[dict[str, Slot]]:
+        self.directory.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            leases = self._read()
+            before = dict(leases)
+            yield leases
+            if leases != before:
+                self._write(leases)
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    def _read(self) -> dict[str, Slot]:
+        try:
+            raw = json.loads(self.leases_path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise NetworkError(
+                f"the address lease file {self.leases_path} is unreadable: {exc}"
+            ) from None
+        return {str(k): Slot.from_json(v) for k, v in raw.items()}
+
+    def _write(self, leases: dict[str, Slot]) -> None:
+        tmp = self.leases_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({k: s.to_json() for k, s in sorted(leases.items())}, indent=1))
+        os.replace(tmp, self.leases_path)
+
+    def lease(
+        self,
+        sandbox_id: str,
+        ipv4_pool: IPv4Network,
+        ipv6_pool: IPv6Network | None,
+        routes: list[IPNetwork] | None = None,
+    ) -> Slot:
+        """The sandbox's slot (the existing lease if it has one); NetworkError if a pool is full."""
+        routes = host_routes() if routes is None else routes
+        with self._locked() as leases:
+            if sandbox_id in leases:
+                return leases[sandbox_id]
+            v4 = choose_slot(ipv4_pool, IPV4_SLOT_PREFIX, [s.ipv4 for s in leases.values()], routes)
+            if v4 is None:
+                raise NetworkError(
+                    f"ipv4_pool {ipv4_pool} has no free /{IPV4_SLOT_PREFIX} left "
+                    "(every slot is leased or overlaps a host route)"
+                )
+            v6: IPNetwork | None = None
+            if ipv6_pool is not None:
+                v6 = choose_slot(
+                    ipv6_pool,
+                    IPV6_SLOT_PREFIX,
+                    [s.ipv6 for s in leases.values() if s.ipv6 is not None],
+                    routes,
+                )
+                if v6 is None:
+                    raise NetworkError(
+                        f"ipv6_pool {ipv6_pool} has no free /{IPV6_SLOT_PREFIX} left "
+                        "(every slot is leased or overlaps a host route)"
+                    )
+            assert isinstance(v4, IPv4Network)
+            assert v6 is None or isinstance(v6, IPv6Network)
+            slot = Slot(v4, v6, next_lease_number(s.number for s in leases.values()))
+            leases[sandbox_id] = slot
+            return slot
+
+    def release(self, sandbox_id: str) -> None:
+        """Forget the sandbox's lease (no-op without one)."""
+        with self._locked() as leases:
+            leases.pop(sandbox_id, None)
+
+    def get(self, sandbox_id: str) -> Slot | None:
+        with self._locked() as leases:
+            return leases.get(sandbox_id)
+
+    def all(self) -> dict[str, Slot]:
+        with self._locked() as leases:
+            return dict(leases)

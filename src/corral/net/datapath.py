@@ -1,0 +1,275 @@
+"""The seam between a sandbox's supervisor and its network data path.
+
+The supervisor (one asyncio process per sandbox, in the host network namespace) drives a
+:class:`SandboxNetwork` through three steps:
+
+1. :meth:`SandboxNetwork.reserve` (sync, before the sandbox's init is forked): leases the
+   address slot, creates the sandbox's netns so the init can join it, and binds the published
+   ports so a port in use fails the create before anything else exists.
+2. :meth:`SandboxNetwork.start` (async, after the init joined the netns): veth, addresses,
+   routes, the policy compiled, the proxies listening, and only then the nftables table that
+   diverts the sandbox's packets to them (so no packet ever finds the divert without a proxy).
+3. :meth:`SandboxNetwork.close`: removes every trace; idempotent. :func:`cleanup_leftovers`
+   does the same from the sandbox id alone, for ``corral gc`` after a supervisor died.
+
+Policy ``none`` has no network at all: reserve and start do nothing and ``netns_path`` is
+None (the launcher gives the sandbox an empty netns of its own).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from corral.config import NetworkConfig
+from corral.errors import NetworkError
+from corral.net import firewall, plumbing
+from corral.net.addressing import AddressPool, Slot, host_has_ipv6
+from corral.net.audit import AUDIT_FILE, AuditEvent, AuditLog, follow
+from corral.net.gate import Decider, FlowGate, IPAddress
+from corral.net.icmp import IcmpRelay
+from corral.net.ports import Published, PublishedPorts, bind_published
+from corral.net.splice import PipePool
+from corral.net.tcp_proxy import TcpProxy
+from corral.net.udp_relay import UdpRelay
+
+#: MTU of the veth pair: Ethernet's. Lower it (``mtu=``) when the host's uplink is a tunnel.
+DEFAULT_MTU = 1500
+
+#: Names that resolve to the gateway inside the sandbox (SPEC: reaching the host).
+HOST_NAMES = ("host.corral.internal", "host.microsandbox.internal")
+
+
+class SandboxNetwork:
+    """One sandbox's network: slot, netns, veth, firewall, proxies, published ports."""
+
+    def __init__(
+        self,
+        sandbox_id: str,
+        config: NetworkConfig,
+        state_dir: Path,
+        *,
+        slot: Slot | None,
+        pool: AddressPool,
+        published: list[Published],
+        mtu: int,
+        policy: Decider | None,
+        log_allowed: bool,
+    ) -> None:
+        self.sandbox_id = sandbox_id
+        self.config = config
+        self.state_dir = state_dir
+        self.names = plumbing.names_for(sandbox_id)
+        self.slot = slot
+        self.pool = pool
+        self.mtu = mtu
+        self.log_allowed = log_allowed
+        self._published = published
+        self._policy = policy
+        self._closed = False
+        self._audit: AuditLog | None = None
+        self._parts: list[Any] = []  # started components, closed in reverse order
+        self.gate: FlowGate | None = None
+        self.tcp: TcpProxy | None = None
+        self.udp: UdpRelay | None = None
+        self.icmp: IcmpRelay | None = None
+        self.ports: PublishedPorts | None = None
+
+    # -- step 1 -----------------------------------------------------------------------------
+    @classmethod
+    def reserve(
+        cls,
+        sandbox_id: str,
+        config: NetworkConfig,
+        state_dir: Path,
+        *,
+        mtu: int = DEFAULT_MTU,
+        policy: Decider | None = None,
+        pool: AddressPool | None = None,
+        log_allowed: bool = False,
+    ) -> SandboxNetwork:
+        """Lease the slot, create the netns, bind published ports. Sync; NetworkError on failure.
+
+        ``policy`` replaces the engine compiled from ``config`` (tests); ``log_allowed`` also
+        audits allowed flows.
+        """
+        pool = pool or AddressPool()
+        if config.is_offline:
+            return cls(
+                sandbox_id, config, state_dir, slot=None, pool=pool, published=[], mtu=mtu,
+                policy=policy, log_allowed=log_allowed,
+            )  # fmt: skip
+        names = plumbing.names_for(sandbox_id)
+        if pool.get(sandbox_id) is None and (
+            plumbing.link_exists(names.link) or firewall.exists(names.table)
+        ):
+            cleanup_leftovers(sandbox_id, pool=pool)  # a crashed predecessor of the same id
+        v6_pool = ipaddress.IPv6Network(config.ipv6_pool) if host_has_ipv6() else None
+        slot = pool.lease(sandbox_id, ipaddress.IPv4Network(config.ipv4_pool), v6_pool)
+        published: list[Published] = []
+        try:
+            for b in config.all_port_bindings:
+                published.append(
+                    bind_published(b.bind_address, b.host_port, b.guest_port, str(b.protocol))
+                )
+            plumbing.create_netns(names)
+        except BaseException:
+            for p in published:
+                p.sock.close()
+            plumbing.remove(names, plumbing.routing_table(slot))
+            pool.release(sandbox_id)
+            raise
+        return cls(
+            sandbox_id, config, state_dir, slot=slot, pool=pool, published=published, mtu=mtu,
+            policy=policy, log_allowed=log_allowed,
+        )  # fmt: skip
+
+    # -- addresses --------------------------------------------------------------------------
+    @property
+    def netns_path(self) -> str | None:
+        return None if self.slot is None else self.names.netns_path
+
+    @property
+    def guest_ipv4(self) -> ipaddress.IPv4Address | None:
+        return None if self.slot is None else self.slot.guest_ipv4
+
+    @property
+    def gateway_ipv4(self) -> ipaddress.IPv4Address | None:
+        return None if self.slot is None else self.slot.gateway_ipv4
+
+    @property
+    def guest_ipv6(self) -> ipaddress.IPv6Address | None:
+        return None if self.slot is None else self.slot.guest_ipv6
+
+    @property
+    def gateway_ipv6(self) -> ipaddress.IPv6Address | None:
+        return None if self.slot is None else self.slot.gateway_ipv6
+
+    @property
+    def audit_path(self) -> Path:
+        return self.state_dir / AUDIT_FILE
+
+    def hosts_entries(self) -> list[tuple[str, str]]:
+        """(name, address) lines for the guest's /etc/hosts: the host names -> the gateway."""
+        out: list[tuple[str, str]] = []
+        for gw in (self.gateway_ipv4, self.gateway_ipv6):
+            if gw is not None:
+                out += [(name, str(gw)) for name in HOST_NAMES]
+        return out
+
+    def resolv_conf(self) -> str:
+        """The guest's /etc/resolv.conf. Queries to any resolver are diverted anyway; the
+        gateway is named so that tools which insist on a nameserver line have one."""
+        if self.gateway_ipv4 is None:
+            return ""
+        return f"nameserver {self.gateway_ipv4}\noptions timeout:2 attempts:2\n"
+
+    # -- step 2 -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Bring the link up and start diverting; NetworkError (after cleaning up) on failure."""
+        if self.slot is None:
+            return
+        if self._closed:
+            raise NetworkError(f"the network of sandbox {self.sandbox_id} was already closed")
+        try:
+            self._start(self.slot)
+        except BaseException:
+            await self.close()
+            raise
+
+    def _start(self, slot: Slot) -> None:
+        names = self.names
+        gateways: list[IPAddress] = [slot.gateway_ipv4]
+        guests: list[IPAddress] = [slot.guest_ipv4]
+        pools: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = [
+            ipaddress.IPv4Network(self.config.ipv4_pool)
+        ]
+        if slot.gateway_ipv6 is not None and slot.guest_ipv6 is not None:
+            gateways.append(slot.gateway_ipv6)
+            guests.append(slot.guest_ipv6)
+            pools.append(ipaddress.IPv6Network(self.config.ipv6_pool))
+        plumbing.create_link(names, slot, self.mtu)
+        policy = self._policy
+        if policy is None:
+            from corral.policy import Policy
+
+            host_addresses = [*plumbing.host_addresses(), *gateways]
+            policy = Policy.compile(self.config, host_addresses=host_addresses)
+        self._audit = AuditLog(self.sandbox_id, self.state_dir, log_allowed=self.log_allowed)
+        self.gate = FlowGate(
+            sandbox=self.sandbox_id,
+            policy=policy,
+            gateways=gateways,
+            pools=pools,
+            max_connections=self.config.effective_max_connections,
+            audit=self._audit,
+        )
+        pipes = PipePool()
+        self.tcp = TcpProxy(self.gate, guests, gateways, pipes=pipes)
+        self._parts.append(self.tcp)
+        self.udp = UdpRelay(self.gate, guests, gateways)
+        self._parts.append(self.udp)
+        self.icmp = IcmpRelay(self.gate, names.link, guests, ipv6=slot.ipv6 is not None)
+        self._parts.append(self.icmp)
+        self.ports = PublishedPorts(self.gate, slot.guest_ipv4, self._published)
+        self._published = []
+        self._parts.append(self.ports)
+        for part in self._parts:
+            part.start()
+        firewall.apply(
+            firewall.FirewallSpec(
+                table=names.table,
+                link=names.link,
+                guest_ipv4=slot.guest_ipv4,
+                gateway_ipv4=slot.gateway_ipv4,
+                guest_ipv6=slot.guest_ipv6,
+                gateway_ipv6=slot.gateway_ipv6,
+                tcp_port_v4=self.tcp.ports[4],
+                udp_port_v4=self.udp.ports[4],
+                tcp_port_v6=self.tcp.ports.get(6),
+                udp_port_v6=self.udp.ports.get(6),
+            )
+        )
+
+    # -- step 3 -----------------------------------------------------------------------------
+    async def close(self) -> None:
+        """Stop every proxy and remove every kernel object and the lease. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.slot is None:
+            return
+        # The divert goes first: from here on the sandbox's packets are dropped, not proxied.
+        with contextlib.suppress(NetworkError):
+            firewall.remove(self.names.table)
+        for part in reversed(self._parts):
+            with contextlib.suppress(Exception):
+                part.close()
+        self._parts.clear()
+        for p in self._published:
+            p.sock.close()
+        self._published = []
+        if self._audit is not None:
+            self._audit.close()
+        plumbing.remove(self.names, plumbing.routing_table(self.slot))
+        self.pool.release(self.sandbox_id)
+
+    # -- audit ------------------------------------------------------------------------------
+    def events(self, *, from_start: bool = True) -> AsyncIterator[AuditEvent]:
+        """The sandbox's audit events as they are written (tail -f)."""
+        return follow(self.audit_path, from_start=from_start)
+
+
+def cleanup_leftovers(sandbox_id: str, *, pool: AddressPool | None = None) -> None:
+    """Remove whatever a dead supervisor left of the sandbox's network: nft table, divert
+    rules and table, veth, netns, address lease. Safe to call when nothing is left."""
+    pool = pool or AddressPool()
+    names = plumbing.names_for(sandbox_id)
+    slot = pool.get(sandbox_id)
+    with contextlib.suppress(NetworkError):
+        firewall.remove(names.table)
+    plumbing.remove(names, None if slot is None else plumbing.routing_table(slot))
+    pool.release(sandbox_id)

@@ -1,0 +1,173 @@
+"""The host-side nftables ruleset of one sandbox: where its packets are diverted into corral.
+
+One ``inet`` table per sandbox (``corral-<id>``) in the host network namespace, replaced and
+removed atomically with ``nft -f``. What it does to every packet arriving from the sandbox's
+veth, in order:
+
+1. IPv6 neighbour discovery from link-local/unspecified sources is accepted (the guest must
+   resolve its gateway); any other packet whose source is not the guest's own address is
+   dropped — the guest's root can change its IP and MAC, and that must gain it nothing.
+2. Packets in the *reply* direction of a connection the host opened (published ports) are
+   accepted; they are addressed to the gateway and reach corral's own sockets.
+3. Neighbour discovery from the guest's address is accepted. ICMP echo requests are dropped
+   here: :mod:`corral.net.icmp` reads them from a packet socket (which sees them before
+   netfilter) and answers after asking the policy. The host kernel must never answer them.
+4. UDP and TCP to port 53 go to the DNS ports, all other TCP and UDP to the transparent proxy
+   ports (TPROXY + a firewall mark; a per-sandbox ``ip rule`` sends marked packets to a table
+   whose only route is ``local default``, so they are delivered to the proxy's socket and never
+   routed). If no proxy socket is there (supervisor gone), TPROXY falls through to the drop.
+5. Everything else is dropped. A forward chain also drops anything from or to the veth, so
+   the kernel never routes a sandbox packet anywhere even if forwarding is on.
+
+:func:`ruleset` is pure (unit-tested); :func:`apply` and :func:`remove` run ``nft``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+from dataclasses import dataclass
+
+from corral.errors import NetworkError
+
+#: Firewall mark put on diverted packets; the per-sandbox ``ip rule`` selects on it. "cr" in
+#: ASCII, low bits only, so it coexists with software that uses the high bits of the mark.
+DIVERT_MARK = 0x6372
+DIVERT_MARK_MASK = 0xFFFF
+
+#: Priority of the mangle stage: TPROXY is only valid in prerouting, and this runs after
+#: conntrack (-200) so ``ct direction`` is known, and before NAT/filter of other software.
+PREROUTING_PRIORITY = -150
+
+#: Neighbour discovery messages a guest legitimately sends on its link.
+_ND_TYPES = "{ nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert }"
+
+#: DNS port (UDP and TCP): diverted to the DNS ports, which may differ from the proxy's.
+DNS_PORT = 53
+
+
+@dataclass(frozen=True, slots=True)
+class FirewallSpec:
+    """Everything the ruleset of one sandbox depends on."""
+
+    table: str  # nft table name, ``corral-<id>``
+    link: str  # host side of the veth, ``cr-<id>``
+    guest_ipv4: ipaddress.IPv4Address
+    gateway_ipv4: ipaddress.IPv4Address
+    guest_ipv6: ipaddress.IPv6Address | None
+    gateway_ipv6: ipaddress.IPv6Address | None
+    tcp_port_v4: int
+    udp_port_v4: int
+    tcp_port_v6: int | None = None
+    udp_port_v6: int | None = None
+    dns_tcp_port_v4: int | None = None  # None: DNS goes to the ordinary proxy ports
+    dns_udp_port_v4: int | None = None
+    dns_tcp_port_v6: int | None = None
+    dns_udp_port_v6: int | None = None
+
+
+def _tproxy(family: str, address: str, port: int) -> str:
+    target = f"[{address}]:{port}" if family == "ip6" else f"{address}:{port}"
+    return f"tproxy {family} to {target} meta mark set {DIVERT_MARK:#x} accept"
+
+
+def ruleset(spec: FirewallSpec) -> str:
+    """The ``nft -f`` input that atomically (re)creates the sandbox's table."""
+    t, link = spec.table, spec.link
+    v6 = spec.guest_ipv6 is not None and spec.gateway_ipv6 is not None
+    rules: list[str] = [
+        f"ip6 saddr {{ ::, fe80::/10 }} icmpv6 type {_ND_TYPES} accept",
+        f"ip saddr != {spec.guest_ipv4} drop",
+        f"ip6 saddr != {spec.guest_ipv6} drop" if v6 else "meta nfproto ipv6 drop",
+        "ct direction reply accept",
+    ]
+    if v6:
+        rules.append(f"icmpv6 type {_ND_TYPES} accept")
+    rules += ["icmp type echo-request drop", "icmpv6 type echo-request drop"]
+
+    def divert(
+        family: str, gateway: str, tcp: int, udp: int, dns_tcp: int | None, dns_udp: int | None
+    ) -> None:
+        nfproto = "ipv4" if family == "ip" else "ipv6"
+        if dns_udp is not None:
+            rules.append(
+                f"meta nfproto {nfproto} udp dport {DNS_PORT} {_tproxy(family, gateway, dns_udp)}"
+            )
+        if dns_tcp is not None:
+            rules.append(
+                f"meta nfproto {nfproto} tcp dport {DNS_PORT} {_tproxy(family, gateway, dns_tcp)}"
+            )
+        rules.append(f"meta nfproto {nfproto} meta l4proto tcp {_tproxy(family, gateway, tcp)}")
+        rules.append(f"meta nfproto {nfproto} meta l4proto udp {_tproxy(family, gateway, udp)}")
+
+    divert(
+        "ip",
+        str(spec.gateway_ipv4),
+        spec.tcp_port_v4,
+        spec.udp_port_v4,
+        spec.dns_tcp_port_v4,
+        spec.dns_udp_port_v4,
+    )
+    if v6:
+        if spec.tcp_port_v6 is None or spec.udp_port_v6 is None:
+            raise ValueError("an IPv6 slot needs IPv6 proxy ports")
+        divert(
+            "ip6",
+            str(spec.gateway_ipv6),
+            spec.tcp_port_v6,
+            spec.udp_port_v6,
+            spec.dns_tcp_port_v6,
+            spec.dns_udp_port_v6,
+        )
+    rules.append("drop")
+
+    body = "\n".join(f"    {r}" for r in rules)
+    return (
+        f"add table inet {t}\n"
+        f"delete table inet {t}\n"
+        f"table inet {t} {{\n"
+        f"  chain prerouting {{\n"
+        f"    type filter hook prerouting priority {PREROUTING_PRIORITY}; policy accept;\n"
+        f'    iifname "{link}" jump from_sandbox\n'
+        f"  }}\n"
+        f"  chain from_sandbox {{\n{body}\n  }}\n"
+        f"  chain input {{\n"
+        f"    type filter hook input priority 0; policy accept;\n"
+        f'    iifname "{link}" meta mark & {DIVERT_MARK_MASK:#x} == {DIVERT_MARK:#x} accept\n'
+        f'    iifname "{link}" ct direction reply accept\n'
+        f'    iifname "{link}" icmpv6 type {_ND_TYPES} accept\n'
+        f'    iifname "{link}" drop\n'
+        f"  }}\n"
+        f"  chain forward {{\n"
+        f"    type filter hook forward priority 0; policy accept;\n"
+        f'    iifname "{link}" drop\n'
+        f'    oifname "{link}" drop\n'
+        f"  }}\n"
+        f"}}\n"
+    )
+
+
+def _nft(text: str, what: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["nft", "-f", "-"], input=text, capture_output=True, text=True, check=False
+    )
+
+
+def apply(spec: FirewallSpec) -> None:
+    """Create (or atomically replace) the sandbox's table."""
+    res = _nft(ruleset(spec), "apply")
+    if res.returncode != 0:
+        raise NetworkError(f"applying nftables table {spec.table} failed: {res.stderr.strip()}")
+
+
+def remove(table: str) -> None:
+    """Delete the sandbox's table; no error when it is already gone."""
+    # "add" first makes the delete succeed whether or not the table existed, in one transaction.
+    res = _nft(f"add table inet {table}\ndelete table inet {table}\n", "remove")
+    if res.returncode != 0:
+        raise NetworkError(f"removing nftables table {table} failed: {res.stderr.strip()}")
+
+
+def exists(table: str) -> bool:
+    res = subprocess.run(["nft", "list", "table", "inet", table], capture_output=True, check=False)
+    return res.returncode == 0

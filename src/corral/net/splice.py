@@ -1,0 +1,245 @@
+"""Moving a TCP byte stream between two sockets with ``splice(2)``: no byte enters Python.
+
+A :class:`SplicedPair` joins two connected, non-blocking sockets with two :class:`_Pump`\\ s,
+one per direction. A pump splices what the source has into a pipe and from the pipe into the
+destination, driven by the event loop's reader/writer callbacks (no task, no coroutine per
+connection: a callback costs a fraction of a task switch, which is what the connection rate
+target needs). When the destination cannot take more, the pump stops reading its source until
+the destination drains (back-pressure); the bytes in flight are bounded by the pipe size.
+
+End of stream in one direction is forwarded as ``shutdown(SHUT_WR)`` (half-close); the pair
+closes when both directions ended. An error on either side (reset, broken pipe) aborts the pair
+and resets the other side (``SO_LINGER`` 0), so a guest sees an upstream reset as a reset.
+
+Pipes are pooled (:class:`PipePool`): creating and resizing two pipes per connection would
+cost as much as the rest of the connection setup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+import struct
+from collections.abc import Callable
+
+#: Pipe capacity. 1 MiB is the default ``fs.pipe-max-size``; a bigger pipe lets one splice
+#: move up to a whole TCP receive window and halves the syscalls of a bulk transfer compared
+#: with the 64 KiB default (measured here: 14 -> ~16 Gbit/s).
+PIPE_SIZE = 1 << 20
+
+#: Pipe pairs kept for reuse. A pair costs four descriptors; 64 covers bursts of new
+#: connections without holding many idle descriptors.
+PIPE_POOL_SIZE = 64
+
+F_SETPIPE_SZ = 1031  # fcntl.h; not exported by Python's fcntl module before 3.13
+
+_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+#: Errors that mean "this connection is over" (as opposed to a bug).
+_CONNECTION_ERRORS = (ConnectionError, BrokenPipeError, TimeoutError, OSError)
+
+
+class PipePool:
+    """Empty, non-blocking pipes of :data:`PIPE_SIZE`, reused across connections."""
+
+    def __init__(self, keep: int = PIPE_POOL_SIZE) -> None:
+        self._free: list[tuple[int, int]] = []
+        self._keep = keep
+
+    def get(self) -> tuple[int, int]:
+        if self._free:
+            return self._free.pop()
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        with contextlib.suppress(OSError):  # a smaller pipe still works, only slower
+            fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_SIZE)
+        return r, w
+
+    def put(self, pipe: tuple[int, int], *, empty: bool) -> None:
+        """Return a pipe; one that may still hold bytes is closed instead of reused."""
+        if empty and len(self._free) < self._keep:
+            self._free.append(pipe)
+        else:
+            os.close(pipe[0])
+            os.close(pipe[1])
+
+    def close(self) -> None:
+        for r, w in self._free:
+            os.close(r)
+            os.close(w)
+        self._free.clear()
+
+
+def reset(sock: socket.socket) -> None:
+    """Close ``sock`` with a TCP RST instead of a FIN (the peer sees ECONNRESET/ECONNREFUSED)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    sock.close()
+
+
+class _Pump:
+    """One direction: ``src`` -> pipe -> ``dst``."""
+
+    __slots__ = (
+        "done",
+        "dst",
+        "dst_fd",
+        "eof",
+        "fill",
+        "loop",
+        "on_done",
+        "on_error",
+        "pipe",
+        "src",
+        "src_fd",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        src: socket.socket,
+        dst: socket.socket,
+        pipe: tuple[int, int],
+        on_done: Callable[[], None],
+        on_error: Callable[[], None],
+    ) -> None:
+        self.loop = loop
+        self.src = src
+        self.dst = dst
+        self.src_fd = src.fileno()
+        self.dst_fd = dst.fileno()
+        self.pipe = pipe
+        self.fill = 0
+        self.eof = False
+        self.done = False
+        self.on_done = on_done
+        self.on_error = on_error
+
+    def start(self) -> None:
+        self.loop.add_reader(self.src_fd, self._readable)
+
+    def stop(self) -> None:
+        self.loop.remove_reader(self.src_fd)
+        self.loop.remove_writer(self.dst_fd)
+
+    def _readable(self) -> None:
+        try:
+            while True:
+                try:
+                    n = os.splice(
+                        self.src_fd, self.pipe[1], PIPE_SIZE - self.fill, flags=_SPLICE_FLAGS
+                    )
+                except BlockingIOError:
+                    return
+                if n == 0:
+                    self.eof = True
+                    self.loop.remove_reader(self.src_fd)
+                    self._finish_if_drained()
+                    return
+                self.fill += n
+                if not self._flush():
+                    # Destination full: stop reading until it drains (back-pressure).
+                    self.loop.remove_reader(self.src_fd)
+                    self.loop.add_writer(self.dst_fd, self._writable)
+                    return
+        except _CONNECTION_ERRORS:
+            self.on_error()
+
+    def _flush(self) -> bool:
+        """Move the pipe into ``dst``; False if ``dst`` would block with bytes left."""
+        while self.fill:
+            try:
+                m = os.splice(self.pipe[0], self.dst_fd, self.fill, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                return False
+            self.fill -= m
+        return True
+
+    def _writable(self) -> None:
+        try:
+            if not self._flush():
+                return
+            self.loop.remove_writer(self.dst_fd)
+            if self.eof:
+                self._finish_if_drained()
+            else:
+                self.loop.add_reader(self.src_fd, self._readable)
+        except _CONNECTION_ERRORS:
+            self.on_error()
+
+    def _finish_if_drained(self) -> None:
+        if self.fill:
+            self.loop.add_writer(self.dst_fd, self._writable)
+            return
+        with contextlib.suppress(OSError):
+            self.dst.shutdown(socket.SHUT_WR)
+        self.done = True
+        self.on_done()
+
+
+class SplicedPair:
+    """Two connected sockets joined both ways until both directions end or one side fails."""
+
+    __slots__ = ("_closed", "_on_close", "a", "ab", "b", "ba", "pipes")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        a: socket.socket,
+        b: socket.socket,
+        pipes: PipePool,
+        on_close: Callable[[SplicedPair], None],
+    ) -> None:
+        self.a = a
+        self.b = b
+        self.pipes = pipes
+        self._on_close = on_close
+        self._closed = False
+        self.ab = _Pump(loop, a, b, pipes.get(), self._direction_done, self.abort)
+        self.ba = _Pump(loop, b, a, pipes.get(), self._direction_done, self.abort)
+
+    def start(self) -> None:
+        self.ab.start()
+        self.ba.start()
+
+    def _direction_done(self) -> None:
+        if self.ab.done and self.ba.done:
+            self._release(reset_both=False)
+
+    def abort(self) -> None:
+        """One side failed: reset both (the peer of the failed side learns it from the RST)."""
+        self._release(reset_both=True)
+
+    def close(self) -> None:
+        """Shut down (supervisor stopping): reset both sides."""
+        self._release(reset_both=True)
+
+    def _release(self, *, reset_both: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for pump in (self.ab, self.ba):
+            pump.stop()
+        for pump in (self.ab, self.ba):
+            self.pipes.put(pump.pipe, empty=pump.fill == 0)
+        for sock in (self.a, self.b):
+            if reset_both:
+                reset(sock)
+            else:
+                sock.close()
+        self._on_close(self)
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (
+        errno.ECONNRESET,
+        errno.EPIPE,
+        errno.ECONNREFUSED,
+        errno.ETIMEDOUT,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+    )
