@@ -1,0 +1,282 @@
+"""cgroup limits for a sandbox on cgroup v1, v2, and the v1/v2 hybrid.
+
+The layout is detected from the cgroup filesystem and ``/proc/self/cgroup`` (both passed in,
+so the unit tests run the v2 path against a plain directory tree):
+
+* **v2** (``<root>/cgroup.controllers`` exists): one directory ``<root>/corral/<name>``
+  with ``memory.max``, ``memory.swap.max``, ``cpu.max``, ``pids.max``; ``cgroup.kill`` ends
+  it. It sits under a ``corral`` directory at the top of the hierarchy (like the cgroupfs
+  drivers of runc and podman) because v2 forbids enabling controllers for children of a
+  cgroup that holds processes, which our own cgroup does.
+* **v1** (``<root>/<controller>`` directories): ``memory``, ``cpu`` and ``pids`` each get
+  ``<root>/<controller>/<our own cgroup there>/<name>``. They are created below the cgroup
+  this process is in because the machine may confine us there (PLATFORM.md).
+* **hybrid**: v1 for the limits plus a cgroup in the v2 tree (``<root>/unified``), whose
+  ``cgroup.kill`` ends every process at once even though it has no controllers.
+
+The directories are recorded (``record``) before they are created, so that
+``cleanup(recorded)`` can remove what a dead supervisor left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from corral.errors import SandboxError
+
+#: Where the cgroup filesystems are mounted on every mainstream distribution.
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+#: The CFS period for ``cpus``: the kernel default (100 ms); quota = cpus * period.
+CPU_PERIOD_US = 100_000
+
+#: Below this a memory limit cannot even hold the init's own dirty pages plus a shell; a
+#: smaller value is a user mistake we report rather than a sandbox that OOMs at start.
+MIN_MEMORY = 4 * 1024 * 1024
+
+#: How long ``remove`` retries rmdir while the kernel finishes tearing down exited tasks.
+REMOVE_TIMEOUT = 5.0
+
+#: v1 controllers corral sets limits with.
+V1_CONTROLLERS = ("memory", "cpu", "pids")
+
+
+@dataclass(frozen=True)
+class CgroupLimits:
+    cpus: float | None = None
+    memory: int | None = None
+    pids_max: int | None = None
+
+
+@dataclass(frozen=True)
+class Cgroup:
+    """The directories of one sandbox's cgroup, one per hierarchy it lives in."""
+
+    layout: str  # "v1" | "v2" | "hybrid"
+    paths: tuple[Path, ...]
+    #: The v2 directory (pure v2 or the hybrid's unified tree), for cgroup.kill; or None.
+    unified: Path | None = None
+    v1: dict[str, Path] = field(default_factory=dict)
+
+    def procs_files(self) -> list[Path]:
+        return [p / "cgroup.procs" for p in self.paths]
+
+    def add(self, pid: int) -> None:
+        """Move ``pid`` into every hierarchy (``0`` means the calling process)."""
+        for procs in self.procs_files():
+            _write(procs, str(pid), "join cgroup")
+
+    def pids(self) -> set[int]:
+        found: set[int] = set()
+        for procs in self.procs_files():
+            with contextlib.suppress(OSError):
+                found.update(int(x) for x in procs.read_text().split())
+        return found
+
+    def kill(self) -> None:
+        """SIGKILL every process in the cgroup (cgroup.kill where the kernel has it)."""
+        if self.unified is not None and (self.unified / "cgroup.kill").exists():
+            with contextlib.suppress(OSError):
+                (self.unified / "cgroup.kill").write_text("1")
+        for _ in range(100):
+            pids = self.pids()
+            if not pids:
+                return
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.01)
+
+    def remove(self, timeout: float = REMOVE_TIMEOUT) -> None:
+        """rmdir every directory; retries while exited tasks are still being torn down."""
+        deadline = time.monotonic() + timeout
+        for path in self.paths:
+            while True:
+                try:
+                    path.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as e:
+                    if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                        raise SandboxError(
+                            f"remove cgroup {str(path)!r}: {e.strerror}"
+                        ) from None
+                    time.sleep(0.005)
+
+    def exists(self) -> bool:
+        return any(p.exists() for p in self.paths)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "layout": self.layout,
+                "paths": [str(p) for p in self.paths],
+                "unified": str(self.unified) if self.unified else None,
+                "v1": {k: str(v) for k, v in self.v1.items()},
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Cgroup:
+        obj = json.loads(text)
+        return cls(
+            layout=obj["layout"],
+            paths=tuple(Path(p) for p in obj["paths"]),
+            unified=Path(obj["unified"]) if obj.get("unified") else None,
+            v1={k: Path(v) for k, v in obj.get("v1", {}).items()},
+        )
+
+
+def _write(path: Path, value: str, step: str) -> None:
+    try:
+        path.write_text(value)
+    except OSError as e:
+        raise SandboxError(f"{step}: write {value!r} to {str(path)!r}: {e.strerror}") from None
+
+
+def own_cgroups(proc_self_cgroup: str) -> dict[str, str]:
+    """Controller (or "" for v2) -> our path, from the text of /proc/self/cgroup."""
+    own: dict[str, str] = {}
+    for line in proc_self_cgroup.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if not controllers:
+            own[""] = path
+        for c in controllers.split(","):
+            if c:
+                own[c] = path
+    return own
+
+
+def detect_layout(root: Path) -> str:
+    if (root / "cgroup.controllers").exists():
+        return "v2"
+    if (root / "unified" / "cgroup.procs").exists():
+        return "hybrid"
+    return "v1"
+
+
+def plan(name: str, root: Path = CGROUP_ROOT, proc_self_cgroup: str | None = None) -> Cgroup:
+    """Where the cgroup named ``name`` goes; touches nothing."""
+    if proc_self_cgroup is None:
+        proc_self_cgroup = Path("/proc/self/cgroup").read_text()
+    own = own_cgroups(proc_self_cgroup)
+    layout = detect_layout(root)
+    if layout == "v2":
+        path = root / "corral" / name
+        return Cgroup(layout, (path,), unified=path)
+    v1: dict[str, Path] = {}
+    for controller in V1_CONTROLLERS:
+        base = root / controller
+        if not base.is_dir():
+            raise SandboxError(
+                f"create cgroup: the cgroup v1 controller {controller!r} is not mounted at "
+                f"{str(base)!r}"
+            )
+        v1[controller] = base / own.get(controller, "/").lstrip("/") / name
+    unified = None
+    if layout == "hybrid":
+        unified = root / "unified" / own.get("", "/").lstrip("/") / name
+    paths = tuple(v1.values()) + ((unified,) if unified else ())
+    return Cgroup(layout, paths, unified=unified, v1=v1)
+
+
+def create(cgroup: Cgroup, limits: CgroupLimits) -> None:
+    """Make the directories of ``cgroup`` and write ``limits``; undone on failure."""
+    if limits.memory is not None and limits.memory < MIN_MEMORY:
+        raise SandboxError(
+            f"memory limit {limits.memory} bytes is below the minimum of {MIN_MEMORY}"
+        )
+    if limits.cpus is not None and limits.cpus <= 0:
+        raise SandboxError(f"cpus must be positive, not {limits.cpus}")
+    made: list[Path] = []
+    try:
+        if cgroup.layout == "v2":
+            _create_v2(cgroup.paths[0], limits, made)
+        else:
+            for path in cgroup.paths:
+                _mkdir(path, made)
+            _limit_v1(cgroup, limits)
+    except BaseException:
+        for path in reversed(made):
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
+
+
+def _mkdir(path: Path, made: list[Path]) -> None:
+    try:
+        path.mkdir()
+    except FileExistsError:
+        raise SandboxError(
+            f"create cgroup {str(path)!r}: it already exists (a sandbox with this state "
+            "directory is running, or `corral gc` has not cleaned up after a crash)"
+        ) from None
+    except OSError as e:
+        raise SandboxError(f"create cgroup {str(path)!r}: {e.strerror}") from None
+    made.append(path)
+
+
+def _create_v2(path: Path, limits: CgroupLimits, made: list[Path]) -> None:
+    parent = path.parent
+    if not parent.exists():
+        _mkdir(parent, [])  # shared by all sandboxes; never removed by one of them
+    wanted = ["memory", "cpu", "pids"]
+    for level in (parent.parent, parent):
+        available = (level / "cgroup.controllers").read_text().split()
+        enabled = (level / "cgroup.subtree_control").read_text().split()
+        missing = [c for c in wanted if c in available and c not in enabled]
+        if missing:
+            _write(level / "cgroup.subtree_control", " ".join(f"+{c}" for c in missing),
+                   "enable cgroup controllers")
+    _mkdir(path, made)
+    if limits.memory is not None:
+        _write(path / "memory.max", str(limits.memory), "set memory limit")
+        if (path / "memory.swap.max").exists():
+            _write(path / "memory.swap.max", "0", "set swap limit")
+    if limits.cpus is not None:
+        quota = max(1000, int(limits.cpus * CPU_PERIOD_US))
+        _write(path / "cpu.max", f"{quota} {CPU_PERIOD_US}", "set cpu limit")
+    if limits.pids_max is not None:
+        _write(path / "pids.max", str(limits.pids_max), "set pids limit")
+
+
+def _limit_v1(cgroup: Cgroup, limits: CgroupLimits) -> None:
+    if limits.memory is not None:
+        mem = cgroup.v1["memory"]
+        _write(mem / "memory.limit_in_bytes", str(limits.memory), "set memory limit")
+        # memsw is memory+swap: equal to the memory limit means no swap, so the OOM killer
+        # acts instead of the sandbox swapping the host to a crawl.
+        if (mem / "memory.memsw.limit_in_bytes").exists():
+            _write(mem / "memory.memsw.limit_in_bytes", str(limits.memory), "set swap limit")
+    if limits.cpus is not None:
+        cpu = cgroup.v1["cpu"]
+        quota = max(1000, int(limits.cpus * CPU_PERIOD_US))
+        _write(cpu / "cpu.cfs_period_us", str(CPU_PERIOD_US), "set cpu period")
+        _write(cpu / "cpu.cfs_quota_us", str(quota), "set cpu limit")
+    if limits.pids_max is not None:
+        _write(cgroup.v1["pids"] / "pids.max", str(limits.pids_max), "set pids limit")
+
+
+def cleanup(cgroup: Cgroup) -> None:
+    """Kill what is left in ``cgroup`` and remove it (gc after a dead supervisor)."""
+    if cgroup.exists():
+        cgroup.kill()
+        cgroup.remove()
+
+
+def cgroup_name(sandbox: str, state_dir: Path) -> str:
+    """A directory name unique per state directory (two CORRAL_HOMEs may reuse a name)."""
+    digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:10]
+    return f"corral-{sandbox}-{digest}"

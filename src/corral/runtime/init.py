@@ -1,0 +1,662 @@
+"""The sandbox's pid 1: reaps, forwards SIGTERM, serves exec and files on the channel.
+
+It is not exec'd: the launcher forks it from the supervisor (before any thread or event loop
+exists) and, once the namespaces, mounts and pivot are done, calls :func:`serve`. So the init
+is a copy-on-write twin of the supervisor's Python and costs only the pages it dirties.
+
+Rules this module keeps because it runs *inside* the sandbox, after pivot_root:
+
+* Every module it uses is imported at the top of this file. After the pivot, ``sys.path``
+  names directories of the sandbox's filesystem, so a late import would execute files the
+  sandbox controls; :func:`serve` empties ``sys.path`` so that a missed import fails loudly.
+* Nothing goes through NSS (``pwd``, ``grp``, ``socket.getaddrinfo``): those ``dlopen`` the
+  sandbox's libraries. Users are looked up by reading the sandbox's /etc/passwd as text.
+* Single-threaded, blocking I/O with ``selectors``: the init forks one worker per connection
+  and each worker forks commands; forking is only safe because no thread ever exists.
+
+The init process and every worker are non-dumpable, so sandbox processes cannot ptrace them,
+and commands get a higher oom_score_adj than the init, so the OOM killer picks commands.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import selectors
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from corral.runtime.channel import (
+    EXIT_TIMED_OUT,
+    FRAME_PREFIX,
+    KIND_CONTROL,
+    KIND_FILE,
+    KIND_STDERR,
+    KIND_STDIN,
+    KIND_STDOUT,
+    LIST_BATCH,
+    MAX_DATA_SIZE,
+    ChannelProtocolError,
+    Frame,
+    FrameReader,
+    encode_control,
+)
+
+#: PATH for commands when neither the image nor the exec sets one (Docker's default).
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+#: Bytes of stdin buffered in a worker before it stops reading the socket (backpressure).
+STDIN_BUFFER_LIMIT = 4 * MAX_DATA_SIZE
+
+#: oom_score_adj of every command: raising it needs no privilege, so commands are picked by
+#: the OOM killer before the init and its workers (whose adj is -1000 where the host allows
+#: it, else 0) whatever their sizes, and before host processes in a host-wide OOM.
+COMMAND_OOM_SCORE_ADJ = 500
+
+#: How long the init waits for its children after forwarding SIGTERM before it exits
+#: anyway (the launcher's stop() kills the whole cgroup after its own grace period).
+TERM_GRACE = 30.0
+
+
+@dataclass(frozen=True)
+class InitConfig:
+    """What every exec starts from: the sandbox's base environment, cwd and user."""
+
+    env: Mapping[str, str]
+    workdir: str
+    user: str | None
+
+
+# --- pid 1 ------------------------------------------------------------------------------------
+
+
+def serve(listener: socket.socket, config: InitConfig) -> NoReturn:
+    """Run as the sandbox's pid 1 until SIGTERM; never returns."""
+    sys.path[:] = []
+    listener.setblocking(False)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    terminating = False
+
+    def on_term(signum: int, frame: object) -> None:
+        nonlocal terminating
+        terminating = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGCHLD, lambda s, f: None)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+    sel = selectors.DefaultSelector()
+    sel.register(listener, selectors.EVENT_READ)
+    sel.register(wake_r, selectors.EVENT_READ)
+    term_deadline = 0.0
+    while True:
+        _reap_all()
+        if terminating and term_deadline == 0.0:
+            term_deadline = time.monotonic() + TERM_GRACE
+            sel.unregister(listener)
+            listener.close()
+            with contextlib.suppress(OSError):
+                os.kill(-1, signal.SIGTERM)  # every process of the pid namespace but us
+        if terminating and (not _has_children() or time.monotonic() > term_deadline):
+            os._exit(0)
+        for key, _ in sel.select(timeout=1.0 if terminating else None):
+            if key.fileobj is listener:
+                _accept(listener, config, wake_r, wake_w)
+            else:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wake_r, 4096)
+
+
+def _reap_all() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _has_children() -> bool:
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True
+
+
+def _accept(listener: socket.socket, config: InitConfig, wake_r: int, wake_w: int) -> None:
+    try:
+        conn, _ = listener.accept()
+    except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+        return
+    pid = os.fork()
+    if pid != 0:
+        conn.close()
+        return
+    # Worker: back to default signal handling, then serve this one connection.
+    status = 1
+    try:
+        listener.close()
+        signal.set_wakeup_fd(-1)
+        os.close(wake_r)
+        os.close(wake_w)
+        for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        conn.setblocking(True)
+        Worker(conn, config).serve()
+        status = 0
+    except BaseException:
+        status = 1
+    finally:
+        os._exit(status)
+
+
+# --- worker -----------------------------------------------------------------------------------
+
+#: errno -> error kind understood by the client (corral.runtime.channel._ERROR_SENTENCES).
+_ERRNO_KINDS = {
+    errno.ENOENT: "not_found",
+    errno.EEXIST: "exists",
+    errno.ENOTDIR: "not_dir",
+    errno.EISDIR: "is_dir",
+    errno.EACCES: "permission",
+    errno.EPERM: "permission",
+    errno.ENOTEMPTY: "not_empty",
+}
+
+
+class _Disconnected(Exception):
+    """The client went away; the worker cleans up and exits."""
+
+
+class Worker:
+    """Serves the requests of one connection, one after another."""
+
+    def __init__(self, conn: socket.socket, config: InitConfig):
+        self.conn = conn
+        self.config = config
+        self.frames = FrameReader()
+
+    # -- framing --
+
+    def recv(self) -> Frame:
+        while True:
+            frame = self.frames.next_frame()
+            if frame is not None:
+                return frame
+            data = self.conn.recv(1024 * 1024)
+            if not data:
+                raise _Disconnected
+            self.frames.feed(data)
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.conn.sendall(data)
+        except OSError:
+            raise _Disconnected from None
+
+    def send_data(self, kind: int, data: bytes | memoryview) -> None:
+        """One data frame without copying ``data`` into a new buffer first."""
+        prefix = FRAME_PREFIX.pack(kind, len(data))
+        try:
+            sent = self.conn.sendmsg([prefix, data])
+            if sent < len(prefix):
+                self.conn.sendall(prefix[sent:])
+                sent = len(prefix)
+            if sent - len(prefix) < len(data):
+                self.conn.sendall(memoryview(data)[sent - len(prefix):])
+        except OSError:
+            raise _Disconnected from None
+
+    def reply(self, **obj: Any) -> None:
+        self.send(encode_control(obj))
+
+    def error(self, op: str, subject: str, exc: OSError | None = None, kind: str = "") -> None:
+        if not kind and exc is not None:
+            kind = _ERRNO_KINDS.get(exc.errno or 0, "other")
+        message = (exc.strerror or str(exc)) if exc is not None else ""
+        self.reply(t="error", op=op, kind=kind or "other", subject=subject, message=message)
+
+    # -- dispatch --
+
+    def serve(self) -> None:
+        try:
+            while True:
+                try:
+                    request = self.recv().control()
+                except ChannelProtocolError:
+                    return
+                op = request.get("op")
+                handler = _HANDLERS.get(str(op))
+                if handler is None:
+                    self.reply(t="error", op=str(op), kind="other", subject="",
+                               message=f"unknown operation {op!r}")
+                    continue
+                if handler(self, request) is False:
+                    return
+        except _Disconnected:
+            return
+
+    def path_of(self, request: Mapping[str, Any]) -> str:
+        path = str(request.get("path", ""))
+        return path if path.startswith("/") else os.path.join(self.config.workdir, path)
+
+    # -- files --
+
+    def op_stat(self, request: Mapping[str, Any]) -> None:
+        path = self.path_of(request)
+        try:
+            info = _file_info(path, os.lstat(path))
+        except OSError as e:
+            return self.error("stat", path, e)
+        self.reply(t="ok", info=info)
+
+    def op_exists(self, request: Mapping[str, Any]) -> None:
+        self.reply(t="ok", exists=os.path.exists(self.path_of(request)))
+
+    def op_mkdir(self, request: Mapping[str, Any]) -> None:
+        path = self.path_of(request)
+        try:
+            if request.get("parents"):
+                os.makedirs(path, exist_ok=True)
+            else:
+                os.mkdir(path)
+        except OSError as e:
+            return self.error("mkdir", path, e)
+        self.reply(t="ok")
+
+    def op_remove(self, request: Mapping[str, Any]) -> None:
+        path = self.path_of(request)
+        try:
+            st = os.lstat(path)
+            if stat.S_ISDIR(st.st_mode):
+                if request.get("recursive"):
+                    shutil.rmtree(path)
+                else:
+                    os.rmdir(path)
+            else:
+                os.unlink(path)
+        except OSError as e:
+            return self.error("remove", path, e)
+        self.reply(t="ok")
+
+    def op_list(self, request: Mapping[str, Any]) -> None:
+        path = self.path_of(request)
+        try:
+            with os.scandir(path) as it:
+                entries = []
+                for entry in it:
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue  # removed while listing
+                    entries.append(_file_info(os.path.join(path, entry.name), st))
+        except OSError as e:
+            return self.error("list", path, e)
+        entries.sort(key=lambda e: str(e["name"]))
+        for i in range(0, max(len(entries), 1), LIST_BATCH):
+            batch = entries[i:i + LIST_BATCH]
+            self.reply(t="ok", entries=batch, more=i + LIST_BATCH < len(entries))
+
+    def op_read(self, request: Mapping[str, Any]) -> None:
+        path = self.path_of(request)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            return self.error("read", path, e)
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                return self.error("read", path, kind="is_dir")
+            self.reply(t="ok", size=st.st_size)
+            buf = bytearray(MAX_DATA_SIZE)
+            view = memoryview(buf)
+            while True:
+                try:
+                    n = os.readv(fd, [buf])
+                except OSError as e:
+                    return self.error("read", path, e)
+                if n == 0:
+                    break
+                self.send_data(KIND_FILE, view[:n])
+            self.send_data(KIND_FILE, b"")
+        finally:
+            os.close(fd)
+
+    def op_write(self, request: Mapping[str, Any]) -> bool | None:
+        path = self.path_of(request)
+        mode = int(request.get("mode", 0o644)) & 0o7777
+        directory, name = os.path.split(path)
+        if not name:
+            self.error("write", path, kind="is_dir")
+            return None
+        if os.path.isdir(path):
+            self.error("write", path, kind="is_dir")
+            return None
+        tmp = os.path.join(directory, f".{name}.corral-{os.getpid()}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            self.error("write", path if e.errno != errno.ENOENT else directory, e)
+            return None
+        done = False
+        try:
+            self.reply(t="ready")
+            failure: OSError | None = None
+            while True:
+                frame = self.recv()
+                if frame.kind != KIND_FILE:
+                    return False  # protocol violation: drop the connection
+                if not frame.body:
+                    break
+                if failure is None:
+                    try:
+                        view = memoryview(frame.body)
+                        while view:
+                            view = view[os.write(fd, view):]
+                    except OSError as e:
+                        failure = e  # keep reading until EOF so the stream stays in sync
+            if failure is None:
+                try:
+                    os.fchmod(fd, mode)
+                    os.close(fd)
+                    fd = -1
+                    os.rename(tmp, path)
+                    done = True
+                except OSError as e:
+                    failure = e
+            if failure is not None:
+                self.error("write", path, failure)
+                return None
+            self.reply(t="ok")
+            return None
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            if not done:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+
+    # -- exec --
+
+    def op_exec(self, request: Mapping[str, Any]) -> bool:
+        argv = [str(a) for a in request.get("argv") or []]
+        env = dict(self.config.env)
+        env.update({str(k): str(v) for k, v in (request.get("env") or {}).items()})
+        env.setdefault("PATH", DEFAULT_PATH)
+        cwd = str(request.get("cwd") or self.config.workdir)
+        timeout = request.get("timeout")
+        user_spec = request.get("user") or self.config.user
+        want_stdin = bool(request.get("stdin"))
+        try:
+            uid, gid, groups = resolve_user(str(user_spec) if user_spec else None)
+        except LookupError:
+            self.error("exec", str(user_spec), kind="bad_user")
+            return False
+        env.setdefault("HOME", _home_of(uid))
+        if not os.path.isdir(cwd):
+            self.error("exec", cwd, kind="cwd_not_found")
+            return False
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE if want_stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=cwd,
+                env=env,
+                process_group=0,
+                user=uid if uid != 0 else None,
+                group=gid if gid != 0 else None,
+                extra_groups=groups,
+                preexec_fn=_before_exec,
+                close_fds=True,
+            )
+        except FileNotFoundError:
+            self.error("exec", argv[0], kind="command_not_found")
+            return False
+        except PermissionError:
+            self.error("exec", argv[0], kind="not_executable")
+            return False
+        except OSError as e:
+            self.error("exec", argv[0], e)
+            return False
+        try:
+            self.reply(t="started", pid=proc.pid)
+            code, timed_out = self._pump(proc, timeout if isinstance(timeout, int | float) else None)
+        except _Disconnected:
+            _kill_group(proc.pid)
+            proc.wait()
+            return False
+        self.reply(t="exit", code=code, timed_out=timed_out)
+        return False  # exec connections are single-use (see corral.runtime.channel)
+
+    def _pump(self, proc: subprocess.Popen[bytes], timeout: float | None) -> tuple[int, bool]:
+        """Move stdin/stdout/stderr between the socket and the command until it exits."""
+        assert proc.stdout is not None and proc.stderr is not None
+        deadline = time.monotonic() + timeout if timeout is not None else None
+        pidfd = os.pidfd_open(proc.pid)
+        sel = selectors.DefaultSelector()
+        outputs = {proc.stdout.fileno(): KIND_STDOUT, proc.stderr.fileno(): KIND_STDERR}
+        for fd in outputs:
+            os.set_blocking(fd, False)
+            sel.register(fd, selectors.EVENT_READ)
+        sel.register(pidfd, selectors.EVENT_READ)
+        sel.register(self.conn, selectors.EVENT_READ)
+        stdin_fd = proc.stdin.fileno() if proc.stdin is not None else -1
+        if stdin_fd >= 0:
+            os.set_blocking(stdin_fd, False)
+        pending = bytearray()
+        stdin_eof = False
+        socket_registered = True
+        timed_out = False
+        exited = False
+        try:
+            while not exited:
+                wait = None
+                if deadline is not None:
+                    wait = max(0.0, deadline - time.monotonic())
+                events = sel.select(wait)
+                if deadline is not None and not events and time.monotonic() >= deadline:
+                    timed_out = True
+                    _kill_group(proc.pid)
+                    deadline = None
+                    continue
+                for key, _ in events:
+                    fd = key.fd
+                    if fd == pidfd:
+                        exited = True
+                    elif fd in outputs:
+                        self._forward_output(fd, outputs[fd], sel)
+                    elif key.fileobj is self.conn:
+                        data = self.conn.recv(1024 * 1024)
+                        if not data:
+                            raise _Disconnected
+                        self.frames.feed(data)
+                        for frame in self.frames.frames():
+                            if frame.kind == KIND_STDIN and stdin_fd >= 0 and not stdin_eof:
+                                if frame.body:
+                                    pending += frame.body
+                                else:
+                                    stdin_eof = True
+                            elif frame.kind == KIND_CONTROL and frame.control().get("op") == "kill":
+                                _kill_group(proc.pid)
+                if stdin_fd >= 0:
+                    stdin_fd = self._push_stdin(stdin_fd, pending, stdin_eof, sel)
+                    over = len(pending) > STDIN_BUFFER_LIMIT
+                    if over and socket_registered:
+                        sel.unregister(self.conn)
+                        socket_registered = False
+                    elif not over and not socket_registered:
+                        sel.register(self.conn, selectors.EVENT_READ)
+                        socket_registered = True
+            # The command has exited: forward what it wrote before exiting. Background
+            # processes may keep the pipes open; their later output is not part of this exec.
+            for fd, kind in outputs.items():
+                with contextlib.suppress(KeyError):
+                    while self._forward_output(fd, kind, sel):
+                        pass
+            for kind in outputs.values():
+                self.send_data(kind, b"")
+        finally:
+            sel.close()
+            os.close(pidfd)
+        status = proc.wait()
+        code = 128 - status if status < 0 else status
+        if timed_out:
+            code = EXIT_TIMED_OUT
+        return code, timed_out
+
+    def _forward_output(self, fd: int, kind: int, sel: selectors.BaseSelector) -> bool:
+        try:
+            data = os.read(fd, MAX_DATA_SIZE)
+        except BlockingIOError:
+            return False
+        if not data:
+            sel.unregister(fd)
+            return False
+        self.send_data(kind, data)
+        return True
+
+    def _push_stdin(
+        self, fd: int, pending: bytearray, eof: bool, sel: selectors.BaseSelector
+    ) -> int:
+        """Write pending stdin without blocking; returns -1 once stdin is closed."""
+        registered = fd in sel.get_map()
+        while pending:
+            try:
+                n = os.write(fd, pending)
+            except BlockingIOError:
+                break
+            except OSError:  # EPIPE: the command closed its stdin
+                pending.clear()
+                break
+            del pending[:n]
+        if pending and not registered:
+            sel.register(fd, selectors.EVENT_WRITE)
+        elif not pending and registered:
+            sel.unregister(fd)
+        if not pending and eof:
+            if fd in sel.get_map():
+                sel.unregister(fd)
+            os.close(fd)
+            return -1
+        return fd
+
+
+_HANDLERS: dict[str, Any] = {
+    "exec": Worker.op_exec,
+    "read": Worker.op_read,
+    "write": Worker.op_write,
+    "list": Worker.op_list,
+    "stat": Worker.op_stat,
+    "exists": Worker.op_exists,
+    "mkdir": Worker.op_mkdir,
+    "remove": Worker.op_remove,
+}
+
+
+def _before_exec() -> None:
+    """In the command's child, after setuid, before exec: make it the OOM killer's choice."""
+    with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as f:
+        f.write(str(COMMAND_OOM_SCORE_ADJ))
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _file_info(path: str, st: os.stat_result) -> dict[str, Any]:
+    if stat.S_ISREG(st.st_mode):
+        kind = "file"
+    elif stat.S_ISDIR(st.st_mode):
+        kind = "dir"
+    elif stat.S_ISLNK(st.st_mode):
+        kind = "symlink"
+    else:
+        kind = "other"
+    return {
+        "path": path,
+        "name": os.path.basename(path.rstrip("/")) or "/",
+        "kind": kind,
+        "size": st.st_size,
+        "mode": stat.S_IMODE(st.st_mode),
+        "mtime": st.st_mtime,
+    }
+
+
+# --- users, read as text from the sandbox's own files --------------------------------------------
+
+
+def _read_db(path: str) -> list[list[str]]:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return [line.rstrip("\n").split(":") for line in f if line.strip()]
+    except OSError:
+        return []
+
+
+def resolve_user(spec: str | None) -> tuple[int, int, list[int]]:
+    """(uid, gid, supplementary gids) for an image User ("name", "uid", "uid:gid", ...).
+
+    Raises LookupError for a name the sandbox's /etc/passwd (or /etc/group) does not have.
+    """
+    if not spec:
+        return 0, 0, []
+    user, _, group = spec.partition(":")
+    passwd = _read_db("/etc/passwd")
+    uid: int | None = None
+    gid: int | None = None
+    name: str | None = None
+    if user.isdigit():
+        uid = int(user)
+        for row in passwd:
+            if len(row) >= 4 and row[2] == user and row[3].isdigit():
+                gid, name = int(row[3]), row[0]
+                break
+    else:
+        for row in passwd:
+            if len(row) >= 4 and row[0] == user and row[2].isdigit() and row[3].isdigit():
+                uid, gid, name = int(row[2]), int(row[3]), user
+                break
+        if uid is None:
+            raise LookupError(user)
+    groups_db = _read_db("/etc/group")
+    if group:
+        if group.isdigit():
+            gid = int(group)
+        else:
+            found = [r for r in groups_db if len(r) >= 3 and r[0] == group and r[2].isdigit()]
+            if not found:
+                raise LookupError(group)
+            gid = int(found[0][2])
+    if gid is None:
+        gid = uid
+    extra: list[int] = []
+    if name is not None:
+        for row in groups_db:
+            if len(row) >= 4 and row[2].isdigit() and name in row[3].split(","):
+                extra.append(int(row[2]))
+    return uid, gid, sorted(set(extra) - {gid})
+
+
+def _home_of(uid: int) -> str:
+    for row in _read_db("/etc/passwd"):
+        if len(row) >= 6 and row[2] == str(uid) and row[5]:
+            return row[5]
+    return "/root" if uid == 0 else "/"
+

@@ -1,0 +1,698 @@
+"""Start a sandbox: namespaces, overlay rootfs, /proc and /dev, pivot_root, limits, init.
+
+The sequence reads top to bottom in the order the kernel requires, like bubblewrap's
+``main()``; every step that can fail raises SandboxError naming the step and the path.
+
+    supervisor (host root)            stage A (forked)                  stage B = sandbox pid 1
+    ─────────────────────             ───────────────                   ──────────────────────
+    cgroup dirs + limits
+    channel.sock (listening)
+    fork A ──────────────────────────▶ join cgroup
+                                       join netns (if given)
+                                       new mount ns, / private
+                                       mount overlay on state/root
+                                       unshare(user, pid, uts, ipc,
+                                               cgroup, mount[, net])
+    write uid_map/gid_map ◀──────────  "unshared"
+    ─────────────────────────────────▶ "mapped": become root inside
+                                       fork B ──────────────────────────▶ (waits)
+    reap A ◀─────────────────────────  init pid; exit
+    oom_score_adj -1000 on B
+    "go" ────────────────────────────────────────────────────────────────▶ die-with-parent
+                                                                          hostname, lo up
+                                                                          /proc, /dev, /tmp
+                                                                          pivot_root, detach old
+                                                                          /etc/hosts, resolv...
+                                                                          caps, no_new_privs,
+                                                                          seccomp
+    Launched ◀───────────────────────────────────────────────────────────  "ready"; serve()
+
+Why this shape:
+
+* The overlay is mounted by stage A as real root in a mount namespace of its own, *before*
+  the user namespace exists: overlayfs then needs no ``userxattr`` and no idmapped mounts, the
+  image's lower dir is already uid-shifted (corral.runtime.images.idmap), and the mount is
+  invisible to the host. When the sandbox's last process exits, the kernel frees that mount
+  namespace and the overlay with it: a crashed supervisor can never leak mounts.
+* The netns is joined before the user namespace is created (the other order is EPERM:
+  the joined netns belongs to the initial user namespace).
+* uid_map/gid_map are written by the supervisor, a privileged process in the parent
+  namespace, so ``setgroups`` stays allowed in the sandbox (su, apt's privilege drop).
+* B is created by A after ``unshare(CLONE_NEWPID)`` so B is pid 1; A exits and B is
+  reparented to the supervisor, which marks itself a child subreaper for that. So the
+  supervisor can wait for the init like any child.
+* The init itself runs with the sandbox's capabilities, no_new_privs and seccomp filter: it
+  needs nothing more after the pivot (fork, exec, setuid, files), and a compromised init then
+  has no more power than any root process in the sandbox.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import gc
+import json
+import os
+import select
+import signal
+import socket
+import stat
+import struct
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NoReturn
+
+from corral.errors import SandboxError
+from corral.runtime import capabilities, cgroups, init, seccomp_profile, syscalls
+from corral.runtime.cgroups import Cgroup, CgroupLimits
+
+try:
+    from corral.runtime.images.idmap import ID_RANGE, UID_BASE
+except ImportError:  # pragma: no cover - helper-1's module; same constants
+    UID_BASE = 1_000_000_000
+    ID_RANGE = 65536
+
+#: Files in the state directory.
+CHANNEL_SOCKET = "channel.sock"
+CGROUP_RECORD = "cgroup.json"
+ROOT_DIR = "root"
+UPPER_DIR = "upper"
+WORK_DIR = "work"
+
+#: Pending connections the init's socket queues while the init forks a worker for each.
+CHANNEL_BACKLOG = 128
+
+#: How long launch() waits for the sandbox to report ready (a stalled mount, a hung kernel).
+LAUNCH_TIMEOUT = 30.0
+
+#: Host devices bind-mounted into the sandbox's /dev (what the OCI runtime spec requires,
+#: minus console: the sandbox has no terminal of its own).
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+
+#: oom_score_adj of the init (and its workers): never the OOM killer's choice. Lowering it
+#: needs CAP_SYS_RESOURCE on the host; without it the init stays at 0 and is protected only by
+#: the commands' higher adj (corral.runtime.init.COMMAND_OOM_SCORE_ADJ).
+INIT_OOM_SCORE_ADJ = -1000
+
+#: Kernel hostname limit (HOST_NAME_MAX).
+MAX_HOSTNAME = 64
+
+#: Characters overlayfs' option parser treats specially in lowerdir/upperdir/workdir.
+_OVERLAY_UNSAFE = (",", ":", "\\", "\n")
+
+# Network interface flags for bringing "lo" up in a fresh netns.
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything needed to start one sandbox; see docs/isolation.md."""
+
+    name: str
+    rootfs: Path
+    state_dir: Path
+    netns_path: str | None
+    env: Mapping[str, str]
+    workdir: str = "/"
+    user: str | None = None
+    cpus: float | None = None
+    memory: int | None = None
+    pids_max: int = 4096
+    hosts: Sequence[tuple[str, str]] = ()
+    resolv_conf: str | None = None
+    extra_files: Mapping[str, bytes] = field(default_factory=dict)
+    #: SIGKILL the sandbox when the process that called launch() dies (no orphaned sandboxes
+    #: without a network stack); `corral gc` then only has cgroups left to remove.
+    die_with_parent: bool = True
+
+
+@dataclass
+class Launched:
+    init_pid: int
+    channel_path: Path
+    cgroup: Cgroup
+    state_dir: Path
+    _pidfd: int = -1
+
+    def alive(self) -> bool:
+        """True while the sandbox's init runs (pidfd-based: immune to pid reuse)."""
+        if self._pidfd < 0:
+            try:
+                self._pidfd = os.pidfd_open(self.init_pid)
+            except OSError:
+                return False
+        readable, _, _ = select.select([self._pidfd], [], [], 0)
+        if readable:
+            _reap(self.init_pid)
+            return False
+        return True
+
+
+class _Fail(Exception):
+    """Raised inside a launch stage; its message is the one sentence sent to the supervisor."""
+
+
+def _step(what: str, path: str | Path, e: OSError) -> _Fail:
+    """The sentence for a failed step; relative paths are relative to the sandbox's root
+    (stage B works from there) and are shown as the sandbox sees them."""
+    shown = str(path) if str(path).startswith("/") else "/" + str(path).lstrip("./")
+    return _Fail(f"{what} {shown!r}: {e.strerror or e}")
+
+
+# --- the supervisor's side ----------------------------------------------------------------------
+
+
+def launch(spec: LaunchSpec) -> Launched:
+    """Start the sandbox; returns when its init serves the channel. Call before threads exist."""
+    _validate(spec)
+    state = spec.state_dir
+    root = state / ROOT_DIR
+    _prepare_state_dir(state)
+
+    cgroup = cgroups.plan(cgroups.cgroup_name(spec.name, state))
+    (state / CGROUP_RECORD).write_text(cgroup.to_json())
+    cgroups.create(cgroup, CgroupLimits(spec.cpus, spec.memory, spec.pids_max))
+
+    listener: socket.socket | None = None
+    pid_a = pid_b = 0
+    to_child_r = to_child_w = from_child_r = from_child_w = -1
+    try:
+        listener = _listen(state / CHANNEL_SOCKET)
+        to_child_r, to_child_w = os.pipe2(os.O_CLOEXEC)
+        from_child_r, from_child_w = os.pipe2(os.O_CLOEXEC)
+        syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)
+        gc.collect()
+        gc.freeze()  # keep the garbage collector from dirtying pages the init shares with us
+        pid_a = os.fork()
+        if pid_a == 0:
+            os.close(to_child_w)
+            os.close(from_child_r)
+            _stage_a(spec, root, cgroup, listener, to_child_r, from_child_w)
+        gc.unfreeze()
+        os.close(to_child_r)
+        os.close(from_child_w)
+        to_child_r = from_child_w = -1
+        messages = _Messages(from_child_r, time.monotonic() + LAUNCH_TIMEOUT)
+
+        messages.expect("unshared")
+        _write_id_maps(pid_a)
+        os.write(to_child_w, b"m")
+
+        pid_b = int(str(messages.expect("init")["pid"]))
+        _, status = os.waitpid(pid_a, 0)
+        pid_a = 0
+        with contextlib.suppress(SandboxError):  # needs CAP_SYS_RESOURCE; best effort
+            _write_proc(pid_b, "oom_score_adj", str(INIT_OOM_SCORE_ADJ))
+        os.write(to_child_w, b"g")
+        messages.expect("ready")
+    except BaseException:
+        for pid in (pid_a, pid_b):
+            if pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                _reap(pid, block=True)
+        with contextlib.suppress(SandboxError):
+            cgroups.cleanup(cgroup)
+        with contextlib.suppress(FileNotFoundError):
+            (state / CHANNEL_SOCKET).unlink()
+        raise
+    finally:
+        for fd in (to_child_r, to_child_w, from_child_r, from_child_w):
+            if fd >= 0:
+                os.close(fd)
+        if listener is not None:
+            listener.close()
+    launched = Launched(pid_b, state / CHANNEL_SOCKET, cgroup, state)
+    launched._pidfd = os.pidfd_open(pid_b)
+    return launched
+
+
+def _validate(spec: LaunchSpec) -> None:
+    if not spec.name or len(spec.name) > MAX_HOSTNAME or "/" in spec.name or "\0" in spec.name:
+        raise SandboxError(f"sandbox name {spec.name!r} is not a valid hostname")
+    if not spec.rootfs.is_dir():
+        raise SandboxError(f"rootfs {str(spec.rootfs)!r} is not a directory")
+    for what, path in (("rootfs", spec.rootfs), ("state_dir", spec.state_dir)):
+        if not path.is_absolute():
+            raise SandboxError(f"{what} {str(path)!r} must be an absolute path")
+        if any(c in str(path) for c in _OVERLAY_UNSAFE):
+            raise SandboxError(
+                f"{what} {str(path)!r} contains a character overlayfs cannot take in a path "
+                "(, : \\ or newline)"
+            )
+    if spec.pids_max < 8:
+        raise SandboxError(f"pids_max {spec.pids_max} is too small to run the init and a command")
+    if not spec.workdir.startswith("/"):
+        raise SandboxError(f"workdir {spec.workdir!r} must be an absolute path in the sandbox")
+
+
+def _prepare_state_dir(state: Path) -> None:
+    """state/ 0700 root; upper/ owned by the sandbox's root so its writes land as its own."""
+    try:
+        state.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(state, 0o700)
+        for sub in (UPPER_DIR, WORK_DIR, ROOT_DIR):
+            (state / sub).mkdir(mode=0o755, exist_ok=True)
+        os.chown(state / UPPER_DIR, UID_BASE, UID_BASE)
+    except OSError as e:
+        raise SandboxError(
+            f"prepare state directory {str(state)!r}: {e.strerror or e}"
+        ) from None
+
+
+def _listen(path: Path) -> socket.socket:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        old = os.umask(0o177)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old)
+        sock.listen(CHANNEL_BACKLOG)
+    except OSError as e:
+        sock.close()
+        raise SandboxError(f"listen on channel socket {str(path)!r}: {e.strerror}") from None
+    return sock
+
+
+def _write_id_maps(pid: int) -> None:
+    line = f"0 {UID_BASE} {ID_RANGE}\n"
+    for name in ("uid_map", "gid_map"):
+        _write_proc(pid, name, line)
+
+
+def _write_proc(pid: int, name: str, value: str) -> None:
+    path = f"/proc/{pid}/{name}"
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+    except OSError as e:
+        raise SandboxError(f"write {path}: {e.strerror}") from None
+
+
+class _Messages:
+    """JSON lines from the launch stages; an ``error`` line becomes the SandboxError."""
+
+    def __init__(self, fd: int, deadline: float):
+        self.fd = fd
+        self.deadline = deadline
+        self.buf = b""
+
+    def expect(self, kind: str) -> dict[str, object]:
+        while b"\n" not in self.buf:
+            remaining = self.deadline - time.monotonic()
+            ready, _, _ = select.select([self.fd], [], [], max(0.0, remaining))
+            if not ready:
+                raise SandboxError(f"launch sandbox: no {kind!r} from the sandbox within "
+                                   f"{LAUNCH_TIMEOUT} s")
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                raise SandboxError(f"launch sandbox: the sandbox exited before {kind!r}")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        msg = json.loads(line)
+        if msg.get("t") == "error":
+            raise SandboxError(str(msg.get("message")))
+        if msg.get("t") != kind:
+            raise SandboxError(f"launch sandbox: expected {kind!r}, got {msg.get('t')!r}")
+        return dict(msg)
+
+
+def _send(fd: int, kind: str, **fields: object) -> None:
+    os.write(fd, json.dumps({"t": kind, **fields}).encode() + b"\n")
+
+
+def _wait_byte(fd: int, what: str) -> None:
+    if os.read(fd, 1) == b"":
+        raise _Fail(f"launch sandbox: the supervisor went away before {what}")
+
+
+# --- stage A: joins, overlay, namespaces ---------------------------------------------------------
+
+
+def _stage_a(
+    spec: LaunchSpec, root: Path, cgroup: Cgroup, listener: socket.socket, rd: int, wr: int
+) -> NoReturn:
+    code = 1
+    try:
+        try:
+            cgroup.add(0)
+        except SandboxError as e:
+            raise _Fail(str(e)) from None
+
+        if spec.netns_path is not None:
+            try:
+                fd = os.open(spec.netns_path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    syscalls.setns(fd, syscalls.CLONE_NEWNET)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                raise _step("join network namespace", spec.netns_path, e) from None
+
+        try:
+            syscalls.unshare(syscalls.CLONE_NEWNS)
+            syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
+        except OSError as e:
+            raise _step("make a private mount namespace for", "/", e) from None
+
+        state = spec.state_dir
+        options = (
+            f"lowerdir={spec.rootfs},upperdir={state / UPPER_DIR},workdir={state / WORK_DIR}"
+        )
+        try:
+            syscalls.mount("overlay", str(root), "overlay", syscalls.MS_NODEV, options)
+        except OSError as e:
+            raise _step("mount overlay on", root, e) from None
+        try:
+            # Stage B runs as the sandbox's root, which cannot traverse the 0700 state
+            # directory: it works relative to this cwd, the overlay's root.
+            os.chdir(root)
+        except OSError as e:
+            raise _step("enter", root, e) from None
+
+        flags = (
+            syscalls.CLONE_NEWUSER
+            | syscalls.CLONE_NEWPID
+            | syscalls.CLONE_NEWUTS
+            | syscalls.CLONE_NEWIPC
+            | syscalls.CLONE_NEWCGROUP
+            | syscalls.CLONE_NEWNS
+        )
+        if spec.netns_path is None:
+            flags |= syscalls.CLONE_NEWNET
+        try:
+            syscalls.unshare(flags)
+        except OSError as e:
+            raise _step("create namespaces (user, pid, uts, ipc, cgroup, mount) for", root,
+                        e) from None
+        _send(wr, "unshared")
+        _wait_byte(rd, "the uid map")
+        try:
+            os.setresgid(0, 0, 0)
+            os.setgroups([])
+            os.setresuid(0, 0, 0)
+        except OSError as e:
+            raise _step("become root in the user namespace of", root, e) from None
+
+        pid = os.fork()
+        if pid == 0:
+            _stage_b(spec, listener, rd, wr)
+        _send(wr, "init", pid=pid)
+        code = 0
+    except _Fail as e:
+        _report(wr, str(e))
+    except BaseException as e:
+        _report(wr, f"launch sandbox (stage A): {type(e).__name__}: {e}")
+    finally:
+        os._exit(code)
+
+
+def _report(wr: int, message: str) -> None:
+    with contextlib.suppress(OSError):
+        _send(wr, "error", message=message)
+
+
+# --- stage B: the sandbox's pid 1 -----------------------------------------------------------------
+
+
+def _stage_b(spec: LaunchSpec, listener: socket.socket, rd: int, wr: int) -> NoReturn:
+    root = Path(".")  # the overlay's root, entered by stage A
+    try:
+        _wait_byte(rd, "start")  # A has exited: we are the supervisor's child now
+        if spec.die_with_parent:
+            syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
+        os.setsid()
+        try:
+            syscalls.sethostname(spec.name)
+        except OSError as e:
+            raise _step("set hostname", spec.name, e) from None
+        if spec.netns_path is None:
+            _loopback_up()
+
+        _mount_proc(root)
+        _mount_dev(root)
+        _mount_tmpfs(root / "tmp", "mode=1777")
+        _pivot(root)
+
+        _write_etc(spec)
+        for path, data in spec.extra_files.items():
+            _write_file(path, data)
+
+        try:
+            capabilities.drop_to()
+            syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
+            syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)
+        except OSError as e:
+            raise _Fail(f"drop capabilities: {e.strerror}") from None
+        try:
+            seccomp_profile.load()
+        except OSError as e:
+            raise _Fail(f"load seccomp filter: {e.strerror}") from None
+
+        config = init.InitConfig(env=dict(spec.env), workdir=spec.workdir, user=spec.user)
+        os.set_inheritable(listener.fileno(), False)
+        _close_fds_except({listener.fileno(), wr})
+        _send(wr, "ready")
+        os.close(wr)
+        _redirect_stdio()
+    except _Fail as e:
+        _report(wr, str(e))
+        os._exit(1)
+    except BaseException as e:
+        _report(wr, f"launch sandbox (init): {type(e).__name__}: {e}")
+        os._exit(1)
+    try:
+        init.serve(listener, config)
+    finally:
+        os._exit(1)
+
+
+def _loopback_up() -> None:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            ifreq = struct.pack("16sH14x", b"lo", 0)
+            flags = struct.unpack("16sH14x", fcntl.ioctl(s, _SIOCGIFFLAGS, ifreq))[1]
+            fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | _IFF_UP))
+    except OSError as e:
+        raise _step("bring up loopback interface", "lo", e) from None
+
+
+def _ensure_dir(path: Path, mode: int = 0o755) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        try:
+            os.mkdir(path, mode)
+        except OSError as e:
+            raise _step("create mount point", path, e) from None
+        return
+    except OSError as e:
+        raise _step("inspect mount point", path, e) from None
+    if not stat.S_ISDIR(st.st_mode):
+        # A symlink here would point outside before the pivot: refuse rather than follow.
+        raise _Fail(f"mount point {str(path)!r} in the image is not a directory")
+
+
+def _mount_proc(root: Path) -> None:
+    target = root / "proc"
+    _ensure_dir(target)
+    try:
+        syscalls.mount("proc", str(target), "proc",
+                       syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC)
+    except OSError as e:
+        raise _step("mount proc on", target, e) from None
+
+
+def _mount_tmpfs(target: Path, options: str, flags: int = 0) -> None:
+    _ensure_dir(target)
+    try:
+        syscalls.mount("tmpfs", str(target), "tmpfs",
+                       syscalls.MS_NOSUID | syscalls.MS_NODEV | flags, options)
+    except OSError as e:
+        raise _step("mount tmpfs on", target, e) from None
+
+
+def _mount_dev(root: Path) -> None:
+    """A minimal /dev: bind mounts of harmless host devices, devpts, shm, the usual links."""
+    dev = root / "dev"
+    _ensure_dir(dev)
+    try:
+        syscalls.mount("tmpfs", str(dev), "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NOEXEC,
+                       "mode=755,size=64k")
+    except OSError as e:
+        raise _step("mount tmpfs on", dev, e) from None
+    for name in DEVICES:
+        target = dev / name
+        try:
+            os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o666))
+            syscalls.mount(f"/dev/{name}", str(target), None, syscalls.MS_BIND)
+        except OSError as e:
+            raise _step("bind-mount device", target, e) from None
+    pts = dev / "pts"
+    _ensure_dir(pts)
+    try:
+        syscalls.mount("devpts", str(pts), "devpts", syscalls.MS_NOSUID | syscalls.MS_NOEXEC,
+                       "newinstance,ptmxmode=0666,mode=0620,gid=5")
+    except OSError as e:
+        raise _step("mount devpts on", pts, e) from None
+    _mount_tmpfs(dev / "shm", "mode=1777", syscalls.MS_NOEXEC)
+    for link, target_name in (
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
+        try:
+            os.symlink(target_name, dev / link)
+        except OSError as e:
+            raise _step("create", dev / link, e) from None
+
+
+def _pivot(root: Path) -> None:
+    """Make the rootfs a mount of our own, pivot_root into it, detach the old root.
+
+    The overlay was mounted before the user namespace existed, so in this mount namespace it
+    is a *locked* mount, and the kernel refuses to pivot into one (EINVAL). A recursive clone
+    of it (open_tree) made here is ours: attach it on top of the overlay, enter it through the
+    clone's fd (the path above it is a 0700 host directory we cannot walk), and pivot with
+    pivot_root(".", "."), which needs no directory in the image for the old root.
+    """
+    try:
+        tree = syscalls.open_tree(
+            str(root),
+            syscalls.OPEN_TREE_CLONE | syscalls.OPEN_TREE_CLOEXEC | syscalls.AT_RECURSIVE,
+        )
+        try:
+            syscalls.move_mount(tree, "", str(root), syscalls.MOVE_MOUNT_F_EMPTY_PATH)
+            os.fchdir(tree)
+        finally:
+            os.close(tree)
+        syscalls.pivot_root(".", ".")
+        syscalls.umount2(".", syscalls.MNT_DETACH)
+        os.chdir("/")
+    except OSError as e:
+        raise _step("pivot_root into", root, e) from None
+
+
+def _write_etc(spec: LaunchSpec) -> None:
+    """/etc/hostname, /etc/hosts, /etc/resolv.conf as corral decides them (replaced, never
+    written through: an image may ship them as symlinks)."""
+    hosts = [
+        "127.0.0.1\tlocalhost",
+        "::1\tlocalhost ip6-localhost ip6-loopback",
+    ]
+    hosts += [f"{addr}\t{name}" for addr, name in spec.hosts]
+    hosts.append(f"127.0.1.1\t{spec.name}")
+    resolv = spec.resolv_conf
+    if resolv is None:
+        resolv = "# corral: this sandbox has no network (policy none)\n"
+    _write_file("/etc/hostname", f"{spec.name}\n".encode())
+    _write_file("/etc/hosts", ("\n".join(hosts) + "\n").encode())
+    _write_file("/etc/resolv.conf", resolv.encode())
+
+
+def _write_file(path: str, data: bytes) -> None:
+    """Write a file inside the sandbox (after the pivot), replacing whatever is there."""
+    if not path.startswith("/"):
+        raise _Fail(f"extra file path {path!r} must be absolute")
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            os.unlink(path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise _step("write file in the sandbox", path, e) from None
+
+
+def _close_fds_except(keep: set[int]) -> None:
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _redirect_stdio() -> None:
+    """The init never writes to the supervisor's terminal or log: stdio is /dev/null."""
+    fd = os.open("/dev/null", os.O_RDWR)
+    for target in (0, 1, 2):
+        os.dup2(fd, target)
+    if fd > 2:
+        os.close(fd)
+
+
+# --- stop and cleanup ------------------------------------------------------------------------------
+
+
+def _reap(pid: int, block: bool = False) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0 if block else os.WNOHANG)
+
+
+def stop(launched: Launched, grace: float = 5.0) -> None:
+    """SIGTERM the init (it forwards to everything), SIGKILL the rest after ``grace`` s.
+
+    Then remove the cgroup and the socket. Idempotent. Mounts need no unmounting: they live
+    in the sandbox's own mount namespace, which the kernel frees with its last process.
+    """
+    pidfd = launched._pidfd
+    if pidfd < 0:
+        with contextlib.suppress(OSError):
+            pidfd = os.pidfd_open(launched.init_pid)
+    if pidfd >= 0:
+        if not select.select([pidfd], [], [], 0)[0]:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+            if not select.select([pidfd], [], [], grace)[0]:
+                launched.cgroup.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                select.select([pidfd], [], [], grace)
+        _reap(launched.init_pid)
+        os.close(pidfd)
+        launched._pidfd = -1
+    launched.cgroup.kill()
+    launched.cgroup.remove()
+    with contextlib.suppress(FileNotFoundError):
+        launched.channel_path.unlink()
+
+
+def cleanup_leftovers(state_dir: Path) -> None:
+    """Remove what a dead supervisor left for the sandbox in ``state_dir``: its cgroup (and
+    any process still in it), a stale socket, and mounts on the host under the directory
+    (there are none unless something outside corral made them)."""
+    record = state_dir / CGROUP_RECORD
+    if record.exists():
+        cgroups.cleanup(Cgroup.from_json(record.read_text()))
+        record.unlink()
+    with contextlib.suppress(FileNotFoundError):
+        (state_dir / CHANNEL_SOCKET).unlink()
+    prefix = str(state_dir.resolve()) + "/"
+    mounts = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            target = line.split()[4].replace("\\040", " ")
+            if (target + "/").startswith(prefix):
+                mounts.append(target)
+    for target in sorted(mounts, key=len, reverse=True):
+        with contextlib.suppress(OSError):
+            syscalls.umount2(target, syscalls.MNT_DETACH)
+
+
+__all__ = ["LaunchSpec", "Launched", "cleanup_leftovers", "errno", "launch", "stop"]
