@@ -35,6 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from corral.runtime import syscalls
 from corral.runtime.channel import (
     EXIT_TIMED_OUT,
     FRAME_PREFIX,
@@ -570,7 +571,14 @@ _HANDLERS: dict[str, Any] = {
 
 
 def _before_exec() -> None:
-    """In the command's child, after setuid, before exec: make it the OOM killer's choice."""
+    """In the command's child, after setuid, before exec: make it the OOM killer's choice.
+
+    The init is non-dumpable (so sandbox processes cannot ptrace it), which makes its /proc
+    files owned by the host's root; the child becomes dumpable first to reach its own file
+    (execve would reset it anyway for an ordinary binary).
+    """
+    with contextlib.suppress(OSError):
+        syscalls.prctl(syscalls.PR_SET_DUMPABLE, 1)
     with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as f:
         f.write(str(COMMAND_OOM_SCORE_ADJ))
 
