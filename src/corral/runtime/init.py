@@ -618,15 +618,17 @@ def _read_db(path: str) -> list[list[str]]:
         return []
 
 
-def resolve_user(spec: str | None) -> tuple[int, int, list[int]]:
+def resolve_user(spec: str | None, etc: str = "/etc") -> tuple[int, int, list[int]]:
     """(uid, gid, supplementary gids) for an image User ("name", "uid", "uid:gid", ...).
 
     Raises LookupError for a name the sandbox's /etc/passwd (or /etc/group) does not have.
+    A numeric uid absent from /etc/passwd is fine; its gid is then 0 unless given (both as in
+    Docker).
     """
     if not spec:
         return 0, 0, []
     user, _, group = spec.partition(":")
-    passwd = _read_db("/etc/passwd")
+    passwd = _read_db(f"{etc}/passwd")
     uid: int | None = None
     gid: int | None = None
     name: str | None = None
@@ -643,7 +645,7 @@ def resolve_user(spec: str | None) -> tuple[int, int, list[int]]:
                 break
         if uid is None:
             raise LookupError(user)
-    groups_db = _read_db("/etc/group")
+    groups_db = _read_db(f"{etc}/group")
     if group:
         if group.isdigit():
             gid = int(group)
@@ -653,7 +655,7 @@ def resolve_user(spec: str | None) -> tuple[int, int, list[int]]:
                 raise LookupError(group)
             gid = int(found[0][2])
     if gid is None:
-        gid = uid
+        gid = 0
     extra: list[int] = []
     if name is not None:
         for row in groups_db:

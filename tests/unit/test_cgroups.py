@@ -1,0 +1,169 @@
+"""cgroup layout and limits against fake cgroupfs directory trees (plain files, no kernel).
+
+The real v1/hybrid path runs in tests/integration/test_isolation.py on this machine; pure v2
+(what most users have) is only available here as a file layout, which is all corral touches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from corral.errors import SandboxError
+from corral.runtime import cgroups
+from corral.runtime.cgroups import Cgroup, CgroupLimits
+
+V2_SELF = "0::/user.slice/user-0.slice/session-1.scope\n"
+HYBRID_SELF = """12:pids:/
+11:memory:/process_api/abc
+4:cpu,cpuacct:/
+1:name=systemd:/
+0::/
+"""
+
+
+def _v2_tree(root: Path) -> Path:
+    root.mkdir()
+    (root / "cgroup.controllers").write_text("cpuset cpu io memory hugetlb pids rdma misc\n")
+    (root / "cgroup.subtree_control").write_text("")
+    (root / "cgroup.procs").write_text("")
+    return root
+
+
+def _fake_kernel_v2(path: Path) -> None:
+    """What the kernel creates in a new v2 cgroup directory (mkdir makes only the dir here)."""
+    for name in ("cgroup.procs", "cgroup.kill", "memory.max", "memory.swap.max", "cpu.max",
+                 "pids.max", "cgroup.controllers", "cgroup.subtree_control"):
+        (path / name).write_text("")
+    (path / "cgroup.controllers").write_text("cpu memory pids\n")
+
+
+def test_own_cgroups_parses_v1_and_v2_lines() -> None:
+    own = cgroups.own_cgroups(HYBRID_SELF)
+    assert own["memory"] == "/process_api/abc"
+    assert own["cpu"] == own["cpuacct"] == "/"
+    assert own[""] == "/"
+    assert "name=systemd" in own
+
+
+def test_v2_plan_is_under_a_top_level_corral_directory(tmp_path: Path) -> None:
+    root = _v2_tree(tmp_path / "cg")
+    cg = cgroups.plan("corral-x-1", root, V2_SELF)
+    assert cg.layout == "v2"
+    assert cg.paths == (root / "corral" / "corral-x-1",)
+    assert cg.unified == root / "corral" / "corral-x-1"
+
+
+def test_v2_create_enables_controllers_and_writes_limits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _v2_tree(tmp_path / "cg")
+    cg = cgroups.plan("sb", root, V2_SELF)
+    real_mkdir = cgroups._mkdir
+
+    def mkdir_like_kernel(path: Path, made: list[Path]) -> None:
+        real_mkdir(path, made)
+        _fake_kernel_v2(path)
+
+    monkeypatch.setattr(cgroups, "_mkdir", mkdir_like_kernel)
+    cgroups.create(cg, CgroupLimits(cpus=1.5, memory=256 << 20, pids_max=100))
+    path = cg.paths[0]
+    assert (root / "cgroup.subtree_control").read_text() == "+memory +cpu +pids"
+    assert (root / "corral" / "cgroup.subtree_control").read_text() == "+memory +cpu +pids"
+    assert (path / "memory.max").read_text() == str(256 << 20)
+    assert (path / "memory.swap.max").read_text() == "0"
+    assert (path / "cpu.max").read_text() == "150000 100000"
+    assert (path / "pids.max").read_text() == "100"
+
+
+def test_v2_existing_cgroup_is_a_clear_error(tmp_path: Path) -> None:
+    root = _v2_tree(tmp_path / "cg")
+    (root / "corral" / "sb").mkdir(parents=True)
+    (root / "corral" / "cgroup.controllers").write_text("cpu memory pids")
+    (root / "corral" / "cgroup.subtree_control").write_text("cpu memory pids")
+    cg = cgroups.plan("sb", root, V2_SELF)
+    with pytest.raises(SandboxError, match="it already exists"):
+        cgroups.create(cg, CgroupLimits())
+
+
+def _v1_tree(root: Path, hybrid: bool) -> Path:
+    for c in ("memory", "cpu", "pids"):
+        (root / c).mkdir(parents=True)
+    (root / "memory" / "process_api" / "abc").mkdir(parents=True)
+    if hybrid:
+        (root / "unified").mkdir()
+        (root / "unified" / "cgroup.procs").write_text("")
+    return root
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_v1_plan_nests_under_our_own_cgroup_per_controller(tmp_path: Path, hybrid: bool) -> None:
+    root = _v1_tree(tmp_path / "cg", hybrid)
+    cg = cgroups.plan("sb", root, HYBRID_SELF)
+    assert cg.layout == ("hybrid" if hybrid else "v1")
+    assert cg.v1 == {
+        "memory": root / "memory" / "process_api" / "abc" / "sb",
+        "cpu": root / "cpu" / "sb",
+        "pids": root / "pids" / "sb",
+    }
+    assert cg.unified == ((root / "unified" / "sb") if hybrid else None)
+
+
+def test_v1_create_writes_limits_including_swap(tmp_path: Path) -> None:
+    root = _v1_tree(tmp_path / "cg", hybrid=True)
+    cg = cgroups.plan("sb", root, HYBRID_SELF)
+    # The kernel would create these files in the new directories; create them afterwards.
+    cgroups.create(cg, CgroupLimits())
+    (cg.v1["memory"] / "memory.memsw.limit_in_bytes").write_text("")
+    cgroups._limit_v1(cg, CgroupLimits(cpus=0.25, memory=64 << 20, pids_max=50))
+    assert (cg.v1["memory"] / "memory.limit_in_bytes").read_text() == str(64 << 20)
+    assert (cg.v1["memory"] / "memory.memsw.limit_in_bytes").read_text() == str(64 << 20)
+    assert (cg.v1["cpu"] / "cpu.cfs_quota_us").read_text() == "25000"
+    assert (cg.v1["cpu"] / "cpu.cfs_period_us").read_text() == "100000"
+    assert (cg.v1["pids"] / "pids.max").read_text() == "50"
+
+
+def test_missing_v1_controller_is_named(tmp_path: Path) -> None:
+    root = tmp_path / "cg"
+    (root / "memory").mkdir(parents=True)
+    with pytest.raises(SandboxError, match="controller 'cpu' is not mounted"):
+        cgroups.plan("sb", root, HYBRID_SELF)
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        (CgroupLimits(memory=1024), "below the minimum"),
+        (CgroupLimits(cpus=0), "cpus must be positive"),
+    ],
+)
+def test_bad_limits_are_refused_before_anything_is_made(
+    tmp_path: Path, limits: CgroupLimits, message: str
+) -> None:
+    root = _v1_tree(tmp_path / "cg", hybrid=False)
+    cg = cgroups.plan("sb", root, HYBRID_SELF)
+    with pytest.raises(SandboxError, match=message):
+        cgroups.create(cg, limits)
+    assert not cg.exists()
+
+
+def test_failed_create_removes_what_it_made(tmp_path: Path) -> None:
+    root = _v1_tree(tmp_path / "cg", hybrid=False)
+    cg = cgroups.plan("sb", root, HYBRID_SELF)
+    (root / "pids" / "sb").mkdir()  # a leftover makes the third mkdir fail
+    with pytest.raises(SandboxError, match="already exists"):
+        cgroups.create(cg, CgroupLimits())
+    assert not cg.v1["memory"].exists() and not cg.v1["cpu"].exists()
+
+
+def test_record_round_trip(tmp_path: Path) -> None:
+    root = _v1_tree(tmp_path / "cg", hybrid=True)
+    cg = cgroups.plan("sb", root, HYBRID_SELF)
+    assert Cgroup.from_json(cg.to_json()) == cg
+
+
+def test_cgroup_name_is_unique_per_state_dir(tmp_path: Path) -> None:
+    a = cgroups.cgroup_name("box", tmp_path / "home1" / "box")
+    b = cgroups.cgroup_name("box", tmp_path / "home2" / "box")
+    assert a != b and a.startswith("corral-box-")
