@@ -191,23 +191,23 @@ def classify(
     return classify_int(int(address), type(address) is _V4, host)
 
 
+_PARSED_RANGES = tuple((ipaddress.ip_network(t), g) for t, g in RANGES)
+_PARSED_SPECIAL_V6 = tuple(ipaddress.IPv6Network(t) for t in (*EMBEDDING_V4, "::ffff:0:0/96"))
+
+
 def network_group(network: IPNetwork) -> Group | None | bool:
-    """The group every address of ``network`` is in, when it is one group and not ``host``.
+    """The group every address of ``network`` is in, when that is one group.
 
     Returns the group, None when every address is in no group, or False when the network
-    mixes groups (or touches a NAT64 prefix, whose group depends on the embedded address).
-    Host addresses are not known here: callers say so in what they report.
+    mixes groups or touches a prefix whose group depends on an embedded IPv4 address.
+    ``host`` is never returned: the host's addresses are not known here, so callers say
+    what they assume.
     """
-    for text in EMBEDDING_V4:
-        emb = ipaddress.ip_network(text)
-        if emb.version == network.version and network.overlaps(emb):
-            return False
-    if network.version == 6 and isinstance(network, ipaddress.IPv6Network):
-        mapped = ipaddress.IPv6Network("::ffff:0:0/96")
-        if network.overlaps(mapped):
-            return False
-    for text, group in RANGES:
-        rng = ipaddress.ip_network(text)
+    if isinstance(network, ipaddress.IPv6Network):
+        for special in _PARSED_SPECIAL_V6:
+            if network.overlaps(special):
+                return False
+    for rng, group in _PARSED_RANGES:
         if rng.version != network.version:
             continue
         if network.subnet_of(rng):  # type: ignore[arg-type]

@@ -1,0 +1,228 @@
+"""``corral policy check`` and ``corral policy explain``: the policy engine from the shell.
+
+``check FILE`` lints a NetworkConfig file (warnings, exit 0; an invalid file is one sentence
+and exit 2). ``explain`` asks the compiled policy about one flow (``--to``) or one DNS
+question (``--query``) and prints the decision, the deciding rule in its ``--rule`` form
+and the reason; ``--json`` prints exactly ``{"action", "rule", "reason"}``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.markup import escape
+
+from corral.config import NetworkConfig, PolicyDirection, PolicyProtocol
+from corral.config.values import IPAddress, parse_port
+from corral.errors import ConfigError, CorralError
+from corral.policy import Decision, Flow, Policy, rule_shorthand
+from corral.policy.lint import lint
+from corral.policy.presets import preset_rules
+
+_TO_FORM = "ADDR[:PORT][/PROTO] (IPv6 as [ADDR]:PORT)"
+
+
+def parse_to(text: str, flag: str = "--to") -> tuple[IPAddress, int | None, PolicyProtocol]:
+    """``203.0.113.5:443``, ``[2001:db8::1]:53/udp``, ``10.0.0.1/icmpv4``, ``2001:db8::1``.
+
+    TCP and UDP need a port (a rule's ports cannot be judged without one); ICMP has none.
+    """
+    body, slash, proto_text = text.strip().partition("/")
+    if slash:
+        try:
+            protocol = PolicyProtocol(proto_text.strip().lower())
+        except ValueError:
+            raise ConfigError(
+                flag, f"{text!r}: {proto_text!r} is not a protocol (tcp, udp, icmpv4, icmpv6)"
+            ) from None
+    else:
+        protocol = PolicyProtocol.TCP
+    port_text: str | None = None
+    if body.startswith("["):
+        host, close, rest = body[1:].partition("]")
+        if not close or (rest and not rest.startswith(":")):
+            raise ConfigError(flag, f"{text!r} is not {_TO_FORM}")
+        port_text = rest[1:] if rest else None
+    elif body.count(":") == 1:
+        host, _, port_text = body.partition(":")
+    else:
+        host = body  # IPv4 without a port, or a bare IPv6 address
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(flag, f"{text!r}: {host!r} is not an IP address") from None
+    port: int | None = None
+    if port_text is not None:
+        try:
+            port = parse_port(port_text, flag)
+        except ConfigError:
+            raise ConfigError(flag, f"{text!r}: {port_text!r} is not a port (1-65535)") from None
+    if protocol.is_icmp and port is not None:
+        raise ConfigError(flag, f"{text!r}: {protocol} has no ports; drop ':{port}'")
+    if not protocol.is_icmp and port is None:
+        raise ConfigError(flag, f"{text!r} needs a port for {protocol} ({_TO_FORM})")
+    return address, port, protocol
+
+
+def _host_addresses(values: Sequence[str]) -> list[IPAddress]:
+    out = []
+    for v in values:
+        try:
+            out.append(ipaddress.ip_address(v.strip().strip("[]")))
+        except ValueError:
+            raise ConfigError("--host-address", f"{v!r} is not an IP address") from None
+    return out
+
+
+def _load_file(path: str) -> NetworkConfig:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read the file: {exc.strerror}") from None
+    try:
+        return NetworkConfig.from_json(text)
+    except ConfigError as exc:
+        raise ConfigError(path, str(exc)) from None
+
+
+def _fail(exc: CorralError) -> None:
+    """Print the one sentence and exit with the error's code (as the root command does)."""
+    click.echo(f"corral: {exc}", err=True)
+    click.get_current_context().exit(exc.exit_code)
+
+
+@click.group("policy")
+def policy_group() -> None:
+    """Check a network policy, or ask it about one flow or one DNS query."""
+
+
+@policy_group.command("check")
+@click.argument("file", type=str)
+@click.option("--json", "as_json", is_flag=True, help="Print the warnings as a JSON list.")
+def check(file: str, as_json: bool) -> None:
+    """Lint FILE (a NetworkConfig in the wire format): warn about rules that never match.
+
+    Exits 0 with warnings, 2 (with one sentence) when the file is not a valid config.
+    """
+    try:
+        config = _load_file(file)
+    except ConfigError as exc:
+        _fail(exc)
+        return
+    warnings = lint(config)
+    if as_json:
+        click.echo(json.dumps([{"rule": w.rule, "warning": w.message} for w in warnings]))
+        return
+    console = Console(highlight=False)
+    n_preset = len(preset_rules(config))
+    preset = f" ({n_preset} from preset '{config.policy}')" if n_preset else ""
+    total = n_preset + len(config.rules)
+    for w in warnings:  # each message names its rule
+        console.print(f"[yellow]warning:[/yellow] {escape(w.message)}")
+    summary = f"{escape(file)}: {total} rules{preset}, {len(warnings)} warning" + (
+        "" if len(warnings) == 1 else "s"
+    )
+    console.print(f"[green]{summary}[/green]" if not warnings else summary)
+
+
+def _print_decision(console: Console, headline: str, policy: Policy, decision: Decision) -> None:
+    colour = "green" if decision.allowed else "red"
+    console.print(f"[bold {colour}]{decision.action}[/bold {colour}] {escape(headline)}")
+    if decision.rule is not None:
+        rule = rule_shorthand(policy.rules[decision.rule])
+        console.print(f"  rule:   {decision.rule}  {escape(rule)}")
+    else:
+        console.print("  rule:   none")
+    console.print(f"  reason: {escape(decision.reason)}")
+
+
+@policy_group.command("explain")
+@click.option("--network-file", type=str, help="The NetworkConfig (wire format JSON).")
+@click.option(
+    "--net", type=str, help="A preset instead of a file: none, public-only, non-local, allow-all."
+)
+@click.option("--rule", "rules", multiple=True, help="Append a rule (--rule shorthand).")
+@click.option("--to", "to", type=str, help=f"The flow's peer: {_TO_FORM}; PROTO defaults to tcp.")
+@click.option("--query", type=str, help="A DNS name to decide as the sandbox's query.")
+@click.option(
+    "--transport",
+    type=click.Choice(["udp", "tcp"]),
+    default="udp",
+    show_default=True,
+    help="Transport of the --query.",
+)
+@click.option(
+    "--direction",
+    type=click.Choice(["egress", "ingress"]),
+    default="egress",
+    show_default=True,
+    help="For ingress, ADDR is the peer and PORT the guest port.",
+)
+@click.option("--names", default="", help="Names the sandbox resolved to ADDR (n1,n2).")
+@click.option("--sni", type=str, help="Name the connection revealed (TLS SNI, Host).")
+@click.option(
+    "--host-address",
+    "host_addresses",
+    multiple=True,
+    help="An address that counts as group 'host' (repeatable).",
+)
+@click.option("--json", "as_json", is_flag=True, help='Print {"action", "rule", "reason"}.')
+def explain(
+    network_file: str | None,
+    net: str | None,
+    rules: tuple[str, ...],
+    to: str | None,
+    query: str | None,
+    transport: str,
+    direction: str,
+    names: str,
+    sni: str | None,
+    host_addresses: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Decide one flow (--to) or one DNS query (--query) and say which rule decided it.
+
+    Without --network-file or --net the policy is public-only (as for a sandbox).
+    Rule indexes count the expanded list: the preset's rules first, then the config's.
+    """
+    from corral.cli.sandbox import build_network
+
+    try:
+        if (to is None) == (query is None):
+            raise ConfigError("--to", f"give either --to {_TO_FORM} or --query NAME")
+        config = build_network(net=net, network_file=network_file, rules=rules)
+        policy = Policy.compile(config, host_addresses=_host_addresses(host_addresses))
+        if query is not None:
+            decision = policy.decide_query(query, PolicyProtocol(transport))
+            headline = f"query {query} ({transport})"
+        else:
+            assert to is not None
+            address, port, protocol = parse_to(to)
+            flow = Flow(
+                direction=PolicyDirection(direction),
+                protocol=protocol,
+                address=address,
+                port=port,
+                names=frozenset(n.strip() for n in names.split(",") if n.strip()),
+                sni=sni,
+            )
+            decision = policy.decide(flow)
+            group = policy.classify(address)
+            headline = f"{direction} {protocol} {to} (group {group or 'none'})"
+    except ConfigError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        click.echo(json.dumps(decision.to_dict()))
+        return
+    _print_decision(Console(highlight=False), headline, policy, decision)
+
+
+def register(group: click.Group) -> None:
+    """Add ``policy check`` and ``policy explain`` to the root command."""
+    group.add_command(policy_group)
