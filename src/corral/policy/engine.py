@@ -31,9 +31,11 @@ from corral.policy.groups import HostAddresses, classify_int
 from corral.policy.matcher import (
     NO_MATCH,
     AddressIndex,
+    BucketCache,
     Table,
     bucket_lookup,
     build_table,
+    keyed,
 )
 from corral.policy.names import name_suffixes, normalize_name, suffix_matches
 from corral.policy.presets import defaults, expand
@@ -112,10 +114,17 @@ class Policy:
         per_direction = {
             d: [(i, r) for i, r in enumerate(self.rules) if r.applies_to(d)] for d in _DIRECTIONS
         }
+        keys = [keyed(i, r) for i, r in enumerate(self.rules)]
+        cache = BucketCache()
         for d in _DIRECTIONS:
             self._tables[d] = {
                 p: build_table(
-                    (i, r) for i, r in per_direction[d] if not r.protocol_set or p in r.protocol_set
+                    (
+                        keys[i]
+                        for i, r in per_direction[d]
+                        if not r.protocol_set or p in r.protocol_set
+                    ),
+                    cache,
                 )
                 for p in PolicyProtocol
             }

@@ -29,6 +29,7 @@ from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from corral.config import PolicyAction, PolicyRule
 from corral.config.values import DestinationKind, Group
@@ -106,11 +107,15 @@ class PrefixMaps:
         return best
 
 
-def _prefix_maps(bits: int, entries: dict[tuple[int, int], list[tuple[int, Ranges]]]) -> PrefixMaps:
+def _prefix_maps(
+    bits: int,
+    entries: dict[tuple[int, int], list[tuple[int, Ranges]]],
+    cache: BucketCache | None = None,
+) -> PrefixMaps:
     by_len: dict[int, dict[int, Bucket]] = defaultdict(dict)
     lows: dict[int, int] = {}
     for (plen, net), es in entries.items():
-        by_len[plen][net] = build_bucket(es)
+        by_len[plen][net] = cache.get(es) if cache is not None else build_bucket(es)
         lows[plen] = min(lows.get(plen, NO_MATCH), es[0][0])
     maps = sorted(((bits - plen, m, lows[plen]) for plen, m in by_len.items()), key=lambda t: t[2])
     return PrefixMaps(bits, maps)
@@ -140,48 +145,86 @@ def network_key(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> tuple[int
     return net.prefixlen, int(net.network_address) >> host_bits
 
 
-def build_table(rules: Iterable[tuple[int, PolicyRule]]) -> Table:
-    """The table of the given (index, rule) pairs, which must come in index order."""
-    any_: list[tuple[int, Ranges]] = []
-    groups: dict[Group, list[tuple[int, Ranges]]] = defaultdict(list)
-    v4: dict[tuple[int, int], list[tuple[int, Ranges]]] = defaultdict(list)
-    v6: dict[tuple[int, int], list[tuple[int, Ranges]]] = defaultdict(list)
-    domains: dict[str, list[tuple[int, Ranges]]] = defaultdict(list)
-    deny_domains: dict[str, list[tuple[int, Ranges]]] = defaultdict(list)
-    suffixes: dict[str, list[tuple[int, Ranges]]] = defaultdict(list)
-    deny_suffixes: dict[str, list[tuple[int, Ranges]]] = defaultdict(list)
-    for index, rule in rules:
-        entry = (index, rule.port_ranges)
-        target = rule.target
-        kind = target.kind
-        if kind is DestinationKind.ANY:
-            any_.append(entry)
-        elif kind is DestinationKind.GROUP:
-            groups[target.group].append(entry)  # type: ignore[index]
-        elif kind is DestinationKind.CIDR or kind is DestinationKind.IP:
-            net = target.network
-            assert net is not None
-            (v4 if net.version == 4 else v6)[network_key(net)].append(entry)
-        elif kind is DestinationKind.DOMAIN:
-            domains[target.value].append(entry)
-            if rule.action is PolicyAction.DENY:
-                deny_domains[target.value].append(entry)
-        else:
-            suffixes[target.value].append(entry)
-            if rule.action is PolicyAction.DENY:
-                deny_suffixes[target.value].append(entry)
+# Where a rule goes in a table (computed once per rule, reused by every table it joins).
+SLOT_ANY, SLOT_GROUP, SLOT_V4, SLOT_V6, SLOT_DOMAIN, SLOT_SUFFIX = range(6)
 
-    def buckets(d: dict[str, list[tuple[int, Ranges]]]) -> dict[str, Bucket]:
-        return {k: build_bucket(es) for k, es in d.items()}
 
+@dataclass(frozen=True, slots=True)
+class KeyedRule:
+    """A rule reduced to what the tables need: its index, slot, key and port ranges."""
+
+    index: int
+    slot: int
+    key: object  # Group, (prefix length, network number), or a name
+    ranges: Ranges
+    deny: bool
+
+
+def keyed(index: int, rule: PolicyRule) -> KeyedRule:
+    target = rule.target
+    kind = target.kind
+    key: object = target.value
+    if kind is DestinationKind.ANY:
+        slot = SLOT_ANY
+    elif kind is DestinationKind.GROUP:
+        slot, key = SLOT_GROUP, target.group
+    elif kind is DestinationKind.CIDR or kind is DestinationKind.IP:
+        net = target.network
+        assert net is not None
+        slot, key = (SLOT_V4 if net.version == 4 else SLOT_V6), network_key(net)
+    elif kind is DestinationKind.DOMAIN:
+        slot = SLOT_DOMAIN
+    else:
+        slot = SLOT_SUFFIX
+    return KeyedRule(index, slot, key, rule.port_ranges, rule.action is PolicyAction.DENY)
+
+
+class BucketCache:
+    """Buckets by their entries: a rule admitting every protocol lands in four tables with
+    the same entries, and building each bucket once keeps a 100,000-rule compile short."""
+
+    def __init__(self) -> None:
+        self._built: dict[tuple[tuple[int, Ranges], ...], Bucket] = {}
+
+    def get(self, entries: list[tuple[int, Ranges]]) -> Bucket:
+        if len(entries) == 1:
+            index, ranges = entries[0]
+            if not ranges:
+                return (index, None, None)
+        k = tuple(entries)
+        b = self._built.get(k)
+        if b is None:
+            b = self._built[k] = build_bucket(entries)
+        return b
+
+
+def build_table(rules: Iterable[KeyedRule], cache: BucketCache | None = None) -> Table:
+    """The table of the given rules, which must come in index order."""
+    cache = cache or BucketCache()
+    by_slot: list[dict[object, list[tuple[int, Ranges]]]] = [defaultdict(list) for _ in range(6)]
+    deny_domains: dict[object, list[tuple[int, Ranges]]] = defaultdict(list)
+    deny_suffixes: dict[object, list[tuple[int, Ranges]]] = defaultdict(list)
+    for r in rules:
+        entry = (r.index, r.ranges)
+        by_slot[r.slot][r.key].append(entry)
+        if r.deny:
+            if r.slot == SLOT_DOMAIN:
+                deny_domains[r.key].append(entry)
+            elif r.slot == SLOT_SUFFIX:
+                deny_suffixes[r.key].append(entry)
+
+    def buckets(d: dict[object, list[tuple[int, Ranges]]]) -> dict[Any, Bucket]:
+        return {k: cache.get(es) for k, es in d.items()}
+
+    any_entries = by_slot[SLOT_ANY].get("*")
     return Table(
-        any=build_bucket(any_) if any_ else None,
-        groups={g: build_bucket(es) for g, es in groups.items()},
-        v4=_prefix_maps(32, v4),
-        v6=_prefix_maps(128, v6),
-        domains=buckets(domains),
+        any=cache.get(any_entries) if any_entries else None,
+        groups=buckets(by_slot[SLOT_GROUP]),
+        v4=_prefix_maps(32, by_slot[SLOT_V4], cache),  # type: ignore[arg-type]
+        v6=_prefix_maps(128, by_slot[SLOT_V6], cache),  # type: ignore[arg-type]
+        domains=buckets(by_slot[SLOT_DOMAIN]),
         deny_domains=buckets(deny_domains),
-        suffixes=buckets(suffixes),
+        suffixes=buckets(by_slot[SLOT_SUFFIX]),
         deny_suffixes=buckets(deny_suffixes),
     )
 
