@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import shutil
 from pathlib import Path
@@ -51,24 +52,33 @@ def release_leftovers(name: str, directory: Path) -> list[str]:
     Returns one line per thing removed. Hold ``state.name_lock(name)``.
     """
     removed: list[str] = []
-    try:
-        from corral.runtime import launcher
-    except ImportError:
-        launcher = None  # type: ignore[assignment]
-    if launcher is not None:
-        removed += [str(x) for x in launcher.cleanup_leftovers(name, directory) or ()]
-    try:
-        from corral.net import datapath
-    except ImportError:
-        datapath = None  # type: ignore[assignment]
-    if datapath is not None:
-        removed += [str(x) for x in datapath.cleanup_leftovers(name, directory) or ()]
+    from corral.runtime import launcher
+
+    cgroup_record = directory / launcher.CGROUP_RECORD
+    if cgroup_record.exists():
+        removed.append(f"cgroup of {name} (and any process left in it)")
+    launcher.cleanup_leftovers(directory)
+    if not _is_offline(directory):
+        from corral.net import datapath, plumbing
+
+        datapath.cleanup_leftovers(name)
+        names = plumbing.names_for(name)
+        removed.append(f"network of {name} (netns {names.netns}, link {names.link}, "
+                       f"nft table {names.table}, address lease)")
     for point in mounts_under(directory):
         unmount(point)
         removed.append(f"mount {point}")
     with contextlib.suppress(FileNotFoundError):
         (directory / state.CONTROL_SOCKET).unlink()
     return removed
+
+
+def _is_offline(directory: Path) -> bool:
+    """True when the sandbox's state says it never had a network (nothing to clean there)."""
+    try:
+        return bool(json.loads((directory / state.STATE_FILE).read_text()).get("offline"))
+    except (OSError, ValueError, AttributeError):
+        return False  # unknown: clean the network too, which is harmless when absent
 
 
 def remove_directory(directory: Path) -> None:

@@ -59,8 +59,17 @@ CONTROL_READ_SIZE = 65536
 NETWORK_START_TIMEOUT = 30.0
 NETWORK_CLOSE_TIMEOUT = 10.0
 
-#: /etc/hosts of a sandbox without network (the hostname is the sandbox's name).
-OFFLINE_HOSTS = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+#: Processes a sandbox may run at once unless its state says otherwise: a fork bomb stops
+#: here, while builds with many parallel jobs (make -j, npm) stay far below it.
+DEFAULT_PIDS_MAX = 4096
+
+
+def _optional_int(value: object) -> int | None:
+    return None if value is None else int(value)  # type: ignore[call-overload]
+
+
+def _optional_float(value: object) -> float | None:
+    return None if value is None else float(value)  # type: ignore[arg-type]
 
 
 class StartError(CorralError):
@@ -126,22 +135,29 @@ class NetworkThread:
         self._loop = self._asyncio.get_running_loop()
         self._stop_event = self._asyncio.Event()
         try:
-            await self._network.start()  # type: ignore[attr-defined]
-        except BaseException as exc:  # reported to the main thread, which fails the start
-            self._start_error = exc
-            self._started.set()
-            return
-        self._started.set()
-        await self._stop_event.wait()
+            try:
+                await self._network.start()  # type: ignore[attr-defined]
+            except BaseException as exc:  # reported to the main thread, which fails the start
+                self._start_error = exc
+                return
+            finally:
+                self._started.set()
+            await self._stop_event.wait()
+        finally:
+            # On the loop that started them: proxies and listeners belong to this loop.
+            try:
+                await self._network.close()  # type: ignore[attr-defined]
+            except BaseException as exc:
+                _log(f"closing the network failed: {exc!r}")
 
     def close(self) -> None:
         """Stop serving and release the network (netns, veth, nft table, listeners)."""
         loop, event = self._loop, self._stop_event
         if loop is not None and event is not None and self._thread.is_alive():
             loop.call_soon_threadsafe(event.set)
-            self._thread.join(NETWORK_CLOSE_TIMEOUT)
-        # close() is a coroutine of the data path; run it on a fresh loop in this thread.
-        self._asyncio.run(self._network.close())  # type: ignore[attr-defined]
+        self._thread.join(NETWORK_CLOSE_TIMEOUT)
+        if self._thread.is_alive():
+            _log(f"the network did not close within {NETWORK_CLOSE_TIMEOUT:g} s")
 
 
 class Supervisor:
@@ -174,7 +190,8 @@ class Supervisor:
             _log(f"start failed: {message}")
             self._release()
             self._finish(f"failed to start: {message}")
-            self._report(f"error\t{message}")
+            kind = type(exc).__name__ if isinstance(exc, CorralError) else "SandboxError"
+            self._report(f"error\t{kind}\t{message}")
             return 1
         _log(f"ready: init pid {self._init_pid()}")
         self._report(
@@ -183,7 +200,9 @@ class Supervisor:
                 {
                     "init_pid": self._init_pid(),
                     "channel_path": str(getattr(self.launched, "channel_path", "")),
-                    "cgroup": str(getattr(self.launched, "cgroup", "") or ""),
+                    "cgroup": " ".join(
+                        str(p) for p in getattr(getattr(self.launched, "cgroup", None), "paths", ())
+                    ),
                     "netns_path": getattr(self.network, "netns_path", None),
                 }
             )
@@ -210,27 +229,31 @@ class Supervisor:
             raise StartError(f"state: {self.state_dir}/state.json is not a JSON object")
         self.state = loaded
         name = str(loaded["name"])
-        hosts = OFFLINE_HOSTS + f"127.0.1.1\t{name}\n"
-        resolv_conf = "# this sandbox has no network (policy none)\n"
+        hosts: list[tuple[str, str]] = []
+        resolv_conf = None
         netns_path = None
         if not loaded.get("offline", True):
             self.network = self._reserve_network(name)
             netns_path = self.network.netns_path  # type: ignore[attr-defined]
-            hosts = self.network.hosts_entries()  # type: ignore[attr-defined]
+            hosts = list(self.network.hosts_entries())  # type: ignore[attr-defined]
             resolv_conf = self.network.resolv_conf()  # type: ignore[attr-defined]
+        from pathlib import Path
+
         from corral.runtime.launcher import LaunchSpec, launch
 
+        env = loaded.get("env") or {}
+        assert isinstance(env, dict)
         spec = LaunchSpec(
             name=name,
-            rootfs=str(loaded["rootfs"]),
-            state_dir=self.state_dir,
+            rootfs=Path(str(loaded["rootfs"])),
+            state_dir=Path(self.state_dir),
             netns_path=netns_path,
-            env=dict(loaded.get("env") or {}),  # type: ignore[call-overload]
+            env={str(k): str(v) for k, v in env.items()},
             workdir=str(loaded.get("workdir") or "/"),
             user=str(loaded.get("user") or "0"),
-            cpus=loaded.get("cpus"),  # type: ignore[arg-type]
-            memory=loaded.get("memory"),  # type: ignore[arg-type]
-            pids_max=loaded.get("pids_max"),  # type: ignore[arg-type]
+            cpus=_optional_float(loaded.get("cpus")),
+            memory=_optional_int(loaded.get("memory")),
+            pids_max=_optional_int(loaded.get("pids_max")) or DEFAULT_PIDS_MAX,
             hosts=hosts,
             resolv_conf=resolv_conf,
         )
@@ -252,7 +275,9 @@ class Supervisor:
         from corral.config import NetworkConfig
 
         config = NetworkConfig.from_json(leanjson.dumps(self.state.get("network") or {}))
-        return SandboxNetwork.reserve(name, config, self.state_dir)
+        from pathlib import Path
+
+        return SandboxNetwork.reserve(name, config, Path(self.state_dir))
 
     def _listen(self) -> None:
         try:  # noqa: SIM105 - contextlib is not on the lean import path
@@ -422,14 +447,11 @@ class Supervisor:
             try:
                 from corral.runtime.launcher import stop
 
-                stop(self.launched, timeout=self.stop_timeout)
+                stop(self.launched, grace=self.stop_timeout)
             except BaseException as exc:
                 _log(f"stopping the sandbox's init failed: {exc!r}")
         if self.network_thread is not None:
-            try:
-                self.network_thread.close()
-            except BaseException as exc:
-                _log(f"closing the network failed: {exc!r}")
+            self.network_thread.close()
         elif self.network is not None:
             import asyncio
 

@@ -16,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from corral.errors import SandboxError
+from corral import errors
+from corral.errors import CorralError, SandboxError
 from corral.runtime import leanjson, state
 from corral.runtime.supervisor import READY_FD_ENV
 
@@ -83,6 +84,7 @@ def spawn_supervisor(directory: Path) -> dict[str, object]:
     finally:
         os.close(read_end)
     status, _, detail = line.partition("\t")
+    error_class: type[CorralError] = SandboxError
     if status == "ok":
         try:
             fields = leanjson.loads(detail)
@@ -91,11 +93,18 @@ def spawn_supervisor(directory: Path) -> dict[str, object]:
         if isinstance(fields, dict):
             return fields
         detail = f"the supervisor sent a malformed ready message: {line!r}"
-    elif status != "error":
+    elif status == "error":
+        kind, _, detail = detail.partition("\t")
+        found = getattr(errors, kind, None)
+        if isinstance(found, type) and issubclass(found, CorralError):
+            error_class = found
+    else:
         tail = _log_tail(directory)
         detail = "the supervisor exited before it was ready" + (f" ({tail})" if tail else "")
     wait_supervisor_exit(proc.pid, EXIT_MARGIN)
-    raise SandboxError(f"sandbox {directory.name!r} did not start: {detail}")
+    if error_class is errors.ConfigError:
+        raise errors.ConfigError("", f"sandbox {directory.name!r} did not start: {detail}")
+    raise error_class(f"sandbox {directory.name!r} did not start: {detail}")
 
 
 def _read_ready(fd: int, directory: Path) -> str:

@@ -427,12 +427,14 @@ class Sandbox:
 
     # -- exec -------------------------------------------------------------------------------
     async def _channel(self) -> ChannelClient:
+        # Checked on every call (two small file reads): another process may have stopped it.
+        status = self.status
+        if status != state.RUNNING or not self._state.channel_path:
+            await self._close_channel()
+            raise SandboxError(
+                f"sandbox {self.name!r} is {status}; it cannot run commands or reach files"
+            )
         if self._client is None:
-            status = self.status
-            if status != state.RUNNING or not self._state.channel_path:
-                raise SandboxError(
-                    f"sandbox {self.name!r} is {status}; it cannot run commands or reach files"
-                )
             self._client = await ChannelClient.connect(Path(self._state.channel_path))
         return self._client
 

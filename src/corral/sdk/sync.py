@@ -87,6 +87,14 @@ class SandboxFs:
     def read(self, path: str) -> bytes:
         return _run(self._fs.read(path))
 
+    def read_stream(self, path: str) -> Iterator[bytes]:
+        iterator = self._fs.read_stream(path).__aiter__()
+        while True:
+            try:
+                yield _run(_anext(iterator))
+            except StopAsyncIteration:
+                return
+
     def write(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         _run(self._fs.write(path, data, mode))
 

@@ -1,0 +1,282 @@
+"""Sandbox lifecycle through the SDK (network ``none``): create, exec, files, stop, remove,
+reattach from another process, names, failures, and a crashed supervisor cleaned by gc."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import corral.sync
+from corral import NetworkPolicy, Sandbox
+from corral.errors import ConfigError, SandboxError, SandboxExists, SandboxNotFound
+from corral.runtime import gc, state
+from tests.integration.lifecycle_support import (  # noqa: F401 - fixtures
+    ROOT,
+    corral_home_fixture,
+    image_fixture,
+    in_world_fixture,
+    supervisor_processes,
+    unique,
+)
+from tests.support import world as world_mod
+from tests.support.servers import HTTP_PORT, start_servers
+from tests.support.world import SERVER_V4
+
+pytestmark = pytest.mark.usefixtures("in_world")
+
+NONE = NetworkPolicy.none()
+
+
+def run(coro: object) -> object:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def cgroup_dirs(name: str) -> list[str]:
+    found = subprocess.run(
+        ["find", "/sys/fs/cgroup", "-maxdepth", "8", "-type", "d", "-name", f"corral-{name}-*"],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    return found
+
+
+def test_full_lifecycle(image: str, tmp_path: Path) -> None:
+    name = unique("life")
+
+    async def scenario() -> None:
+        sb = await Sandbox.create(name, image=image, network=NONE, env={"GREETING": "hi"})
+        try:
+            assert sb.status == state.RUNNING
+            res = await sb.exec("sh", ["-c", 'echo "$GREETING $(hostname)"; echo err >&2; exit 3'])
+            assert (res.exit_code, res.stdout_text, res.stderr_text) == (3, f"hi {name}\n", "err\n")
+            res = await sb.exec("cat", stdin=b"piped", env={"X": "1"}, cwd="/tmp")
+            assert res.stdout == b"piped"
+            res = await sb.exec("pwd", cwd="/tmp")
+            assert res.stdout_text == "/tmp\n"
+            res = await sb.exec("sleep", ["10"], timeout=0.3)
+            assert res.exit_code == 124
+
+            chunks = []
+            stream = await sb.exec_stream("sh", ["-c", "echo a; sleep 0.1; echo b >&2"])
+            async for which, data in stream:
+                chunks.append((which, data))
+            assert await stream.wait() == 0
+            assert ("stdout", b"a\n") in chunks and ("stderr", b"b\n") in chunks
+
+            await sb.fs.mkdir("/work/sub", parents=True)
+            await sb.fs.write("/work/sub/f.txt", "content")
+            assert await sb.fs.read("/work/sub/f.txt") == b"content"
+            assert await sb.fs.exists("/work/sub/f.txt")
+            assert [e.name for e in await sb.fs.list("/work/sub")] == ["f.txt"]
+            assert (await sb.fs.stat("/work/sub/f.txt")).size == 7
+            big = tmp_path / "big.bin"
+            big.write_bytes(os.urandom(3 * 1024 * 1024 + 17))
+            await sb.fs.copy_in(big, "/work/big.bin")
+            await sb.fs.copy_out("/work/big.bin", tmp_path / "back.bin")
+            assert (tmp_path / "back.bin").read_bytes() == big.read_bytes()
+            await sb.fs.remove("/work", recursive=True)
+            assert not await sb.fs.exists("/work")
+
+            again = await Sandbox.get(name)
+            assert (await again.exec("true")).exit_code == 0
+            assert name in [s.name for s in await Sandbox.list()]
+            info = await sb.info()
+            assert info["status"] == "running" and info["supervisor_pid"] in supervisor_processes()
+
+            await sb.stop()
+            assert sb.status == state.STOPPED
+            with pytest.raises(SandboxError, match="is stopped"):
+                await sb.exec("true")
+            with pytest.raises(SandboxError, match="is stopped"):
+                await again.exec("true")
+            assert cgroup_dirs(name) == []
+            await sb.stop()  # stopping a stopped sandbox does nothing
+        finally:
+            await sb.remove()
+        assert not state.sandbox_dir(name).exists()
+        with pytest.raises(SandboxNotFound, match=name):
+            await Sandbox.get(name)
+
+    run(scenario())
+
+
+def test_async_context_manager_removes(image: str) -> None:
+    name = unique("ctx")
+
+    async def scenario() -> int:
+        async with await Sandbox.create(name, image=image, network=NONE) as sb:
+            pid = sb.state.init_pid
+            assert (await sb.exec("true")).ok
+        return pid or 0
+
+    init_pid = run(scenario())
+    assert not state.sandbox_dir(name).exists()
+    assert not os.path.exists(f"/proc/{init_pid}/ns") or True  # pid may be reused; cgroup:
+    assert cgroup_dirs(name) == []
+
+
+def test_sync_twin(image: str) -> None:
+    name = unique("sync")
+    with corral.sync.Sandbox.create(name, image=image, network=NONE, memory="64m") as sb:
+        assert sb.exec("echo", ["ok"]).stdout_text == "ok\n"
+        sb.fs.write("/tmp/x", b"1")
+        assert sb.fs.read("/tmp/x") == b"1"
+        assert [w for w, _ in sb.exec_stream("echo", ["s"])] == ["stdout"]
+        assert corral.sync.Sandbox.get(name).status == "running"
+    assert not state.sandbox_dir(name).exists()
+
+
+def test_reattach_from_a_second_process(image: str) -> None:
+    """The sandbox outlives the process that created it; another process drives it."""
+    name = unique("reattach")
+    code = textwrap.dedent(
+        f"""
+        import corral.sync
+        from corral import NetworkPolicy
+        sb = corral.sync.Sandbox.create({name!r}, image={image!r}, network=NetworkPolicy.none())
+        sb.fs.write("/tmp/mark", b"from the first process")
+        print(sb.state.init_pid)
+        """
+    )
+    created = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert created.returncode == 0, created.stderr
+    try:
+        sb = corral.sync.Sandbox.get(name)
+        assert sb.status == "running"
+        assert sb.fs.read("/tmp/mark") == b"from the first process"
+        assert sb.exec("true").exit_code == 0
+    finally:
+        corral.sync.Sandbox.get(name).remove()
+    assert not state.sandbox_dir(name).exists()
+
+
+def test_name_taken_and_invalid(image: str) -> None:
+    name = unique("taken")
+    with corral.sync.Sandbox.create(name, image=image, network=NONE) as first:
+        with pytest.raises(SandboxExists, match=f"a sandbox named '{name}' already exists"):
+            corral.sync.Sandbox.create(name, image=image, network=NONE)
+        assert first.exec("true").ok  # the first one is untouched
+    with pytest.raises(ConfigError, match="not a valid sandbox name"):
+        corral.sync.Sandbox.create("Bad/Name", image=image, network=NONE)
+
+
+def test_command_not_found_is_one_sentence(image: str) -> None:
+    with corral.sync.Sandbox.create(unique("nocmd"), image=image, network=NONE) as sb:
+        with pytest.raises(SandboxError, match="command not found in the sandbox: 'no-such-cmd'"):
+            sb.exec("no-such-cmd")
+        assert sb.exec("true").ok
+
+
+def test_unknown_image_leaves_nothing() -> None:
+    name = unique("noimg")
+    with pytest.raises(corral.ImageError):
+        corral.sync.Sandbox.create(name, image="corral-test/does-not-exist:1", network=NONE)
+    assert not state.sandbox_dir(name).exists()
+
+
+def test_failed_start_leaves_nothing(image: str) -> None:
+    """A start that fails (a published host port already in use) is one sentence of the
+    right class and leaves no debris: no directory, cgroup, netns or supervisor."""
+    name = unique("badstart")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(corral.NetworkError, match=f"sandbox '{name}' did not start: .*{port}"):
+            corral.sync.Sandbox.create(
+                name, image=image, network=NetworkPolicy.public_only(), ports={port: 80}
+            )
+    assert not state.sandbox_dir(name).exists()
+    assert cgroup_dirs(name) == []
+    assert not os.path.exists(f"/run/netns/corral-{name}")
+
+
+def test_public_only_sandbox_reaches_the_world_and_nothing_private(
+    image: str, world: world_mod.World
+) -> None:
+    """End to end through the SDK: the data path is wired by the supervisor."""
+    if "10.66.0.10/32" not in world.extra_addresses:
+        world.add_server_address("10.66.0.10/32")
+    servers = start_servers(world.spawn_inet, [SERVER_V4, "10.66.0.10"])
+    request = f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {{}} {HTTP_PORT}"
+    try:
+        with corral.sync.Sandbox.create(
+            unique("net"), image=image, network=NetworkPolicy.public_only()
+        ) as sb:
+            ok = sb.exec("sh", ["-c", request.format(SERVER_V4)])
+            assert f"reached {SERVER_V4}:{HTTP_PORT}" in ok.stdout_text, ok
+            denied = sb.exec("sh", ["-c", request.format("10.66.0.10")])
+            assert "reached" not in denied.stdout_text, denied
+        allow_all = NetworkPolicy.allow_all()
+        with corral.sync.Sandbox.create(unique("net"), image=image, network=allow_all) as sb:
+            ok = sb.exec("sh", ["-c", request.format("10.66.0.10")])
+            assert "reached 10.66.0.10" in ok.stdout_text, ok  # the positive control
+    finally:
+        world.stop_process(servers)
+
+
+def test_kill9_supervisor_then_gc_leaves_nothing(image: str) -> None:
+    name = unique("crash")
+    sb = corral.sync.Sandbox.create(name, image=image, network=NONE)
+    directory = sb.directory
+    recorded = state.read_supervisor_pid(directory)
+    assert recorded is not None
+    os.kill(recorded[0], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while state.supervisor_alive(directory) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sb.status == state.CRASHED
+    with pytest.raises(SandboxError):
+        sb.exec("true")
+    removed = gc.collect([name])
+    assert any("cgroup" in line for line in removed), removed
+    assert any("state directory" in line for line in removed), removed
+    assert not directory.exists()
+    assert cgroup_dirs(name) == []
+    assert recorded[0] not in supervisor_processes()
+    assert gc.collect([name]) == []  # nothing left the second time
+
+
+def test_create_cleans_a_crashed_namesake(image: str) -> None:
+    name = unique("phoenix")
+    sb = corral.sync.Sandbox.create(name, image=image, network=NONE)
+    recorded = state.read_supervisor_pid(sb.directory)
+    assert recorded is not None
+    os.kill(recorded[0], signal.SIGKILL)
+    while state.supervisor_alive(sb.directory):
+        time.sleep(0.01)
+    with corral.sync.Sandbox.create(name, image=image, network=NONE) as again:
+        assert again.exec("true").ok
+    assert cgroup_dirs(name) == []
+
+
+def test_stop_by_sigterm_to_the_supervisor(image: str) -> None:
+    name = unique("term")
+    sb = corral.sync.Sandbox.create(name, image=image, network=NONE)
+    try:
+        recorded = state.read_supervisor_pid(sb.directory)
+        assert recorded is not None
+        os.kill(recorded[0], signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while state.supervisor_alive(sb.directory) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sb.status == state.STOPPED
+        assert "signal 15" in (state.stopped_reason(sb.directory) or "")
+        assert cgroup_dirs(name) == []
+    finally:
+        sb.remove()
+
+
+def test_world_is_still_clean_of_this_module(world: world_mod.World) -> None:
+    assert gc.collect() == []
