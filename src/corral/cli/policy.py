@@ -116,7 +116,9 @@ def check(file: str, as_json: bool) -> None:
         return
     warnings = lint(config)
     if as_json:
-        click.echo(json.dumps([{"rule": w.rule, "warning": w.message} for w in warnings]))
+        click.echo(
+            json.dumps([{"rule": w.rule, "kind": w.kind, "warning": w.message} for w in warnings])
+        )
         return
     console = Console(highlight=False)
     n_preset = len(preset_rules(config))

@@ -4,7 +4,8 @@ Every warning names a rule of the expanded list (preset rules first) and says in
 sentence what is wrong. The checks:
 
 * shadowed: an earlier rule matches every flow (and every DNS query) this one would, so
-  this one never decides anything. Claimed only when provably true: same-or-wider
+  this one never decides anything. An address rule that would still be the first to count
+  for DNS rebind protection is reported as shadowed for flows only. Claimed only when provably true: same-or-wider
   direction, a superset of (protocol, port) pairs, and a destination that contains this
   one's (``*`` contains everything; a group contains a CIDR lying wholly in it; a CIDR
   contains its subnets; a domain or suffix contains the names it matches, with the deny
@@ -12,13 +13,14 @@ sentence what is wrong. The checks:
   CIDR holds none of the host's addresses (they are known only when a sandbox runs), and
   the warning says so. Anything less certain is not reported.
 * shadowed by the preset: the same, when the earlier rule is one of the preset's.
-* DNS-shadowed: a domain or suffix rule whose queries an earlier rule always answers (the
-  presets' DNS rule answers every query, so ``deny .evil.com`` under ``public-only`` never
-  refuses a name: use ``deny_domain_suffixes``).
+* DNS-shadowed: a domain or suffix rule whose queries an earlier rule of the opposite
+  action always answers (the presets' DNS rule answers every query, so ``deny .evil.com``
+  under ``public-only`` never refuses a name: use ``deny_domain_suffixes``).
 * ports on ICMP: ICMP has no ports, so an ICMP-only rule with ports never matches, and the
   ICMP half of a mixed rule never does.
 * ICMP with direction ``any``: the ingress half never matches (no inbound ICMP path).
-* domain rules for ingress: a peer's address has no resolved names, so they never match.
+* name rules for ingress: they match only peers whose address the sandbox itself resolved
+  (its pin set), which is rarely what was meant.
 * destinations in no group (0.0.0.0/8, 240.0.0.0/4, ...): always denied before any rule.
 * rules under policy ``none``: the sandbox has no network interface.
 
@@ -56,12 +58,30 @@ _ALL_PROTOCOLS: frozenset[PolicyProtocol] = frozenset(PolicyProtocol)
 _FULL_PORTS = ((1, 65535),)
 
 
+#: What a warning is about (``corral policy check --json`` carries it).
+NO_INTERFACE = "no-interface"  # the rule never applies: policy 'none'
+SHADOWED = "shadowed"  # never matches a flow or a query: an earlier rule always wins
+SHADOWED_FLOWS = "shadowed-flows"  # never matches a flow, still decides rebind protection
+DNS_SHADOWED = "dns-shadowed"  # never decides a DNS query (still decides some flows)
+ICMP_PORTS = "icmp-ports"  # never matches (ICMP-only with ports)
+ICMP_PORTS_FLOWS = "icmp-ports-flows"  # never matches a flow, still decides DNS queries
+ICMP_PORTS_PARTIAL = "icmp-ports-partial"  # its ICMP half never matches
+ICMP_ANY = "icmp-any"  # its ingress ICMP half never matches
+INGRESS_NAMES = "ingress-names"  # a name rule for inbound traffic: rarely what is meant
+NO_GROUP = "no-group"  # never matches: its addresses are always denied
+
+#: Kinds that mean "this rule never decides anything the data path asks".
+NEVER_MATCHES = frozenset({NO_INTERFACE, SHADOWED, ICMP_PORTS, NO_GROUP})
+
+
 @dataclass(frozen=True, slots=True)
 class LintWarning:
-    """One finding: the rule's index in the expanded list (None: the whole config)."""
+    """One finding: the rule's index in the expanded list (None: the whole config), one
+    sentence, and its kind (one of the constants above)."""
 
     rule: int | None
     message: str
+    kind: str
 
     def __str__(self) -> str:
         return self.message
@@ -140,6 +160,16 @@ def _destination_contains(earlier: PolicyRule, later: PolicyRule) -> tuple[bool,
     if e.network.version != l_.network.version:
         return False, False
     return l_.network.subnet_of(e.network), False  # type: ignore[arg-type]
+
+
+def _counts_for_rebind(rule: PolicyRule) -> bool:
+    """Rebind protection asks the first egress address rule that allows an address (any
+    protocol/port) or denies it outright (see Policy.rebind_allowed)."""
+    return (
+        rule.applies_to(PolicyDirection.EGRESS)
+        and rule.target.is_address
+        and (rule.action is PolicyAction.ALLOW or (not rule.protocol_set and not rule.port_ranges))
+    )
 
 
 def _query_shadowed(earlier: PolicyRule, later: PolicyRule) -> bool:
@@ -228,6 +258,7 @@ def lint(config: NetworkConfig) -> list[LintWarning]:
                     i,
                     f"rule {i} ({describe_rule(rules[i])}) never applies: policy 'none' gives "
                     "the sandbox no network interface",
+                    NO_INTERFACE,
                 )
             )
         return out
@@ -251,14 +282,29 @@ def _lint_rule(
     protos = _protocols(rule)
     icmp = {p for p in protos if p.is_icmp}
     if rule.port_ranges and icmp:
-        if icmp == protos:
+        if icmp == protos and rule.target.is_name and rule.applies_to(PolicyDirection.EGRESS):
             out.append(
-                LintWarning(i, f"{this} never matches: ICMP has no ports, so drop the ports")
+                LintWarning(
+                    i,
+                    f"{this} never matches a flow: ICMP has no ports, so drop the ports (it "
+                    "still decides DNS queries for its names, whatever its protocols)",
+                    ICMP_PORTS_FLOWS,
+                )
+            )
+        elif icmp == protos:
+            out.append(
+                LintWarning(
+                    i, f"{this} never matches: ICMP has no ports, so drop the ports", ICMP_PORTS
+                )
             )
             return out
         if rule.protocol_set:
             out.append(
-                LintWarning(i, f"{this}: its ICMP half never matches, because ICMP has no ports")
+                LintWarning(
+                    i,
+                    f"{this}: its ICMP half never matches, because ICMP has no ports",
+                    ICMP_PORTS_PARTIAL,
+                )
             )
     if rule.direction is PolicyDirection.ANY and rule.protocol_set and icmp:
         out.append(
@@ -266,20 +312,27 @@ def _lint_rule(
                 i,
                 f"{this}: its ingress half never matches ICMP (the host has no inbound ICMP "
                 "path); use direction 'egress'",
+                ICMP_ANY,
             )
         )
     t = rule.target
-    if t.is_name and rule.direction is PolicyDirection.INGRESS:
+    if t.is_name and rule.direction is not PolicyDirection.EGRESS:
         out.append(
-            LintWarning(i, f"{this} never matches: an inbound peer has no resolved names to match")
+            LintWarning(
+                i,
+                f"{this}: for inbound traffic a name matches only a peer whose address this "
+                "sandbox itself resolved for it (and, if the connection reveals a name, that "
+                "name); allow inbound peers by address instead",
+                INGRESS_NAMES,
+            )
         )
-        return out
     if t.network is not None and network_group(t.network) is None:
         out.append(
             LintWarning(
                 i,
                 f"{this} never matches: {t.value} is in no group (unspecified, broadcast or "
                 "reserved) and is always denied",
+                NO_GROUP,
             )
         )
         return out
@@ -301,17 +354,31 @@ def _lint_rule(
             if assumes_no_host
             else ""
         )
+        if _counts_for_rebind(rule) and not _counts_for_rebind(earlier):
+            out.append(
+                LintWarning(
+                    i,
+                    f"{this} never matches a flow: {_who(j, earlier, n_preset)} comes first and "
+                    f"matches every flow it would{caveat}; it still decides DNS rebind "
+                    "protection for its addresses",
+                    SHADOWED_FLOWS,
+                )
+            )
+            return out
         out.append(
             LintWarning(
                 i,
                 f"{this} never matches: {_who(j, earlier, n_preset)} comes first and matches "
                 f"everything it would{caveat}",
+                SHADOWED,
             )
         )
         return out
     if t.is_name and rule.applies_to(PolicyDirection.EGRESS):
         for j in seen.for_queries(rule):
             if _query_shadowed(rules[j], rule):
+                if rules[j].action == rule.action:
+                    break  # the same answer either way: nothing a user would want to hear
                 hint = (
                     "; to refuse names use deny_domains / deny_domain_suffixes"
                     if rule.action is PolicyAction.DENY
@@ -322,6 +389,7 @@ def _lint_rule(
                         i,
                         f"{this} never decides a DNS query: {_who(j, rules[j], n_preset)} "
                         f"answers every query for its names first{hint}",
+                        DNS_SHADOWED,
                     )
                 )
                 break
