@@ -120,7 +120,7 @@ def check(file: str, as_json: bool) -> None:
             json.dumps([{"rule": w.rule, "kind": w.kind, "warning": w.message} for w in warnings])
         )
         return
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     n_preset = len(preset_rules(config))
     preset = f" ({n_preset} from preset '{config.policy}')" if n_preset else ""
     total = n_preset + len(config.rules)
@@ -222,7 +222,7 @@ def explain(
     if as_json:
         click.echo(json.dumps(decision.to_dict()))
         return
-    _print_decision(Console(highlight=False), headline, policy, decision)
+    _print_decision(Console(highlight=False, soft_wrap=True), headline, policy, decision)
 
 
 def register(group: click.Group) -> None:
