@@ -82,7 +82,7 @@ async def _reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
 
 
 async def _hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    await reader.read()  # until the client gives up
+    await asyncio.sleep(3600)  # never a byte, never a FIN: the client must give up
     writer.close()
 
 
@@ -188,7 +188,19 @@ class RunningNetwork:
     ) -> subprocess.CompletedProcess[str]:
         kw.setdefault("capture_output", True)
         kw.setdefault("text", True)
+        kw.setdefault("cwd", str(ROOT))
         return subprocess.run(["ip", "netns", "exec", self.netns, *argv], timeout=timeout, **kw)  # type: ignore[call-overload,no-any-return]
+
+    def exchange(
+        self, kind: str, addr: str, port: int, payload: str = "ping", timeout: float = 3.0
+    ) -> str:
+        """``OK <reply>`` or ``ERR <reason>`` of one TCP/UDP exchange from inside the sandbox."""
+        argv = client_argv(kind, addr, port, payload, timeout)
+        return self.run(argv, timeout=timeout + 30).stdout.strip()
+
+    def ping(self, addr: str, count: int = 1, wait: float = 2.0) -> bool:
+        argv = ["ping", "-6" if ":" in addr else "-4", "-c", str(count), "-W", str(wait), addr]
+        return self.run(argv).returncode == 0
 
     def popen(self, argv: Sequence[str], **kw: Any) -> subprocess.Popen[bytes]:
         return subprocess.Popen(["ip", "netns", "exec", self.netns, *argv], **kw)
@@ -219,7 +231,59 @@ def running(
         net.close()
 
 
+# -- clients (run inside a sandbox netns) --------------------------------------------------------
+
+
+def _client(kind: str, addr: str, port: int, payload: bytes, timeout: float) -> str:
+    """One exchange; ``OK <reply>`` or ``ERR <errno name or timeout>``."""
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect((addr, port))
+        if kind == "tcp":
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+            reply = b"".join(chunks)
+        else:
+            sock.send(payload)
+            reply = sock.recv(65536)
+        return "OK " + reply.decode(errors="replace").strip()
+    except TimeoutError:
+        return "ERR timeout"
+    except OSError as exc:
+        import errno as errno_mod
+
+        return "ERR " + errno_mod.errorcode.get(exc.errno or 0, str(exc))
+    finally:
+        sock.close()
+
+
+def client_argv(
+    kind: str, addr: str, port: int, payload: str = "ping", timeout: float = 3.0
+) -> list[str]:
+    """argv of a one-shot client (``tcp`` or ``udp``) for :meth:`RunningNetwork.run`."""
+    return [
+        sys.executable,
+        "-m",
+        "tests.support.servers",
+        "--client",
+        kind,
+        addr,
+        str(port),
+        payload,
+        str(timeout),
+    ]
+
+
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    if sys.argv[1:2] == ["--client"]:
+        kind, addr, port, payload, timeout = sys.argv[2:7]
+        print(_client(kind, addr, int(port), payload.encode(), float(timeout)))
+        sys.exit(0)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(sys.argv[1:]))

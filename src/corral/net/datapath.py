@@ -33,8 +33,9 @@ from corral.net.gate import Decider, FlowGate, IPAddress
 from corral.net.icmp import IcmpRelay
 from corral.net.ports import Published, PublishedPorts, bind_published
 from corral.net.splice import PipePool
-from corral.net.tcp_proxy import TcpProxy
+from corral.net.tcp_proxy import CONNECT_TIMEOUT, TcpProxy
 from corral.net.udp_relay import UdpRelay
+from corral.policy import Policy
 
 #: MTU of the veth pair: Ethernet's. Lower it (``mtu=``) when the host's uplink is a tunnel.
 DEFAULT_MTU = 1500
@@ -58,6 +59,7 @@ class SandboxNetwork:
         mtu: int,
         policy: Decider | None,
         log_allowed: bool,
+        connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
         self.sandbox_id = sandbox_id
         self.config = config
@@ -67,6 +69,7 @@ class SandboxNetwork:
         self.pool = pool
         self.mtu = mtu
         self.log_allowed = log_allowed
+        self.connect_timeout = connect_timeout
         self._published = published
         self._policy = policy
         self._closed = False
@@ -90,11 +93,12 @@ class SandboxNetwork:
         policy: Decider | None = None,
         pool: AddressPool | None = None,
         log_allowed: bool = False,
+        connect_timeout: float = CONNECT_TIMEOUT,
     ) -> SandboxNetwork:
         """Lease the slot, create the netns, bind published ports. Sync; NetworkError on failure.
 
         ``policy`` replaces the engine compiled from ``config`` (tests); ``log_allowed`` also
-        audits allowed flows.
+        audits allowed flows; ``connect_timeout`` bounds each upstream TCP dial.
         """
         pool = pool or AddressPool()
         if config.is_offline:
@@ -124,7 +128,7 @@ class SandboxNetwork:
             raise
         return cls(
             sandbox_id, config, state_dir, slot=slot, pool=pool, published=published, mtu=mtu,
-            policy=policy, log_allowed=log_allowed,
+            policy=policy, log_allowed=log_allowed, connect_timeout=connect_timeout,
         )  # fmt: skip
 
     # -- addresses --------------------------------------------------------------------------
@@ -192,11 +196,9 @@ class SandboxNetwork:
             guests.append(slot.guest_ipv6)
             pools.append(ipaddress.IPv6Network(self.config.ipv6_pool))
         plumbing.create_link(names, slot, self.mtu)
+        host_addresses = [*plumbing.host_addresses(), *gateways]
         policy = self._policy
         if policy is None:
-            from corral.policy import Policy
-
-            host_addresses = [*plumbing.host_addresses(), *gateways]
             policy = Policy.compile(self.config, host_addresses=host_addresses)
         self._audit = AuditLog(self.sandbox_id, self.state_dir, log_allowed=self.log_allowed)
         self.gate = FlowGate(
@@ -206,9 +208,12 @@ class SandboxNetwork:
             pools=pools,
             max_connections=self.config.effective_max_connections,
             audit=self._audit,
+            host_addresses=host_addresses,
         )
         pipes = PipePool()
-        self.tcp = TcpProxy(self.gate, guests, gateways, pipes=pipes)
+        self.tcp = TcpProxy(
+            self.gate, guests, gateways, pipes=pipes, connect_timeout=self.connect_timeout
+        )
         self._parts.append(self.tcp)
         self.udp = UdpRelay(self.gate, guests, gateways)
         self._parts.append(self.udp)

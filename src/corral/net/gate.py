@@ -19,7 +19,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from corral.config import PolicyDirection, PolicyProtocol
 from corral.net.audit import AuditLog
+from corral.policy import Flow
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -31,6 +33,17 @@ LOOPBACK_V6 = ipaddress.IPv6Address("::1")
 #: UDP flows must not turn the audit file into its own denial of service. The events that are
 #: suppressed are counted and reported in the next one.
 LIMIT_EVENTS_PER_SECOND = 10
+
+#: DNS: the preset rule "allow egress host udp,tcp 53" exists to reach the sandbox's own
+#: resolver (the DNS interceptor, a later piece). Until that interceptor answers on the
+#: gateway, port 53 of the gateway and of every host address is refused, so the rule never
+#: opens the host's own DNS service to the sandbox. Port 53 of other destinations is decided like any other flow.
+DNS_PORT = 53
+_NO_RESOLVER = "port 53 of the host is reserved for corral's DNS interceptor (not running yet)"
+
+_EGRESS = PolicyDirection.EGRESS
+_INGRESS = PolicyDirection.INGRESS
+_PROTOCOLS = {p.value: p for p in PolicyProtocol}
 
 
 class Decision(Protocol):
@@ -74,20 +87,15 @@ class FlowGate:
         pools: list[IPNetwork],
         max_connections: int,
         audit: AuditLog,
+        host_addresses: list[IPAddress] | None = None,
         flow_type: Any = None,
     ) -> None:
         if flow_type is None:
-            try:
-                from corral.policy import Flow  # type: ignore[attr-defined,unused-ignore]
-
-                flow_type = Flow
-            except ImportError:  # the engine has not landed yet (transitional)
-                import types
-
-                flow_type = types.SimpleNamespace
+            flow_type = Flow
         self.sandbox = sandbox
         self.policy = policy
         self.gateways = frozenset(gateways)
+        self.host_addresses = frozenset(unmap(a) for a in host_addresses or ()) | self.gateways
         self.pools = pools
         self.max_connections = max_connections
         self.active = 0
@@ -141,10 +149,12 @@ class FlowGate:
         addr = unmap(destination)
         if addr not in self.gateways and any(addr in pool for pool in self.pools):
             verdict = Verdict(False, None, None, "another sandbox's address is never reachable")
+        elif port == DNS_PORT and addr in self.host_addresses:
+            verdict = Verdict(False, None, None, _NO_RESOLVER)
         else:
             flow = self._flow(
-                direction="egress",
-                protocol=protocol,
+                direction=_EGRESS,
+                protocol=_PROTOCOLS[protocol],
                 address=addr,
                 port=port,
                 names=frozenset(),
@@ -166,8 +176,8 @@ class FlowGate:
     def ingress(self, protocol: str, peer: IPAddress, guest: str, guest_port: int) -> Verdict:
         """Decide an inbound connection or UDP peer on a published port."""
         flow = self._flow(
-            direction="ingress",
-            protocol=protocol,
+            direction=_INGRESS,
+            protocol=_PROTOCOLS[protocol],
             address=unmap(peer),
             port=guest_port,
             names=frozenset(),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import socket
 import struct
@@ -68,11 +69,49 @@ def parse_origdst(level: int, kind: int, data: bytes) -> tuple[IPAddress, int] |
     return None
 
 
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return int(~total & 0xFFFF)
+
+
+def build_udp_packet(
+    src: IPAddress, sport: int, dst: IPAddress, dport: int, payload: bytes
+) -> bytes:
+    """An IP packet carrying one UDP datagram (for the raw-socket reply path)."""
+    length = 8 + len(payload)
+    if src.version == 4:
+        pseudo = src.packed + dst.packed + struct.pack("!BBH", 0, socket.IPPROTO_UDP, length)
+    else:
+        pseudo = src.packed + dst.packed + struct.pack("!I3xB", length, socket.IPPROTO_UDP)
+    udp = struct.pack("!HHHH", sport, dport, length, 0) + payload
+    csum = _checksum(pseudo + udp) or 0xFFFF  # 0 means "no checksum" in UDP
+    udp = udp[:6] + struct.pack("!H", csum) + udp[8:]
+    if src.version == 4:
+        header = struct.pack(
+            "!BBHHHBBH4s4s", 0x45, 0, 20 + length, 0, 0x4000, 64, socket.IPPROTO_UDP, 0,
+            src.packed, dst.packed,
+        )  # fmt: skip
+        header = header[:10] + struct.pack("!H", _checksum(header)) + header[12:]
+        return header + udp
+    header = struct.pack(
+        "!IHBB16s16s", 6 << 28, length, socket.IPPROTO_UDP, 64, src.packed, dst.packed
+    )
+    return header + udp
+
+
 class _Flow:
     __slots__ = ("guest", "key", "last", "reply", "upstream")
 
     def __init__(
-        self, key: FlowKey, guest: tuple[str, int], upstream: socket.socket, reply: socket.socket
+        self,
+        key: FlowKey,
+        guest: tuple[str, int],
+        upstream: socket.socket,
+        reply: socket.socket | None,
     ) -> None:
         self.key = key
         self.guest = guest
@@ -108,6 +147,7 @@ class UdpRelay:
         self._denied: OrderedDict[FlowKey, float] = OrderedDict()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
+        self._raw: dict[int, socket.socket] = {}
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -125,6 +165,9 @@ class UdpRelay:
             sock.close()
         for flow in list(self.flows.values()):
             self._end(flow)
+        for sock in self._raw.values():
+            sock.close()
+        self._raw.clear()
 
     # -- guest -> upstream ------------------------------------------------------------------
     def _from_listener(self, sock: socket.socket) -> None:
@@ -188,7 +231,14 @@ class UdpRelay:
             )
             upstream.setblocking(False)
             upstream.connect((str(target), dport))
-            reply = self._reply_socket(dst, dport, guest)
+            try:
+                reply = self._reply_socket(dst, dport, guest)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                # A host socket owns dst:dport (the destination is a host address): replies
+                # are written as raw packets instead; later datagrams reach the listener.
+                self._raw_socket(dst.version)
         except OSError as exc:
             for s in (upstream, reply):
                 if s is not None:
@@ -208,8 +258,24 @@ class UdpRelay:
         self.flows[key] = flow
         assert self._loop is not None
         self._loop.add_reader(upstream.fileno(), self._from_upstream, flow)
-        self._loop.add_reader(reply.fileno(), self._from_guest, flow)
+        if reply is not None:
+            self._loop.add_reader(reply.fileno(), self._from_guest, flow)
         return flow
+
+    def _raw_socket(self, version: int) -> socket.socket:
+        sock = self._raw.get(version)
+        if sock is None:
+            family = socket.AF_INET if version == 4 else socket.AF_INET6
+            sock = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            sock.setblocking(False)
+            self._raw[version] = sock
+        return sock
+
+    def _send_raw(self, flow: _Flow, data: bytes) -> None:
+        _, src, sport = flow.key
+        guest = ipaddress.ip_address(flow.guest[0])
+        packet = build_udp_packet(src, sport, guest, flow.guest[1], data)
+        self._raw_socket(src.version).sendto(packet, (flow.guest[0], 0))
 
     def _reply_socket(self, dst: IPAddress, dport: int, guest: tuple[str, int]) -> socket.socket:
         family = socket.AF_INET if dst.version == 4 else socket.AF_INET6
@@ -230,6 +296,7 @@ class UdpRelay:
 
     def _from_guest(self, flow: _Flow) -> None:
         """Later datagrams of the flow, delivered to its connected reply socket."""
+        assert flow.reply is not None
         for _ in range(RECV_BATCH):
             try:
                 data = flow.reply.recv(MAX_DATAGRAM)
@@ -252,7 +319,10 @@ class UdpRelay:
                 return  # ICMP unreachable reported on the connected socket: nothing to relay
             flow.last = time.monotonic()
             with contextlib.suppress(OSError):
-                flow.reply.send(data)
+                if flow.reply is not None:
+                    flow.reply.send(data)
+                else:
+                    self._send_raw(flow, data)
 
     # -- lifetime ---------------------------------------------------------------------------
     def _sweep(self) -> None:
@@ -267,6 +337,8 @@ class UdpRelay:
             return
         loop = self._loop
         for s in (flow.upstream, flow.reply):
+            if s is None:
+                continue
             if loop is not None:
                 loop.remove_reader(s.fileno())
             s.close()
