@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support import world as world_mod
+from tests.support.fixtures_images import *  # noqa: F403  (image and registry fixtures)
 
 _REASON = world_mod.have_root_tools()
 
