@@ -215,7 +215,10 @@ class ImageStore:
                 raise ImageError(f"image {ref} is not in the local store.")
             for k in [k for k, v in refs.items() if k == key or (parsed.digest and v == digest)]:
                 del refs[k]
-            if digest not in refs.values():
+            # Digest aliases do not keep an image alive once its last tag is gone (as Docker).
+            if not any(v == digest and "@" not in k for k, v in refs.items()):
+                for k in [k for k, v in refs.items() if v == digest]:
+                    del refs[k]
                 removed.append(digest)
 
         self._update_refs(change)
