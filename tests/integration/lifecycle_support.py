@@ -1,7 +1,8 @@
 """Shared fixtures of the lifecycle, CLI and gc tests: one CORRAL_HOME, one busybox image.
 
-The image is Debian's busybox-static rootfs (tests/support/rootfs.py) imported into the
-store with ``ImageStore.import_path``, as a user would import a local rootfs. Every sandbox a
+The image is the busybox test image of tests/support/images.py (Debian's busybox-static,
+Cmd ["/bin/sh"]) written as an OCI layout and imported with ``ImageStore.import_path``, as a
+user would import a local image. Every sandbox a
 test creates is removed by the test's own ``finally``; the debris test (test_zz_debris.py)
 proves that the whole suite left nothing.
 """
@@ -46,11 +47,15 @@ def corral_home_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pa
 
 
 @pytest.fixture(scope="session", name="image")
-def image_fixture(corral_home: Path) -> str:
+def image_fixture(corral_home: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The busybox test image (Cmd ["/bin/sh"]) imported from an OCI layout directory."""
     from corral.runtime.images import ImageStore
-    from tests.support.rootfs import busybox_rootfs
+    from tests.support import images
 
-    ImageStore().import_path(busybox_rootfs(), IMAGE)
+    layout = images.write_oci_layout(
+        images.build_busybox(), tmp_path_factory.mktemp("busybox-oci"), "lifecycle"
+    )
+    ImageStore().import_path(layout, IMAGE)
     return IMAGE
 
 

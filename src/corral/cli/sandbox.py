@@ -159,6 +159,15 @@ def command_exit_code(error: SandboxError) -> int | None:
     return None
 
 
+def strip_separator(command: Sequence[str]) -> list[str]:
+    """COMMAND without the ``--`` that separates it from corral's own options.
+
+    The commands stop parsing options at the first positional argument, so a ``--`` after
+    IMAGE/NAME reaches us as part of COMMAND; only that first one is ours.
+    """
+    return list(command[1:]) if command[:1] == ("--",) or command[:1] == ["--"] else list(command)
+
+
 def default_name(image: str) -> str:
     """``<image base name>-<6 hex>``: readable in ``corral ls``, unlikely to collide."""
     base = image.rsplit("/", 1)[-1].split("@")[0].split(":")[0].lower()
@@ -324,7 +333,7 @@ def run(image: str, command: tuple[str, ...], keep: bool, interactive: bool,
     async def go() -> int:
         sandbox = await _create_from_options(image, opts)
         try:
-            argv = list(command) or [*sandbox.state.entrypoint, *sandbox.state.cmd]
+            argv = strip_separator(command) or [*sandbox.state.entrypoint, *sandbox.state.cmd]
             if not argv:
                 raise ConfigError(
                     "COMMAND", f"the image {image!r} has no Entrypoint or Cmd; give a command"
@@ -372,11 +381,15 @@ def exec_command(
     """Run COMMAND in the running sandbox NAME; exit with its code. Put COMMAND after `--`."""
     from corral.sdk.sandbox import Sandbox
 
+    argv = strip_separator(command)
+    if not argv:
+        raise click.UsageError("give the command to run after NAME (corral exec NAME -- CMD)")
+
     async def go() -> int:
         sandbox = await Sandbox.get(name)
         return await _stream_command(
             sandbox,
-            command,
+            argv,
             env=parse_env(env_pairs) or None,
             cwd=workdir,
             timeout=timeout,
