@@ -35,7 +35,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from corral.runtime import syscalls
 from corral.runtime.channel import (
     EXIT_TIMED_OUT,
     FRAME_PREFIX,
@@ -81,10 +80,15 @@ class InitConfig:
 
 
 def serve(listener: socket.socket, config: InitConfig) -> NoReturn:
-    """Run as the sandbox's pid 1 until SIGTERM; never returns."""
+    """Run as the sandbox's pid 1 until SIGTERM; never returns.
+
+    The init does not accept connections itself: it keeps one *spare* worker forked ahead,
+    blocked in accept(), and forks the next spare when that one reports (through a pipe)
+    that it took a connection. So a request never waits for a fork of this process.
+    """
     sys.path[:] = []
-    listener.setblocking(False)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    taken_r, taken_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     terminating = False
 
@@ -99,35 +103,41 @@ def serve(listener: socket.socket, config: InitConfig) -> NoReturn:
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
     sel = selectors.DefaultSelector()
-    sel.register(listener, selectors.EVENT_READ)
     sel.register(wake_r, selectors.EVENT_READ)
+    sel.register(taken_r, selectors.EVENT_READ)
+    inherited = (wake_r, wake_w, taken_r)
+    spare = _fork_spare(listener, config, taken_w, inherited)
     term_deadline = 0.0
     while True:
-        _reap_all()
+        if spare in _reap_all():
+            spare = 0  # died without taking a connection (killed from inside the sandbox)
         if terminating and term_deadline == 0.0:
             term_deadline = time.monotonic() + TERM_GRACE
-            sel.unregister(listener)
             listener.close()
             with contextlib.suppress(OSError):
                 os.kill(-1, signal.SIGTERM)  # every process of the pid namespace but us
-        if terminating and (not _has_children() or time.monotonic() > term_deadline):
-            os._exit(0)
+        if terminating:
+            if not _has_children() or time.monotonic() > term_deadline:
+                os._exit(0)
+        elif spare == 0:
+            spare = _fork_spare(listener, config, taken_w, inherited)
         for key, _ in sel.select(timeout=1.0 if terminating else None):
-            if key.fileobj is listener:
-                _accept(listener, config, wake_r, wake_w)
-            else:
-                with contextlib.suppress(BlockingIOError):
-                    os.read(wake_r, 4096)
+            with contextlib.suppress(BlockingIOError):
+                taken = os.read(key.fd, 4096)
+                if key.fd == taken_r and taken:
+                    spare = 0
 
 
-def _reap_all() -> None:
+def _reap_all() -> set[int]:
+    reaped: set[int] = set()
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            return reaped
         if pid == 0:
-            return
+            return reaped
+        reaped.add(pid)
 
 
 def _has_children() -> bool:
@@ -138,24 +148,39 @@ def _has_children() -> bool:
     return True
 
 
-def _accept(listener: socket.socket, config: InitConfig, wake_r: int, wake_w: int) -> None:
-    try:
-        conn, _ = listener.accept()
-    except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-        return
+#: Signals the init handles (or ignores) and its workers take with the default action.
+_WORKER_DEFAULT_SIGNALS = {signal.SIGTERM, signal.SIGCHLD, signal.SIGINT, signal.SIGHUP}
+
+
+def _fork_spare(
+    listener: socket.socket, config: InitConfig, taken_w: int, close: tuple[int, ...]
+) -> int:
+    # Signals stay blocked across the fork until the child has default handlers again: a
+    # SIGTERM (stop) arriving in between would otherwise run the init's handler in the child,
+    # which would then ignore it and keep the sandbox from ever stopping gracefully.
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_DEFAULT_SIGNALS)
     pid = os.fork()
     if pid != 0:
-        conn.close()
-        return
-    # Worker: back to default signal handling, then serve this one connection.
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        return pid
+    # The spare worker: default signals, wait for one connection, tell the init, serve it.
     status = 1
     try:
-        listener.close()
         signal.set_wakeup_fd(-1)
-        os.close(wake_r)
-        os.close(wake_w)
-        for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGINT, signal.SIGHUP):
+        for sig in _WORKER_DEFAULT_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        for fd in close:
+            os.close(fd)
+        while True:
+            try:
+                conn, _ = listener.accept()
+                break
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                continue
+        listener.close()
+        os.write(taken_w, b"t")
+        os.close(taken_w)
         conn.setblocking(True)
         Worker(conn, config).serve()
         status = 0
@@ -420,10 +445,11 @@ class Worker:
                 cwd=cwd,
                 env=env,
                 process_group=0,
+                # No preexec_fn and, for root, no id changes: then CPython spawns with
+                # vfork(), which matters because this worker is a copy of a large process.
                 user=uid if uid != 0 else None,
                 group=gid if gid != 0 else None,
-                extra_groups=groups,
-                preexec_fn=_before_exec,
+                extra_groups=groups or None,
                 close_fds=True,
             )
         except FileNotFoundError:
@@ -435,6 +461,7 @@ class Worker:
         except OSError as e:
             self.error("exec", argv[0], e)
             return False
+        _raise_oom_score(proc.pid)
         try:
             self.reply(t="started", pid=proc.pid)
             code, timed_out = self._pump(proc, timeout if isinstance(timeout, int | float) else None)
@@ -570,16 +597,14 @@ _HANDLERS: dict[str, Any] = {
 }
 
 
-def _before_exec() -> None:
-    """In the command's child, after setuid, before exec: make it the OOM killer's choice.
+def _raise_oom_score(pid: int) -> None:
+    """Make a just-started command the OOM killer's choice over the init and workers.
 
-    The init is non-dumpable (so sandbox processes cannot ptrace it), which makes its /proc
-    files owned by the host's root; the child becomes dumpable first to reach its own file
-    (execve would reset it anyway for an ordinary binary).
+    Done from the worker after the exec: before it the child is non-dumpable like the init
+    (so that sandbox processes cannot ptrace the init), which makes its /proc files the
+    host root's; after execve an ordinary binary is dumpable and its file is writable here.
     """
-    with contextlib.suppress(OSError):
-        syscalls.prctl(syscalls.PR_SET_DUMPABLE, 1)
-    with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as f:
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/oom_score_adj", "w") as f:
         f.write(str(COMMAND_OOM_SCORE_ADJ))
 
 

@@ -7,8 +7,8 @@ The sequence reads top to bottom in the order the kernel requires, like bubblewr
     ─────────────────────             ───────────────                   ──────────────────────
     cgroup dirs + limits
     channel.sock (listening)
-    fork A ──────────────────────────▶ join cgroup
-                                       join netns (if given)
+    fork A ──────────────────────────▶ join netns (if given)
+    move A into the cgroup
                                        new mount ns, / private
                                        mount overlay on state/root
                                        unshare(user, pid, uts, ipc,
@@ -18,13 +18,13 @@ The sequence reads top to bottom in the order the kernel requires, like bubblewr
                                        fork B ──────────────────────────▶ (waits)
     reap A ◀─────────────────────────  init pid; exit
     oom_score_adj -1000 on B
-    "go" ────────────────────────────────────────────────────────────────▶ die-with-parent
                                                                           hostname, lo up
                                                                           /proc, /dev, /tmp
                                                                           pivot_root, detach old
                                                                           /etc/hosts, resolv...
                                                                           caps, no_new_privs,
                                                                           seccomp
+    "go" ────────────────────────────────────────────────────────────────▶ die-with-parent
     Launched ◀───────────────────────────────────────────────────────────  "ready"; serve()
 
 Why this shape:
@@ -186,19 +186,22 @@ def launch(spec: LaunchSpec) -> Launched:
         to_child_r, to_child_w = os.pipe2(os.O_CLOEXEC)
         from_child_r, from_child_w = os.pipe2(os.O_CLOEXEC)
         syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)
-        gc.collect()
+        seccomp = seccomp_profile.compiled()
         gc.freeze()  # keep the garbage collector from dirtying pages the init shares with us
         pid_a = os.fork()
         if pid_a == 0:
             os.close(to_child_w)
             os.close(from_child_r)
-            _stage_a(spec, root, cgroup, listener, to_child_r, from_child_w)
+            _stage_a(spec, root, cgroup, listener, seccomp, to_child_r, from_child_w)
         gc.unfreeze()
         os.close(to_child_r)
         os.close(from_child_w)
         to_child_r = from_child_w = -1
         messages = _Messages(from_child_r, time.monotonic() + LAUNCH_TIMEOUT)
 
+        # Moving a process between v1 cgroups waits for an RCU grace period (about 6 ms
+        # here): do it while stage A works, before it may fork the init.
+        cgroup.add(pid_a)
         messages.expect("unshared")
         _write_id_maps(pid_a)
         os.write(to_child_w, b"m")
@@ -338,15 +341,16 @@ def _wait_byte(fd: int, what: str) -> None:
 
 
 def _stage_a(
-    spec: LaunchSpec, root: Path, cgroup: Cgroup, listener: socket.socket, rd: int, wr: int
+    spec: LaunchSpec,
+    root: Path,
+    cgroup: Cgroup,
+    listener: socket.socket,
+    seccomp: bytes,
+    rd: int,
+    wr: int,
 ) -> NoReturn:
     code = 1
     try:
-        try:
-            cgroup.add(0)
-        except SandboxError as e:
-            raise _Fail(str(e)) from None
-
         if spec.netns_path is not None:
             try:
                 fd = os.open(spec.netns_path, os.O_RDONLY | os.O_CLOEXEC)
@@ -404,7 +408,7 @@ def _stage_a(
 
         pid = os.fork()
         if pid == 0:
-            _stage_b(spec, listener, rd, wr)
+            _stage_b(spec, listener, seccomp, rd, wr)
         _send(wr, "init", pid=pid)
         code = 0
     except _Fail as e:
@@ -423,12 +427,11 @@ def _report(wr: int, message: str) -> None:
 # --- stage B: the sandbox's pid 1 -----------------------------------------------------------------
 
 
-def _stage_b(spec: LaunchSpec, listener: socket.socket, rd: int, wr: int) -> NoReturn:
+def _stage_b(
+    spec: LaunchSpec, listener: socket.socket, seccomp: bytes, rd: int, wr: int
+) -> NoReturn:
     root = Path(".")  # the overlay's root, entered by stage A
     try:
-        _wait_byte(rd, "start")  # A has exited: we are the supervisor's child now
-        if spec.die_with_parent:
-            syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
         os.setsid()
         try:
             syscalls.sethostname(spec.name)
@@ -453,10 +456,13 @@ def _stage_b(spec: LaunchSpec, listener: socket.socket, rd: int, wr: int) -> NoR
         except OSError as e:
             raise _Fail(f"drop capabilities: {e.strerror}") from None
         try:
-            seccomp_profile.load()
+            seccomp_profile.load(seccomp)
         except OSError as e:
             raise _Fail(f"load seccomp filter: {e.strerror}") from None
 
+        _wait_byte(rd, "start")  # A has exited: we are the supervisor's child now
+        if spec.die_with_parent:
+            syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
         config = init.InitConfig(env=dict(spec.env), workdir=spec.workdir, user=spec.user)
         os.set_inheritable(listener.fileno(), False)
         _close_fds_except({listener.fileno(), wr})

@@ -14,6 +14,7 @@ bypass a filter written for x86_64 numbers.
 from __future__ import annotations
 
 import errno
+import tempfile
 
 import pyseccomp
 
@@ -94,6 +95,25 @@ def build() -> pyseccomp.SyscallFilter:
     return flt
 
 
-def load() -> None:
-    """Install the filter on the calling process (needs no_new_privs or CAP_SYS_ADMIN)."""
-    build().load()
+_compiled: bytes | None = None
+
+
+def compiled() -> bytes:
+    """The filter as raw BPF, compiled once per process.
+
+    The launcher calls this before it forks, so the sandbox's init only has to install the
+    program (libseccomp's compile step took about 2 ms inside a fresh fork, a tenth of
+    a sandbox start).
+    """
+    global _compiled
+    if _compiled is None:
+        with tempfile.TemporaryFile() as f:
+            build().export_bpf(f)
+            f.seek(0)
+            _compiled = f.read()
+    return _compiled
+
+
+def load(program: bytes | None = None) -> None:
+    """Install the filter on the calling thread (needs no_new_privs or CAP_SYS_ADMIN)."""
+    syscalls.seccomp_filter(program if program is not None else compiled())

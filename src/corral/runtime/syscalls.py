@@ -132,6 +132,30 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
     )
 
 
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [  # noqa: RUF012 - ctypes reads this class attribute
+        ("len", ctypes.c_ushort),
+        ("filter", ctypes.c_void_p),
+    ]
+
+
+def seccomp_filter(program: bytes) -> None:
+    """Install a classic-BPF seccomp program (8-byte sock_filter instructions)."""
+    if len(program) % 8:
+        raise ValueError("a seccomp program is a whole number of 8-byte instructions")
+    buf = ctypes.create_string_buffer(program, len(program))
+    fprog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    _check(
+        _libc.prctl(ctypes.c_int(PR_SET_SECCOMP), ctypes.c_ulong(SECCOMP_MODE_FILTER),
+                    ctypes.byref(fprog), ctypes.c_ulong(0), ctypes.c_ulong(0)),
+        "seccomp",
+    )
+
+
 class _CapHeader(ctypes.Structure):
     _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]  # noqa: RUF012
 
