@@ -62,6 +62,11 @@ STDIN_BUFFER_LIMIT = 4 * MAX_DATA_SIZE
 #: it, else 0) whatever their sizes, and before host processes in a host-wide OOM.
 COMMAND_OOM_SCORE_ADJ = 500
 
+#: How long a worker waits for the next request on an idle connection before it exits (and
+#: the client, which sees the EOF while the connection sits in its pool, opens a new one).
+#: Bounds the processes an idle client pins in the sandbox.
+WORKER_IDLE_TIMEOUT = 120.0
+
 #: How long the init waits for its children after forwarding SIGTERM before it exits
 #: anyway (the launcher's stop() kills the whole cgroup after its own grace period).
 TERM_GRACE = 30.0
@@ -262,8 +267,11 @@ class Worker:
         try:
             while True:
                 try:
-                    request = self.recv().control()
-                except ChannelProtocolError:
+                    self.conn.settimeout(WORKER_IDLE_TIMEOUT)
+                    frame = self.recv()
+                    self.conn.settimeout(None)
+                    request = frame.control()
+                except (ChannelProtocolError, TimeoutError):
                     return
                 op = request.get("op")
                 handler = _HANDLERS.get(str(op))
