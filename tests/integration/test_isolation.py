@@ -319,3 +319,50 @@ def test_cleanup_leftovers_after_a_supervisor_crash(tmp_path: Path, die_with_par
     launcher.cleanup_leftovers(state)
     assert not record.exists() and not record.pids()
     assert not (state / launcher.CHANNEL_SOCKET).exists()
+
+
+def test_init_reaps_orphans(sb: launcher.Launched) -> None:
+    """Orphans are reparented to the sandbox's pid 1, which must reap them (no zombies)."""
+    run(sh(sb, "for i in 1 2 3 4 5; do (sleep 0.05 &) ; done; sleep 0.3"))
+    time.sleep(0.2)
+    _, out, _ = run(sh(sb, "ps -o stat,args | grep -c '^ *Z' || true"))
+    assert out.strip() == "0"
+
+
+def test_stop_sends_sigterm_first(tmp_path: Path) -> None:
+    """A process that traps SIGTERM gets to run its handler before the sandbox goes away."""
+    with launched(tmp_path / "sb", name="graceful") as s:
+        code, _, _ = run(sh(s, "(trap 'echo bye > /var/tmp/bye; exit 0' TERM; "
+                               "while :; do sleep 0.05; done) > /dev/null 2>&1 & echo"))
+        time.sleep(0.2)
+        launcher.stop(s, grace=3.0)
+    assert (tmp_path / "sb" / launcher.UPPER_DIR / "var/tmp/bye").read_text() == "bye\n"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"name": ""}, "sandbox name '' is not a valid hostname"),
+        ({"name": "a/b"}, "sandbox name 'a/b' is not a valid hostname"),
+        ({"workdir": "relative"}, "workdir 'relative' must be an absolute path"),
+        ({"pids_max": 2}, "pids_max 2 is too small"),
+        ({"memory": 1000}, "memory limit 1000 bytes is below the minimum"),
+    ],
+)
+def test_bad_specs_are_refused_with_one_sentence(
+    tmp_path: Path, overrides: dict[str, object], message: str
+) -> None:
+    state = tmp_path / "sb"
+    with pytest.raises(SandboxError, match=message):
+        launcher.launch(spec_for(state, **overrides))
+    launcher.cleanup_leftovers(state)
+    if (state / launcher.CGROUP_RECORD).exists():
+        assert not launcher.Cgroup.from_json((state / launcher.CGROUP_RECORD).read_text()).exists()
+
+
+def test_restart_keeps_the_writable_layer(tmp_path: Path) -> None:
+    """stop + launch on the same state directory: what the sandbox wrote is still there."""
+    with launched(tmp_path / "sb", name="again") as s:
+        run(sh(s, "echo kept > /root/note"))
+    with launched(tmp_path / "sb", name="again") as s:
+        assert run(sh(s, "cat /root/note"))[1] == "kept\n"
