@@ -91,6 +91,10 @@ def decompressed(stream: BinaryIO) -> BinaryIO:
     return buffered
 
 
+class _Missing(ImageError):
+    """A path a hard link needs does not exist (turned into a sentence about the link)."""
+
+
 def _relative_parts(name: str, what: str) -> list[str]:
     parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
     if ".." in parts:
@@ -132,7 +136,9 @@ class LayerApplier:
                 st = os.lstat(path)
             except FileNotFoundError:
                 if not create:
-                    raise ImageError(f"{what}: {'/'.join(parts)} does not exist.") from None
+                    raise _Missing(f"{what}: {'/'.join(parts)} does not exist.") from None
+                if comp.startswith(WHITEOUT_PREFIX):
+                    raise ImageError(f"{what}: directory {comp!r} has a whiteout name.") from None
                 os.mkdir(path, 0o700)
                 self._set_owner_mode(path, 0, 0, IMPLIED_DIR_MODE, is_link=False)
                 real.append(comp)
@@ -214,6 +220,8 @@ class LayerApplier:
         dir_modes: dict[str, tuple[int, int, int, float]],
     ) -> None:
         parts = _relative_parts(member.name, what)
+        if any(p.startswith(WHITEOUT_PREFIX) for p in parts[:-1]):
+            raise ImageError(f"{what}: {member.name!r} has a whiteout name as a directory.")
         if not parts:
             # The layer's own "./" entry: metadata of the root directory.
             if member.isdir():
@@ -262,11 +270,11 @@ class LayerApplier:
             link_parts = _relative_parts(member.linkname, what)
             if not link_parts:
                 raise ImageError(f"{what}: hard link {member.name!r} points at the root.")
-            source = [*self._resolve(link_parts[:-1], what, create=False), link_parts[-1]]
-            source_path = self._host_path(source)
             try:
+                source = [*self._resolve(link_parts[:-1], what, create=False), link_parts[-1]]
+                source_path = self._host_path(source)
                 st = os.lstat(source_path)
-            except FileNotFoundError:
+            except (_Missing, FileNotFoundError):
                 raise ImageError(
                     f"{what}: hard link {member.name!r} points at missing {member.linkname!r}."
                 ) from None
