@@ -89,6 +89,7 @@ class Policy:
 
     __slots__ = (
         "_decisions",
+        "_defaults",
         "_deny_domains",
         "_deny_suffixes",
         "_q_any",
@@ -110,6 +111,15 @@ class Policy:
         self.rules: tuple[PolicyRule, ...] = expand(config)
         self.default_egress, self.default_ingress = defaults(config)
         self._decisions: list[Decision | None] = [None] * len(self.rules)
+        # Built once: a decision per flow must not allocate (with 100,000 rules compiled,
+        # every allocation-triggered garbage collection walks millions of objects).
+        self._defaults = {
+            d: Decision(a, None, f"no rule matched; default {d} {a}")
+            for d, a in (
+                (PolicyDirection.EGRESS, self.default_egress),
+                (PolicyDirection.INGRESS, self.default_ingress),
+            )
+        }
         self._tables: dict[PolicyDirection, dict[PolicyProtocol, Table]] = {}
         per_direction = {
             d: [(i, r) for i, r in enumerate(self.rules) if r.applies_to(d)] for d in _DIRECTIONS
@@ -188,10 +198,7 @@ class Policy:
         return d
 
     def default_decision(self, direction: PolicyDirection) -> Decision:
-        action = (
-            self.default_egress if direction is PolicyDirection.EGRESS else self.default_ingress
-        )
-        return Decision(action, None, f"no rule matched; default {direction} {action}")
+        return self._defaults[direction]
 
     def classify(self, address: IPAddress) -> Group | None:
         """The address's group, with this policy's host addresses."""
