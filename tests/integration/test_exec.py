@@ -219,3 +219,28 @@ def test_background_process_outlives_its_exec(sb: launcher.Launched) -> None:
     assert (code, out) == (0, "bg\n")
     assert "sleep 104" in run(_exec(sb, ["ps", "-o", "args"]))[1].decode()
     run(sh(sb, "pkill -f 'sleep 104' || killall sleep"))
+
+
+def test_timeout_applies_to_a_command_that_never_stops_printing(sb: launcher.Launched) -> None:
+    async def go() -> tuple[int, bool, int]:
+        client = await ChannelClient.connect(sb.channel_path)
+        try:
+            proc = await client.exec(["yes"], timeout=0.5)
+            code, out, _ = await collect(proc)
+            return code, proc.timed_out, len(out)
+        finally:
+            await client.close()
+
+    code, timed_out, size = run(go())
+    assert (code, timed_out) == (EXIT_TIMED_OUT, True) and size > 0
+
+
+def test_stdin_closed_early_by_the_command(sb: launcher.Launched) -> None:
+    """`head -c 5` exits after 5 bytes while the client still streams: no hang, exit 0."""
+
+    async def source() -> AsyncIterator[bytes]:
+        for _ in range(64):
+            yield b"x" * 65536
+
+    code, out, _ = run(_exec(sb, ["head", "-c", "5"], stdin=source()))
+    assert (code, out) == (0, b"xxxxx")

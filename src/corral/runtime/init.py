@@ -473,7 +473,9 @@ class Worker:
         try:
             self.reply(t="started", pid=proc.pid)
             code, timed_out = self._pump(proc, timeout if isinstance(timeout, int | float) else None)
-        except _Disconnected:
+        except BaseException:
+            # Client gone, protocol violation, or a bug: never leave the command running
+            # unattended.
             _kill_group(proc.pid)
             proc.wait()
             return False
@@ -506,11 +508,12 @@ class Worker:
                 if deadline is not None:
                     wait = max(0.0, deadline - time.monotonic())
                 events = sel.select(wait)
-                if deadline is not None and not events and time.monotonic() >= deadline:
+                if deadline is not None and time.monotonic() >= deadline:
+                    # Checked on every wakeup, not only on an idle one: a command that
+                    # prints without pause must time out too.
                     timed_out = True
                     _kill_group(proc.pid)
                     deadline = None
-                    continue
                 for key, _ in events:
                     fd = key.fd
                     if fd == pidfd:
@@ -532,6 +535,8 @@ class Worker:
                                 _kill_group(proc.pid)
                 if stdin_fd >= 0:
                     stdin_fd = self._push_stdin(stdin_fd, pending, stdin_eof, sel)
+                    if stdin_fd < 0 and proc.stdin is not None:
+                        proc.stdin.close()  # through the file object: no stale fd later
                     over = len(pending) > STDIN_BUFFER_LIMIT
                     if over and socket_registered:
                         sel.unregister(self.conn)
@@ -570,7 +575,7 @@ class Worker:
     def _push_stdin(
         self, fd: int, pending: bytearray, eof: bool, sel: selectors.BaseSelector
     ) -> int:
-        """Write pending stdin without blocking; returns -1 once stdin is closed."""
+        """Write pending stdin without blocking; returns -1 once it should be closed."""
         registered = fd in sel.get_map()
         while pending:
             try:
@@ -588,7 +593,6 @@ class Worker:
         if not pending and eof:
             if fd in sel.get_map():
                 sel.unregister(fd)
-            os.close(fd)
             return -1
         return fd
 

@@ -127,7 +127,8 @@ class LaunchSpec:
     resolv_conf: str | None = None
     extra_files: Mapping[str, bytes] = field(default_factory=dict)
     #: SIGKILL the sandbox when the process that called launch() dies (no orphaned sandboxes
-    #: without a network stack); `corral gc` then only has cgroups left to remove.
+    #: without a network stack); `corral gc` then only has cgroups left to remove. The kernel
+    #: ties this to the caller's main thread: it must live as long as the process.
     die_with_parent: bool = True
 
 
@@ -188,12 +189,14 @@ def launch(spec: LaunchSpec) -> Launched:
         syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)
         seccomp = seccomp_profile.compiled()
         gc.freeze()  # keep the garbage collector from dirtying pages the init shares with us
-        pid_a = os.fork()
-        if pid_a == 0:
-            os.close(to_child_w)
-            os.close(from_child_r)
-            _stage_a(spec, root, cgroup, listener, seccomp, to_child_r, from_child_w)
-        gc.unfreeze()
+        try:
+            pid_a = os.fork()
+            if pid_a == 0:
+                os.close(to_child_w)
+                os.close(from_child_r)
+                _stage_a(spec, root, cgroup, listener, seccomp, to_child_r, from_child_w)
+        finally:
+            gc.unfreeze()
         os.close(to_child_r)
         os.close(from_child_w)
         to_child_r = from_child_w = -1
@@ -207,7 +210,7 @@ def launch(spec: LaunchSpec) -> Launched:
         os.write(to_child_w, b"m")
 
         pid_b = int(str(messages.expect("init")["pid"]))
-        _, status = os.waitpid(pid_a, 0)
+        os.waitpid(pid_a, 0)
         pid_a = 0
         with contextlib.suppress(SandboxError):  # needs CAP_SYS_RESOURCE; best effort
             _write_proc(pid_b, "oom_score_adj", str(INIT_OOM_SCORE_ADJ))
