@@ -280,3 +280,21 @@ def test_stop_by_sigterm_to_the_supervisor(image: str) -> None:
 
 def test_world_is_still_clean_of_this_module(world: world_mod.World) -> None:
     assert gc.collect() == []
+
+
+def test_exec_started_supervisor_works_the_same(image: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the fork server (CORRAL_FORK_SERVER=0) the supervisor is a fresh interpreter."""
+    monkeypatch.setenv("CORRAL_FORK_SERVER", "0")
+    with corral.sync.Sandbox.create(unique("execd"), image=image, network=NONE) as sb:
+        assert sb.exec("echo", ["x"]).stdout_text == "x\n"
+        recorded = state.read_supervisor_pid(sb.directory)
+        assert recorded is not None
+        with open(f"/proc/{recorded[0]}/cmdline", "rb") as f:
+            assert b"corral.runtime.supervisor" in f.read()
+
+
+def test_supervisor_runs_in_the_creators_network_namespace(image: str) -> None:
+    with corral.sync.Sandbox.create(unique("netns"), image=image, network=NONE) as sb:
+        recorded = state.read_supervisor_pid(sb.directory)
+        assert recorded is not None
+        assert os.readlink(f"/proc/{recorded[0]}/ns/net") == os.readlink("/proc/thread-self/ns/net")

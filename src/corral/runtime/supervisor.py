@@ -45,6 +45,10 @@ if TYPE_CHECKING:
 #: Environment variable carrying the fd of the pipe the creator waits on for "ready".
 READY_FD_ENV = "CORRAL_READY_FD"
 
+#: Argument that makes this program serve as the SDK process's fork server instead
+#: (see corral.runtime.forkserver).
+FORK_SERVER_ARG = "--fork-server"
+
 #: Connections the control socket queues before accept: a handful of CLI/SDK clients.
 CONTROL_BACKLOG = 16
 
@@ -466,13 +470,28 @@ class Supervisor:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one supervisor (``STATE_DIR``) or the fork server (``--fork-server FD``).
+
+    Exits with ``os._exit``: the interpreter's teardown (tens of ms with the launcher's
+    modules loaded) would only delay the ``remove`` that waits for this process to end.
+    """
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
+    if len(args) == 2 and args[0] == FORK_SERVER_ARG:
+        import socket
+
+        from corral.runtime import forkserver
+
+        status = forkserver.serve(socket.socket(fileno=int(args[1])))
+    elif len(args) == 1:
+        ready_fd = int(os.environ.pop(READY_FD_ENV, "-1"))
+        status = Supervisor(os.path.abspath(args[0]), ready_fd).run()
+    else:
         sys.stderr.write("usage: python -m corral.runtime.supervisor STATE_DIR\n")
-        return 2
-    ready_fd = int(os.environ.pop(READY_FD_ENV, "-1"))
-    return Supervisor(os.path.abspath(args[0]), ready_fd).run()
+        status = 2
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -13,12 +13,14 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 from corral import errors
 from corral.errors import CorralError, SandboxError
 from corral.runtime import leanjson, state
+from corral.runtime.forkserver import ForkServerClient
 from corral.runtime.supervisor import READY_FD_ENV
 
 #: Seconds ``create`` waits for the supervisor's ready line: a cold sandbox with a network
@@ -30,6 +32,13 @@ EXIT_MARGIN = 10.0
 
 #: Poll interval while waiting for a supervisor that is not our child to exit.
 EXIT_POLL = 0.002
+
+#: Set to 0 to start every supervisor as a fresh interpreter instead of forking it from this
+#: process's fork server (slower; for debugging and for the benchmark's comparison).
+FORK_SERVER_ENV = "CORRAL_FORK_SERVER"
+
+_fork_server_client: ForkServerClient | None = None
+_fork_server_lock = threading.Lock()
 
 #: Supervisors this process started, so that their exit is reaped (no zombies) and noticed
 #: without polling /proc.
@@ -54,31 +63,63 @@ def _bootstrap_code() -> str:
     )
 
 
+def _fork_server() -> ForkServerClient | None:
+    """This process's fork server (started on first use), or None when disabled."""
+    global _fork_server_client
+    if os.environ.get(FORK_SERVER_ENV, "1") == "0":
+        return None
+    with _fork_server_lock:
+        if _fork_server_client is None or not _fork_server_client.usable():
+            _fork_server_client = ForkServerClient(
+                [sys.executable, "-I", "-S", "-c", _bootstrap_code()]
+            )
+        return _fork_server_client
+
+
+def _exec_supervisor(directory: Path, ready_fd: int) -> int:
+    """Start a supervisor as a fresh interpreter (no fork server); returns its pid."""
+    env = dict(os.environ)
+    env[READY_FD_ENV] = str(ready_fd)
+    with open(directory / state.LOG_FILE, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _bootstrap_code(), str(directory)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            pass_fds=(ready_fd,),
+            start_new_session=True,
+            env=env,
+            cwd="/",
+        )
+    _children[proc.pid] = proc
+    return proc.pid
+
+
 def spawn_supervisor(directory: Path) -> dict[str, object]:
     """Start the supervisor of the sandbox in ``directory`` and wait for it to be ready.
 
-    Returns the runtime fields of its ready message (init_pid, channel_path, cgroup,
-    netns_path); a failed start raises SandboxError with the supervisor's sentence, after
-    the supervisor has exited.
+    The supervisor is forked by this process's fork server (corral.runtime.forkserver) or,
+    when that is disabled (``CORRAL_FORK_SERVER=0``) or broken, exec'd as a new interpreter.
+    It runs in the network namespace of the calling thread. Returns the runtime fields of its
+    ready message (init_pid, channel_path, cgroup, netns_path); a failed start raises the
+    error class the supervisor reported, after the supervisor has exited.
     """
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
-    env = dict(os.environ)
-    env[READY_FD_ENV] = str(write_end)
     try:
-        with open(directory / state.LOG_FILE, "ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", _bootstrap_code(), str(directory)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                pass_fds=(write_end,),
-                start_new_session=True,
-                env=env,
-                cwd="/",
-            )
+        server = _fork_server()
+        pid = None
+        if server is not None:
+            try:
+                pid = server.fork_supervisor(str(directory), write_end)
+            except (OSError, RuntimeError, ValueError):
+                pid = None  # fall back to exec: slower, same supervisor
+        if pid is None:
+            pid = _exec_supervisor(directory, write_end)
+    except BaseException:
+        os.close(read_end)
+        raise
     finally:
         os.close(write_end)
-    _children[proc.pid] = proc
     try:
         line = _read_ready(read_end, directory)
     finally:
@@ -101,7 +142,7 @@ def spawn_supervisor(directory: Path) -> dict[str, object]:
     else:
         tail = _log_tail(directory)
         detail = "the supervisor exited before it was ready" + (f" ({tail})" if tail else "")
-    wait_supervisor_exit(proc.pid, EXIT_MARGIN)
+    wait_supervisor_exit(pid, EXIT_MARGIN)
     if error_class is errors.ConfigError:
         raise errors.ConfigError("", f"sandbox {directory.name!r} did not start: {detail}")
     raise error_class(f"sandbox {directory.name!r} did not start: {detail}")

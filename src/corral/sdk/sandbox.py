@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -513,6 +514,24 @@ class Sandbox:
 # -- blocking steps (worker thread) ---------------------------------------------------------
 
 
+_image_stores: dict[Path, Any] = {}
+_image_stores_lock = threading.Lock()
+
+
+def _image_store() -> Any:
+    """One ImageStore per image directory: building one (registry client, TLS context) costs
+    tens of milliseconds, more than a whole sandbox start should."""
+    from corral.runtime import paths
+    from corral.runtime.images import ImageStore
+
+    root = paths.images_dir()
+    with _image_stores_lock:
+        store = _image_stores.get(root)
+        if store is None:
+            store = _image_stores[root] = ImageStore(root)
+        return store
+
+
 def _prepare_state(
     name: str,
     image_ref: str,
@@ -524,9 +543,7 @@ def _prepare_state(
     workdir: str | None,
 ) -> state.SandboxState:
     """Resolve the image (pulling it if needed) and compute what the supervisor launches."""
-    from corral.runtime.images import ImageStore
-
-    image = ImageStore().resolve(image_ref)
+    image = _image_store().resolve(image_ref)
     image_config = image.config.get("config", image.config) or {}
     env = _env_list_to_dict(image_config.get("Env") or ())
     env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")

@@ -1,0 +1,182 @@
+"""A per-SDK-process fork server that starts supervisors without paying Python's start-up.
+
+Starting a supervisor as a fresh interpreter costs this machine's Python about 11 ms plus the
+import of the launcher and what it pulls in (100+ ms here): far above the whole create ->
+exec -> remove budget. So the SDK process starts, on its first ``create``, one fork server: an
+exec'd, single-threaded interpreter that has imported the supervisor and the launcher once and
+then only forks. Each fork becomes one sandbox's supervisor (its own session, stdio to the
+sandbox's log, the environment and network namespace of the ``create`` call) and from then on
+is exactly the supervisor that ``python -m corral.runtime.supervisor`` would be.
+
+This is not a daemon: the fork server belongs to the SDK process that started it and exits
+when that process closes the socket (or dies). Supervisors it forked are independent of it
+and keep running. Forking happens only in this clean, thread-free process, never in the SDK's
+(threads, event loops) - the reason PLATFORM.md gives for exec'ing a helper.
+
+Wire protocol (SOCK_SEQPACKET socketpair, one message per request):
+    request:  JSON {"state_dir": str, "env": {str: str}} with two fds attached: the write end
+              of the creator's ready pipe and the creator's network namespace
+    reply:    JSON {"pid": int} (the supervisor's pid) or {"error": str}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+
+from corral.runtime import leanjson
+from corral.runtime.supervisor import FORK_SERVER_ARG
+
+#: Largest request: the creator's environment is sent along (a big CI environment is tens of
+#: KiB); the kernel's default socket buffer (~208 KiB) bounds a SEQPACKET message anyway.
+MAX_REQUEST = 192 * 1024
+
+#: File descriptors attached to a request (ready pipe, netns).
+REQUEST_FDS = 2
+
+_CLONE_NEWNET = 0x40000000
+
+
+def serve(sock: socket.socket) -> int:
+    """The fork server's main loop (runs in the exec'd helper process)."""
+    import gc
+    import signal
+
+    from corral.runtime import launcher, supervisor  # noqa: F401 - the point is to pre-import
+    from corral.runtime.syscalls import setns
+
+    # Supervisors are reaped by the kernel: this process never waits for them.
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    gc.collect()
+    gc.freeze()  # the imported modules stay shared, unwritten, with every supervisor
+    while True:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(sock, MAX_REQUEST, REQUEST_FDS)
+        except OSError:
+            return 0
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            return 0  # the SDK process closed its end: done
+        try:
+            request = leanjson.loads(data.decode())
+            if not isinstance(request, dict) or len(fds) != REQUEST_FDS:
+                raise ValueError("malformed fork request")
+            state_dir, env = str(request["state_dir"]), request["env"]
+            if not isinstance(env, dict):
+                raise ValueError("malformed environment in fork request")
+        except (ValueError, KeyError, UnicodeDecodeError) as exc:
+            for fd in fds:
+                os.close(fd)
+            sock.send(leanjson.dumps({"error": str(exc)}).encode())
+            continue
+        ready_fd, netns_fd = fds
+        pid = os.fork()
+        if pid == 0:
+            _become_supervisor(sock, state_dir, env, ready_fd, netns_fd, setns)
+        os.close(ready_fd)
+        os.close(netns_fd)
+        sock.send(leanjson.dumps({"pid": pid}).encode())
+
+
+def _become_supervisor(
+    sock: socket.socket,
+    state_dir: str,
+    env: dict[str, object],
+    ready_fd: int,
+    netns_fd: int,
+    setns: object,
+) -> None:
+    """In the forked child: detach, take the creator's context, run the supervisor. Never
+    returns (os._exit: the fork server's own state must not be torn down twice)."""
+    import signal
+
+    from corral.runtime import supervisor
+
+    status = 1
+    try:
+        sock.close()
+        os.setsid()
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        setns(netns_fd, _CLONE_NEWNET)  # type: ignore[operator]
+        os.close(netns_fd)
+        os.environ.clear()
+        os.environ.update({str(k): str(v) for k, v in env.items()})
+        os.chdir("/")
+        log = os.open(
+            os.path.join(state_dir, "supervisor.log"),
+            os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+            0o600,
+        )
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(devnull)
+        os.close(log)
+        status = supervisor.Supervisor(state_dir, ready_fd).run()
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.write(ready_fd, f"error\tSandboxError\tsupervisor fork failed: {exc!r}\n".encode())
+    finally:
+        try:
+            sys.stderr.flush()
+        finally:
+            os._exit(status)
+
+
+class ForkServerClient:
+    """The SDK side: starts the fork server on first use and asks it for supervisors."""
+
+    def __init__(self, argv: list[str]) -> None:
+        import subprocess
+        import threading
+
+        self._lock = threading.Lock()
+        self._owner = os.getpid()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._proc = subprocess.Popen(
+                [*argv, FORK_SERVER_ARG, str(theirs.fileno())],
+                stdin=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),),
+                start_new_session=True,
+                cwd="/",
+            )
+        finally:
+            theirs.close()
+        self._sock = ours
+
+    def usable(self) -> bool:
+        """False after a fork of the SDK process or when the server has exited."""
+        return os.getpid() == self._owner and self._proc.poll() is None
+
+    def fork_supervisor(self, state_dir: str, ready_fd: int) -> int:
+        """Ask for a supervisor of ``state_dir``; returns its pid. OSError/RuntimeError on
+        failure (the caller falls back to exec'ing one)."""
+        request = leanjson.dumps({"state_dir": state_dir, "env": dict(os.environ)}).encode()
+        if len(request) > MAX_REQUEST:
+            raise RuntimeError("environment too large for the fork server")
+        netns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            with self._lock:
+                socket.send_fds(self._sock, [request], [ready_fd, netns])
+                reply = self._sock.recv(4096)
+        finally:
+            os.close(netns)
+        if not reply:
+            raise RuntimeError("the fork server exited")
+        answer = leanjson.loads(reply.decode())
+        if not isinstance(answer, dict) or not isinstance(answer.get("pid"), int):
+            raise RuntimeError(f"the fork server refused: {answer!r}")
+        return int(answer["pid"])
+
+    def close(self) -> None:
+        self._sock.close()
+        try:
+            self._proc.wait(5)
+        except Exception:
+            self._proc.kill()
+            self._proc.wait()
