@@ -42,7 +42,7 @@ from corral.config import (
     PolicyProtocol,
     PolicyRule,
 )
-from corral.config.values import DestinationKind, Group, IPNetwork
+from corral.config.values import DestinationKind, Group
 from corral.policy.describe import describe_rule
 from corral.policy.engine import DNS_PORT
 from corral.policy.groups import network_group
@@ -227,10 +227,12 @@ class _Candidates:
             group = network_group(net)
             if isinstance(group, Group):
                 out += self.groups.get(group, [])
+            base = int(net.network_address)
             for plen in self.prefix_lengths[net.version]:
                 if plen <= net.prefixlen:
-                    sup: IPNetwork = net.supernet(new_prefix=plen)
-                    out += self.networks.get((net.version, plen, int(sup.network_address)), [])
+                    host_bits = net.max_prefixlen - plen
+                    key = (net.version, plen, base >> host_bits << host_bits)
+                    out += self.networks.get(key, [])
         elif t.is_name:
             out += self._name_keys(t.value)
         return sorted(set(out))[:MAX_CANDIDATES]
