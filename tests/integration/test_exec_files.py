@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import os
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -236,3 +237,56 @@ def test_files_written_by_root_are_owned_by_the_sandbox_range_on_disk(
     upper = sb.state_dir / launcher.UPPER_DIR
     assert os.stat(upper / "owned").st_uid == UID_BASE + 1000
     assert os.stat(upper / "root-owned").st_uid == UID_BASE
+
+
+def test_copy_tree_in_and_out(sb: launcher.Launched, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "sub" / "deeper").mkdir(parents=True)
+    (src / "a.txt").write_text("alpha")
+    (src / "sub" / "run.sh").write_text("#!/bin/sh\necho ran\n")
+    os.chmod(src / "sub" / "run.sh", 0o755)
+    (src / "sub" / "deeper" / "big.bin").write_bytes(os.urandom(600_000))
+    os.symlink("../a.txt", src / "sub" / "link")
+
+    async def go() -> tuple[str, str]:
+        c = await _client(sb)
+        try:
+            await c.copy_in(src, "/tmp/tree")
+            _, ran, _ = await sh(sb, "/tmp/tree/sub/run.sh; cat /tmp/tree/sub/link")
+            await c.copy_out("/tmp/tree", tmp_path / "back")
+            with pytest.raises(SandboxError, match="already exists on the host"):
+                await c.copy_out("/tmp/tree", tmp_path / "back")
+            return ran, (await c.stat("/tmp/tree/sub/link")).target or ""
+        finally:
+            await c.close()
+
+    ran, target = run(go())
+    assert ran == "ran\nalpha" and target == "../a.txt"
+    back = tmp_path / "back"
+    assert (back / "a.txt").read_text() == "alpha"
+    assert (back / "sub" / "deeper" / "big.bin").read_bytes() == (
+        src / "sub" / "deeper" / "big.bin"
+    ).read_bytes()
+    assert os.stat(back / "sub" / "run.sh").st_mode & 0o777 == 0o755
+    assert os.readlink(back / "sub" / "link") == "../a.txt"
+
+
+def test_copy_out_never_writes_through_a_planted_symlink(
+    sb: launcher.Launched, tmp_path: Path
+) -> None:
+    """A sandbox link to a host path comes out as a link; nothing is written to its target."""
+    victim = tmp_path / "victim"
+    victim.write_text("untouched")
+    run(sh(sb, f"rm -rf /tmp/evil; mkdir /tmp/evil; ln -s {victim} /tmp/evil/x; echo pwn > /tmp/evil/y"))
+
+    async def go() -> None:
+        c = await _client(sb)
+        try:
+            await c.copy_out("/tmp/evil", tmp_path / "out")
+        finally:
+            await c.close()
+
+    run(go())
+    assert victim.read_text() == "untouched"
+    assert os.readlink(tmp_path / "out" / "x") == str(victim)
+    assert (tmp_path / "out" / "y").read_text() == "pwn\n"

@@ -28,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import stat
 import struct
 from collections.abc import AsyncIterable, AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -196,10 +198,13 @@ class FileInfo:
     size: int
     mode: int
     mtime: float
+    #: Where a symlink points (as stored in the link); None for other kinds.
+    target: str | None = None
 
     @classmethod
     def from_wire(cls, obj: Mapping[str, Any]) -> FileInfo:
         try:
+            target = obj.get("target")
             return cls(
                 path=str(obj["path"]),
                 name=str(obj["name"]),
@@ -207,6 +212,7 @@ class FileInfo:
                 size=int(obj["size"]),
                 mode=int(obj["mode"]),
                 mtime=float(obj["mtime"]),
+                target=str(target) if target is not None else None,
             )
         except (KeyError, TypeError, ValueError):
             raise ChannelProtocolError(
@@ -248,6 +254,17 @@ class _Connection:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.writer.close()
+
+
+async def _read_host_file(path: Path) -> AsyncIterator[bytes]:
+    """A host file in MAX_DATA_SIZE pieces (blocking reads: local disk, small pieces)."""
+    with open(path, "rb") as f:
+        while piece := f.read(MAX_DATA_SIZE):
+            yield piece
+
+
+def _is_plain_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "/" not in name and "\0" not in name
 
 
 async def _chunks(data: bytes | AsyncIterable[bytes]) -> AsyncIterator[bytes]:
@@ -525,6 +542,68 @@ class ChannelClient:
 
     async def remove(self, path: str, recursive: bool = False) -> None:
         await self._call({"op": "remove", "path": path, "recursive": recursive})
+
+    async def symlink(self, path: str, target: str) -> None:
+        """Create a symlink at ``path`` pointing to ``target`` (resolved inside the sandbox)."""
+        await self._call({"op": "symlink", "path": path, "target": target})
+
+    # --- copy in/out (trees) -------------------------------------------------------------------
+
+    async def copy_in(self, local: Path, dest: str) -> None:
+        """Copy a host file or directory tree to ``dest`` in the sandbox.
+
+        Files keep their permission bits, symlinks are recreated as symlinks (never
+        followed), other kinds (devices, sockets, fifos) are skipped. Files are streamed.
+        """
+        local = Path(local)
+        st = os.lstat(local)
+        if stat.S_ISLNK(st.st_mode):
+            await self.symlink(dest, os.readlink(local))
+        elif stat.S_ISREG(st.st_mode):
+            await self.write_file(dest, _read_host_file(local), mode=stat.S_IMODE(st.st_mode))
+        elif stat.S_ISDIR(st.st_mode):
+            if not await self.exists(dest):
+                await self.mkdir(dest)
+            for entry in sorted(os.scandir(local), key=lambda e: e.name):
+                await self.copy_in(Path(entry.path), f"{dest.rstrip('/')}/{entry.name}")
+
+    async def copy_out(self, src: str, local: Path) -> None:
+        """Copy a file or directory tree from the sandbox to ``local`` (which must not exist).
+
+        Everything the sandbox reports is untrusted: names are checked to be single path
+        components, and the host side only ever *creates* entries (O_EXCL, O_NOFOLLOW, mkdir),
+        so a symlink the sandbox planted is recreated as a link but never written through.
+        """
+        local = Path(local)
+        if os.path.lexists(local):
+            raise SandboxError(f"copy out: {str(local)!r} already exists on the host")
+        info = await self.stat(src)
+        await self._copy_out_entry(info, src, local)
+
+    async def _copy_out_entry(self, info: FileInfo, src: str, local: Path) -> None:
+        if info.kind == "dir":
+            os.mkdir(local, 0o700)
+            for entry in await self.list_dir(src):
+                if not _is_plain_name(entry.name):
+                    raise ChannelProtocolError(
+                        f"the sandbox channel sent an unsafe entry name {entry.name!r}"
+                    )
+                await self._copy_out_entry(
+                    entry, f"{src.rstrip('/')}/{entry.name}", local / entry.name
+                )
+            os.chmod(local, info.mode & 0o777)
+        elif info.kind == "file":
+            fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                async for chunk in self.read_file(src):
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view):]
+                os.fchmod(fd, info.mode & 0o777)
+            finally:
+                os.close(fd)
+        elif info.kind == "symlink" and info.target is not None:
+            os.symlink(info.target, local)
 
     async def close(self) -> None:
         self._closed = True

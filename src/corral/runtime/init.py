@@ -327,6 +327,14 @@ class Worker:
             return self.error("remove", path, e)
         self.reply(t="ok")
 
+    def op_symlink(self, request: Mapping[str, Any]) -> None:
+        path = self.path_of(request)
+        try:
+            os.symlink(str(request.get("target", "")), path)
+        except OSError as e:
+            return self.error("symlink", path, e)
+        self.reply(t="ok")
+
     def op_list(self, request: Mapping[str, Any]) -> None:
         path = self.path_of(request)
         try:
@@ -606,6 +614,7 @@ _HANDLERS: dict[str, Any] = {
     "exists": Worker.op_exists,
     "mkdir": Worker.op_mkdir,
     "remove": Worker.op_remove,
+    "symlink": Worker.op_symlink,
 }
 
 
@@ -634,7 +643,7 @@ def _file_info(path: str, st: os.stat_result) -> dict[str, Any]:
         kind = "symlink"
     else:
         kind = "other"
-    return {
+    info: dict[str, Any] = {
         "path": path,
         "name": os.path.basename(path.rstrip("/")) or "/",
         "kind": kind,
@@ -642,6 +651,10 @@ def _file_info(path: str, st: os.stat_result) -> dict[str, Any]:
         "mode": stat.S_IMODE(st.st_mode),
         "mtime": st.st_mtime,
     }
+    if kind == "symlink":
+        with contextlib.suppress(OSError):
+            info["target"] = os.readlink(path)
+    return info
 
 
 # --- users, read as text from the sandbox's own files --------------------------------------------
