@@ -8,23 +8,24 @@ The sequence reads top to bottom in the order the kernel requires, like bubblewr
     cgroup dirs + limits
     channel.sock (listening)
     fork A ──────────────────────────▶ join netns (if given)
-    move A into the cgroup
                                        new mount ns, / private
                                        mount overlay on state/root
                                        unshare(user, pid, uts, ipc,
-                                               cgroup, mount[, net])
+                                               mount[, net])
     write uid_map/gid_map ◀──────────  "unshared"
     ─────────────────────────────────▶ "mapped": become root inside
                                        fork B ──────────────────────────▶ (waits)
     reap A ◀─────────────────────────  init pid; exit
+    move B into the cgroup
     oom_score_adj -1000 on B
                                                                           hostname, lo up
                                                                           /proc, /dev, /tmp
                                                                           pivot_root, detach old
                                                                           /etc/hosts, resolv...
+    "go" ────────────────────────────────────────────────────────────────▶ cgroup ns,
+                                                                          die-with-parent,
                                                                           caps, no_new_privs,
                                                                           seccomp
-    "go" ────────────────────────────────────────────────────────────────▶ die-with-parent
     Launched ◀───────────────────────────────────────────────────────────  "ready"; serve()
 
 Why this shape:
@@ -202,9 +203,6 @@ def launch(spec: LaunchSpec) -> Launched:
         to_child_r = from_child_w = -1
         messages = _Messages(from_child_r, time.monotonic() + LAUNCH_TIMEOUT)
 
-        # Moving a process between v1 cgroups waits for an RCU grace period (about 6 ms
-        # here): do it while stage A works, before it may fork the init.
-        cgroup.add(pid_a)
         messages.expect("unshared")
         _write_id_maps(pid_a)
         os.write(to_child_w, b"m")
@@ -212,6 +210,10 @@ def launch(spec: LaunchSpec) -> Launched:
         pid_b = int(str(messages.expect("init")["pid"]))
         os.waitpid(pid_a, 0)
         pid_a = 0
+        # Moving a process between v1 cgroups waits for an RCU grace period (6-10 ms here):
+        # it happens while the init sets up its mounts, and the init creates its cgroup
+        # namespace and forks its first child only after "go".
+        cgroup.add(pid_b)
         with contextlib.suppress(SandboxError):  # needs CAP_SYS_RESOURCE; best effort
             _write_proc(pid_b, "oom_score_adj", str(INIT_OOM_SCORE_ADJ))
         os.write(to_child_w, b"g")
@@ -390,7 +392,6 @@ def _stage_a(
             | syscalls.CLONE_NEWPID
             | syscalls.CLONE_NEWUTS
             | syscalls.CLONE_NEWIPC
-            | syscalls.CLONE_NEWCGROUP
             | syscalls.CLONE_NEWNS
         )
         if spec.netns_path is None:
@@ -398,7 +399,7 @@ def _stage_a(
         try:
             syscalls.unshare(flags)
         except OSError as e:
-            raise _step("create namespaces (user, pid, uts, ipc, cgroup, mount) for", root,
+            raise _step("create namespaces (user, pid, uts, ipc, mount) for", root,
                         e) from None
         _send(wr, "unshared")
         _wait_byte(rd, "the uid map")
@@ -452,6 +453,14 @@ def _stage_b(
         for path, data in spec.extra_files.items():
             _write_file(path, data)
 
+        _wait_byte(rd, "start")  # A has exited, we are the supervisor's child, in our cgroup
+        try:
+            syscalls.unshare(syscalls.CLONE_NEWCGROUP)
+        except OSError as e:
+            raise _Fail(f"create cgroup namespace: {e.strerror}") from None
+        if spec.die_with_parent:
+            syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
+
         try:
             capabilities.drop_to()
             syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
@@ -462,10 +471,6 @@ def _stage_b(
             seccomp_profile.load(seccomp)
         except OSError as e:
             raise _Fail(f"load seccomp filter: {e.strerror}") from None
-
-        _wait_byte(rd, "start")  # A has exited: we are the supervisor's child now
-        if spec.die_with_parent:
-            syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
         config = init.InitConfig(env=dict(spec.env), workdir=spec.workdir, user=spec.user)
         os.set_inheritable(listener.fileno(), False)
         _close_fds_except({listener.fileno(), wr})
