@@ -180,9 +180,11 @@ class Supervisor:
         self.stop_timeout = control.DEFAULT_STOP_TIMEOUT
         self.stop_waiters: list[_socket.socket] = []
         self.signal_pipe: tuple[int, int] | None = None
+        self.launch_ms = 0.0
 
     # -- start ------------------------------------------------------------------------------
     def run(self) -> int:
+        started = time.monotonic()
         _write_file(
             os.path.join(self.state_dir, "supervisor.pid"), f"{os.getpid()} {_own_start_time()}\n"
         )
@@ -197,7 +199,10 @@ class Supervisor:
             kind = type(exc).__name__ if isinstance(exc, CorralError) else "SandboxError"
             self._report(f"error\t{kind}\t{message}")
             return 1
-        _log(f"ready: init pid {self._init_pid()}")
+        _log(
+            f"ready: init pid {self._init_pid()} after {(time.monotonic() - started) * 1000:.1f} ms"
+            f" (launch {self.launch_ms:.1f} ms)"
+        )
         self._report(
             "ok\t"
             + leanjson.dumps(
@@ -261,7 +266,9 @@ class Supervisor:
             hosts=hosts,
             resolv_conf=resolv_conf,
         )
+        launch_start = time.monotonic()
         self.launched = launch(spec)
+        self.launch_ms = (time.monotonic() - launch_start) * 1000
         if self.network is not None:
             self.network_thread = NetworkThread(self.network)
             self.network_thread.start()
