@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from corral.cli import policy, sandbox
+from corral.cli import images, policy, sandbox
 from corral.errors import CorralError
 
 #: Exit code after Ctrl-C (128 + SIGINT, as a shell).
@@ -41,6 +41,7 @@ def cli() -> None:
 
 sandbox.register(cli)
 policy.register(cli)
+images.register(cli)
 
 
 def main() -> None:
