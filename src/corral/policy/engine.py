@@ -236,7 +236,9 @@ class Policy:
             r = bucket_lookup(b, port)
             if r < best:
                 best = r
-        best = (table.v4 if is_v4 else table.v6).lookup(ip, port, best)
+        prefixes = table.v4 if is_v4 else table.v6
+        if prefixes.maps:
+            best = prefixes.lookup(ip, port, best)
         if (flow.names or flow.sni is not None) and table.has_names:
             best = self._names_lookup(table, flow, port, best)
         if best == NO_MATCH:

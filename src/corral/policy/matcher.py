@@ -133,10 +133,10 @@ class Table:
     deny_domains: dict[str, Bucket]
     suffixes: dict[str, Bucket]
     deny_suffixes: dict[str, Bucket]
+    has_names: bool = False  # any domain or suffix rule: only then are names normalised
 
-    @property
-    def has_names(self) -> bool:
-        return bool(self.domains or self.suffixes)
+    def __post_init__(self) -> None:
+        self.has_names = bool(self.domains or self.suffixes)
 
 
 def network_key(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> tuple[int, int]:
