@@ -188,6 +188,8 @@ def test_explain_net_preset_and_human_output(root: click.Group) -> None:
     assert "reason: rule 2 (allow egress private) matched" in out
     code, out, _ = _run(root, "policy", "explain", "--net", "public-only", "--to", "10.0.0.1:22")
     assert code == 0 and "deny" in out and "rule:   none" in out
+    code, out, _ = _run(root, "policy", "explain", "--net", "none", "--to", "203.0.113.1:443")
+    assert code == 0 and "no network interface" in out
 
 
 @pytest.mark.parametrize(

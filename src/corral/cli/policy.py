@@ -222,7 +222,10 @@ def explain(
     if as_json:
         click.echo(json.dumps(decision.to_dict()))
         return
-    _print_decision(Console(highlight=False, soft_wrap=True), headline, policy, decision)
+    console = Console(highlight=False, soft_wrap=True)
+    _print_decision(console, headline, policy, decision)
+    if config.is_offline:
+        console.print("  note:   policy 'none' gives the sandbox no network interface at all")
 
 
 def register(group: click.Group) -> None:
