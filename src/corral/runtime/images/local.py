@@ -136,6 +136,11 @@ def _read_json(opener: _Opener, rel: str, path: Path, limit: int) -> Any:
 
 
 def import_path(store: ImageStore, path: Path, name: str | None) -> Image:
+    with store.busy():
+        return _import(store, path, name)
+
+
+def _import(store: ImageStore, path: Path, name: str | None) -> Image:
     if not path.exists():
         raise ImageError(f"image source {path} does not exist.")
     if path.is_dir() and not (path / "oci-layout").is_file():

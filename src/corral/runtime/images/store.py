@@ -12,8 +12,8 @@ Layout under the store root (``paths.images_dir()`` by default)::
 Nothing becomes visible under ``blobs/`` or ``images/`` before it is complete and verified:
 blobs are written to ``tmp/`` and renamed once their digest checks; a rootfs is unpacked in
 ``tmp/`` and the whole image directory renamed into ``images/``. A failure removes the temp
-files, so a crash leaves at worst debris in ``tmp/`` (cleared by the next store open when no
-one holds a lock).
+files, so a crash leaves at worst debris in ``tmp/``, cleared by the next store open when no
+operation is running (``busy()`` is a shared flock every writer holds).
 """
 
 from __future__ import annotations
@@ -103,6 +103,7 @@ class ImageStore:
         self.shift_ids = os.geteuid() == 0 if shift_ids is None else shift_ids
         for sub in ("blobs/sha256", "images", "locks", "tmp"):
             (self.root / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.clean_debris()
         auth_file = self.root.parent / "auth.json"
         self.client = RegistryClient(
             ca_file=ca_file, insecure_registries=insecure_registries, auth_file=auth_file
@@ -125,6 +126,39 @@ class ImageStore:
         finally:
             os.close(fd)
 
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        """Held (shared) by every operation that writes to tmp/, so clean_debris skips them."""
+        fd = os.open(self.root / "locks" / "store.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
+    def clean_debris(self) -> int:
+        """Delete what crashed pulls left in tmp/, unless an operation is running right now.
+
+        Returns how many entries were removed. Called on every store open; ``corral gc`` may
+        call it too.
+        """
+        fd = os.open(self.root / "locks" / "store.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0
+            removed = 0
+            for entry in (self.root / "tmp").iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed += 1
+            return removed
+        finally:
+            os.close(fd)
+
     # -- refs ------------------------------------------------------------------------------
     def _read_refs(self) -> dict[str, str]:
         try:
@@ -138,7 +172,7 @@ class ImageStore:
         return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)}
 
     def _update_refs(self, change: Callable[[dict[str, str]], None]) -> None:
-        with self._lock("refs"):
+        with self.busy(), self._lock("refs"):
             refs = self._read_refs()
             change(refs)
             fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", prefix="refs-")
@@ -223,7 +257,7 @@ class ImageStore:
 
         self._update_refs(change)
         for digest in removed:
-            with self._lock("image-" + _hex(digest)):
+            with self.busy(), self._lock("image-" + _hex(digest)):
                 directory = self.image_dir(digest)
                 if directory.exists():
                     trash = Path(tempfile.mkdtemp(dir=self.root / "tmp", prefix="rm-"))
@@ -334,7 +368,7 @@ class ImageStore:
         Used by pulls and by local imports alike; ``source(desc)`` returns a function that
         writes the verified blob to a file.
         """
-        with self._lock("image-" + _hex(manifest_digest)):
+        with self.busy(), self._lock("image-" + _hex(manifest_digest)):
             image = self._load(manifest_digest, reference)
             if image is None:
                 self._store_bytes(manifest_digest, manifest_body)
