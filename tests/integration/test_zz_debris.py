@@ -11,6 +11,7 @@ import os
 import subprocess
 from pathlib import Path
 
+from corral.runtime import gc
 from tests.integration.lifecycle_support import supervisor_processes
 from tests.support import world as world_mod
 
@@ -57,8 +58,11 @@ def test_the_suite_left_no_debris(world: world_mod.World) -> None:
     assert corral_mounts() == []
     assert supervisor_processes() == []
     if home:
+        gc.wait_for_deletions(timeout=30)  # removals delete their directories in a thread
         sandboxes = Path(home) / "sandboxes"
         left = [p.name for p in sandboxes.iterdir()] if sandboxes.is_dir() else []
         assert [n for n in left if not n.startswith(".")] == []
+        trash = sandboxes / gc.TRASH_DIR
+        assert not trash.is_dir() or list(trash.iterdir()) == []
     world_mod.destroy(world)
     assert world_mod.debris() == []

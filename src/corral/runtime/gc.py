@@ -14,10 +14,11 @@ import ctypes
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 from corral.errors import SandboxError
-from corral.runtime import state
+from corral.runtime import paths, state
 
 #: umount2 flag: detach now, finish when the mount is no longer busy (a crashed sandbox's
 #: process may still hold it for a moment while being killed).
@@ -81,16 +82,72 @@ def _is_offline(directory: Path) -> bool:
         return False  # unknown: clean the network too, which is harmless when absent
 
 
-def remove_directory(directory: Path) -> None:
-    """Delete a sandbox's directory (its writable layer included), unmounting first."""
+#: Where removed sandbox directories wait for deletion (inside sandboxes/, same filesystem,
+#: so moving one there is a rename). Entries are ``<name>.<pid>.<random>``.
+TRASH_DIR = ".trash"
+
+_deleters: list[threading.Thread] = []
+
+
+def remove_directory(directory: Path, *, background: bool = False) -> None:
+    """Delete a sandbox's directory (its writable layer included), unmounting first.
+
+    With ``background`` the directory is renamed into ``sandboxes/.trash`` (the name is free
+    at once) and deleted by a thread of this process: deleting a sandbox's tree right after
+    its mount namespace went away costs tens of milliseconds here, which a ``remove`` need
+    not wait for. The process waits for that thread before exiting (it is not a daemon), and
+    ``corral gc`` deletes entries whose process died first.
+    """
     for point in mounts_under(directory):
         unmount(point)
+    target = directory
+    if background:
+        trash = directory.parent / TRASH_DIR
+        trash.mkdir(mode=0o700, exist_ok=True)
+        target = trash / f"{directory.name}.{os.getpid()}.{os.urandom(4).hex()}"
+        try:
+            directory.rename(target)
+        except FileNotFoundError:
+            return
+        except OSError:
+            target = directory  # another filesystem or a busy directory: delete in place
+        else:
+            thread = threading.Thread(target=_delete_quietly, args=(target,), name="corral-rm")
+            thread.start()
+            _deleters[:] = [t for t in _deleters if t.is_alive()] + [thread]
+            return
     try:
-        shutil.rmtree(directory)
+        shutil.rmtree(target)
     except FileNotFoundError:
         pass
     except OSError as exc:
-        raise SandboxError(f"cannot remove {directory}: {exc.strerror or exc}") from None
+        raise SandboxError(f"cannot remove {target}: {exc.strerror or exc}") from None
+
+
+def _delete_quietly(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def wait_for_deletions(timeout: float | None = None) -> None:
+    """Block until background deletions started by this process are done."""
+    for thread in list(_deleters):
+        thread.join(timeout)
+
+
+def empty_trash() -> list[str]:
+    """Delete trash entries whose deleting process is gone (it died mid-delete)."""
+    trash = paths.sandboxes_dir() / TRASH_DIR
+    removed: list[str] = []
+    if not trash.is_dir():
+        return removed
+    for entry in trash.iterdir():
+        parts = entry.name.rsplit(".", 2)
+        owner = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else 0
+        if owner == os.getpid() or (owner and state.process_start_time(owner) is not None):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(f"{parts[0]}: leftover of a removal ({entry})")
+    return removed
 
 
 def collect(names: list[str] | None = None, *, keep_state: bool = False) -> list[str]:
@@ -111,4 +168,6 @@ def collect(names: list[str] | None = None, *, keep_state: bool = False) -> list
             if not keep_state:
                 remove_directory(directory)
                 report.append(f"{name}: state directory {directory}")
+    if names is None:
+        report += empty_trash()
     return report

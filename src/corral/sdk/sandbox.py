@@ -608,4 +608,4 @@ def _remove(name: str) -> None:
             raise SandboxError(f"sandbox {name!r} is still running; stop it before removing it")
         if state.status(directory) == state.CRASHED:
             gc.release_leftovers(name, directory)
-        gc.remove_directory(directory)
+        gc.remove_directory(directory, background=True)
