@@ -24,6 +24,7 @@ import fcntl
 import os
 import socket
 import struct
+import threading
 from collections.abc import Callable
 
 #: Pipe capacity. 1 MiB is the default ``fs.pipe-max-size``; a bigger pipe lets one splice
@@ -34,6 +35,16 @@ PIPE_SIZE = 1 << 20
 #: Pipe pairs kept for reuse. A pair costs four descriptors; 64 covers bursts of new
 #: connections without holding many idle descriptors.
 PIPE_POOL_SIZE = 64
+
+#: Bytes one direction must have moved before the pair switches to bulk (thread) mode:
+#: well past any request/response exchange, reached in about a millisecond by a bulk stream.
+PROMOTE_AFTER = 4 << 20
+
+#: Pairs in bulk mode at once, per supervisor (two threads each). Beyond it, connections stay
+#: in loop mode, which is slower per byte but costs no thread.
+MAX_BULK_PAIRS = 8
+
+_bulk_pairs = 0
 
 F_SETPIPE_SZ = 1031  # fcntl.h; not exported by Python's fcntl module before 3.13
 
@@ -85,18 +96,9 @@ class _Pump:
     """One direction: ``src`` -> pipe -> ``dst``."""
 
     __slots__ = (
-        "done",
-        "dst",
-        "dst_fd",
-        "eof",
-        "fill",
-        "loop",
-        "on_done",
-        "on_error",
-        "pipe",
-        "src",
-        "src_fd",
-    )
+        "done", "dst", "dst_fd", "eof", "fill", "loop", "moved", "on_done", "on_error", "owner",
+        "pipe", "src", "src_fd",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -106,7 +108,10 @@ class _Pump:
         pipe: tuple[int, int],
         on_done: Callable[[], None],
         on_error: Callable[[], None],
+        owner: SplicedPair | None = None,
     ) -> None:
+        self.owner = owner
+        self.moved = 0
         self.loop = loop
         self.src = src
         self.dst = dst
@@ -141,10 +146,13 @@ class _Pump:
                     self._finish_if_drained()
                     return
                 self.fill += n
+                self.moved += n
                 if not self._flush():
                     # Destination full: stop reading until it drains (back-pressure).
                     self.loop.remove_reader(self.src_fd)
                     self.loop.add_writer(self.dst_fd, self._writable)
+                    return
+                if self.moved >= PROMOTE_AFTER and self.owner is not None and self.owner.promote():
                     return
         except _CONNECTION_ERRORS:
             self.on_error()
@@ -184,7 +192,18 @@ class _Pump:
 class SplicedPair:
     """Two connected sockets joined both ways until both directions end or one side fails."""
 
-    __slots__ = ("_closed", "_on_close", "a", "ab", "b", "ba", "pipes")
+    __slots__ = (
+        "_closed",
+        "_lock",
+        "_on_close",
+        "_threads_left",
+        "a",
+        "ab",
+        "b",
+        "ba",
+        "loop",
+        "pipes",
+    )
 
     def __init__(
         self,
@@ -199,8 +218,11 @@ class SplicedPair:
         self.pipes = pipes
         self._on_close = on_close
         self._closed = False
-        self.ab = _Pump(loop, a, b, pipes.get(), self._direction_done, self.abort)
-        self.ba = _Pump(loop, b, a, pipes.get(), self._direction_done, self.abort)
+        self._threads_left = 0  # > 0 while in bulk (thread) mode
+        self._lock = threading.Lock()
+        self.loop = loop
+        self.ab = _Pump(loop, a, b, pipes.get(), self._direction_done, self.abort, self)
+        self.ba = _Pump(loop, b, a, pipes.get(), self._direction_done, self.abort, self)
 
     def start(self) -> None:
         self.ab.start()
@@ -218,8 +240,79 @@ class SplicedPair:
         """Shut down (supervisor stopping): reset both sides."""
         self._release(reset_both=True)
 
+    # -- bulk mode --------------------------------------------------------------------------
+    def promote(self) -> bool:
+        """Move a connection that carries bulk data to two threads doing blocking splices.
+
+        In loop mode every chunk costs an epoll round, a callback and an extra splice that
+        ends in EAGAIN; a thread per direction blocked in splice costs two syscalls per chunk
+        and no Python between them (the GIL is released inside splice). Threads are capped
+        (:data:`MAX_BULK_PAIRS`) so thousands of connections never mean thousands of threads.
+        """
+        global _bulk_pairs
+        if self._threads_left or self._closed or _bulk_pairs >= MAX_BULK_PAIRS:
+            return False
+        for pump in (self.ab, self.ba):
+            if pump.fill or pump.eof or pump.done:
+                return False
+        _bulk_pairs += 1
+        for pump in (self.ab, self.ba):
+            pump.stop()
+        self._threads_left = 2
+        self.a.setblocking(True)
+        self.b.setblocking(True)
+        for pump in (self.ab, self.ba):
+            threading.Thread(
+                target=self._bulk, args=(pump,), daemon=True, name="corral-splice"
+            ).start()
+        return True
+
+    def _bulk(self, pump: _Pump) -> None:
+        """One direction, blocking, until end of stream or an error (runs in a thread)."""
+        failed = False
+        src, r, w, dst = pump.src_fd, pump.pipe[0], pump.pipe[1], pump.dst_fd
+        try:
+            while True:
+                n = os.splice(src, w, PIPE_SIZE, flags=os.SPLICE_F_MOVE)
+                if n == 0:
+                    break
+                pump.fill = n
+                while pump.fill:
+                    pump.fill -= os.splice(r, dst, pump.fill, flags=os.SPLICE_F_MOVE)
+            with contextlib.suppress(OSError):
+                pump.dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            failed = True
+            # Wake the other direction's thread: its blocking splice returns.
+            for sock in (self.a, self.b):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                    sock.shutdown(socket.SHUT_RDWR)
+        pump.done = True
+        with contextlib.suppress(RuntimeError):  # loop already closed: the process is exiting
+            self.loop.call_soon_threadsafe(self._bulk_done, failed)
+
+    def _bulk_done(self, failed: bool) -> None:
+        global _bulk_pairs
+        self._threads_left -= 1
+        if failed:
+            self._threads_left = max(self._threads_left, 0)
+        if self._threads_left == 0 or failed:
+            if self._threads_left == 0:
+                _bulk_pairs -= 1
+            if self._threads_left == 0:
+                self._release(reset_both=failed)
+
     def _release(self, *, reset_both: bool) -> None:
         if self._closed:
+            return
+        if self._threads_left:
+            # Bulk threads own the sockets until they return: wake them, they finish the job.
+            for sock in (self.a, self.b):
+                with contextlib.suppress(OSError):
+                    if reset_both:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                    sock.shutdown(socket.SHUT_RDWR)
             return
         self._closed = True
         for pump in (self.ab, self.ba):
