@@ -140,3 +140,18 @@ def test_gc_after_kill9_prints_what_it_removed(image: str) -> None:
     res = corral_cli("gc")
     assert (res.returncode, res.stdout) == (0, b"")
     assert b"nothing to remove" in res.stderr
+
+
+def test_logs_net_prints_denied_flows_as_json_lines(image: str) -> None:
+    name = unique("netlog")
+    res = corral_cli("create", "--net", "public-only", "--name", name, image)
+    assert res.returncode == 0, res.stderr
+    try:
+        corral_cli("exec", name, "--", "sh", "-c", "nc -w 2 10.66.0.99 8080 </dev/null")
+        events = [json.loads(line) for line in corral_cli("logs", "--net", name).stdout.splitlines()]
+        assert any(
+            e["destination"] == "10.66.0.99" and e["port"] == 8080 and e["action"] == "deny"
+            for e in events
+        ), events
+    finally:
+        corral_cli("rm", "-f", name)

@@ -218,6 +218,10 @@ def test_public_only_sandbox_reaches_the_world_and_nothing_private(
             assert f"reached {SERVER_V4}:{HTTP_PORT}" in ok.stdout_text, ok
             denied = sb.exec("sh", ["-c", request.format("10.66.0.10")])
             assert "reached" not in denied.stdout_text, denied
+            events = list(sb.logs())
+            assert any(
+                e.destination == "10.66.0.10" and e.action == "deny" for e in events
+            ), events
         allow_all = NetworkPolicy.allow_all()
         with corral.sync.Sandbox.create(unique("net"), image=image, network=allow_all) as sb:
             ok = sb.exec("sh", ["-c", request.format("10.66.0.10")])
