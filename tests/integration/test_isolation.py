@@ -342,7 +342,8 @@ def test_stop_sends_sigterm_first(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"name": ""}, "sandbox name '' is not a valid hostname"),
+        ({"name": ""}, "sandbox name .. is not a valid hostname"),
+        ({"name": "has space"}, "sandbox name .has space. is not a valid hostname"),
         ({"name": "a/b"}, "sandbox name 'a/b' is not a valid hostname"),
         ({"workdir": "relative"}, "workdir 'relative' must be an absolute path"),
         ({"pids_max": 2}, "pids_max 2 is too small"),
@@ -366,3 +367,17 @@ def test_restart_keeps_the_writable_layer(tmp_path: Path) -> None:
         run(sh(s, "echo kept > /root/note"))
     with launched(tmp_path / "sb", name="again") as s:
         assert run(sh(s, "cat /root/note"))[1] == "kept\n"
+
+
+def test_deep_state_directory_beyond_sun_path(tmp_path: Path) -> None:
+    """A socket path longer than sun_path's 108 bytes still works (bound through the dir fd)."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    with launched(deep / "sb", name="deep") as s:
+        assert len(str(s.channel_path)) > 108
+        assert run(sh(s, "echo deep"))[1] == "deep\n"
+
+
+def test_nul_byte_in_env_is_an_error_not_a_dead_worker(sb: launcher.Launched) -> None:
+    with pytest.raises(SandboxError, match="exec failed in the sandbox for 'sh': embedded null byte"):
+        run(sh(sb, "true", env={"X": "a\0b"}))
+    assert run(sh(sb, "echo still"))[1] == "still\n"

@@ -256,6 +256,28 @@ class _Connection:
             self.writer.close()
 
 
+#: sun_path is 108 bytes including the terminating NUL.
+UNIX_PATH_MAX = 107
+
+
+@contextlib.contextmanager
+def short_unix_path(path: Path) -> Iterator[str]:
+    """An address for ``path`` that fits sun_path, however deep the state directory is.
+
+    Long paths go through the directory's fd (``/proc/self/fd/N/name``), which the kernel
+    resolves like the real path; the fd is closed when the ``with`` ends (after bind or
+    connect, the address is no longer needed).
+    """
+    if len(os.fsencode(str(path))) <= UNIX_PATH_MAX:
+        yield str(path)
+        return
+    dirfd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{dirfd}/{path.name}"
+    finally:
+        os.close(dirfd)
+
+
 async def _read_host_file(path: Path) -> AsyncIterator[bytes]:
     """A host file in MAX_DATA_SIZE pieces (blocking reads: local disk, small pieces)."""
     with open(path, "rb") as f:
@@ -375,9 +397,10 @@ class ChannelClient:
         if self._closed:
             raise SandboxError(f"the channel client for {str(self.path)!r} is closed")
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(str(self.path)), self._timeout
-            )
+            with short_unix_path(self.path) as address:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_unix_connection(address), self._timeout
+                )
         except TimeoutError:
             raise SandboxError(
                 f"connect to the sandbox channel {str(self.path)!r}: timed out after "

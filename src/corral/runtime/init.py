@@ -474,8 +474,8 @@ class Worker:
         except PermissionError:
             self.error("exec", argv[0], kind="not_executable")
             return False
-        except OSError as e:
-            self.error("exec", argv[0], e)
+        except (OSError, ValueError) as e:  # ValueError: a NUL byte in argv or env
+            self.error("exec", argv[0], e if isinstance(e, OSError) else OSError(0, str(e)))
             return False
         _raise_oom_score(proc.pid)
         try:

@@ -55,6 +55,7 @@ import fcntl
 import gc
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -69,6 +70,7 @@ from typing import NoReturn
 from corral.errors import SandboxError
 from corral.runtime import capabilities, cgroups, init, seccomp_profile, syscalls
 from corral.runtime.cgroups import Cgroup, CgroupLimits
+from corral.runtime.channel import short_unix_path
 
 try:
     from corral.runtime.images.idmap import ID_RANGE, UID_BASE
@@ -100,6 +102,9 @@ INIT_OOM_SCORE_ADJ = -1000
 
 #: Kernel hostname limit (HOST_NAME_MAX).
 MAX_HOSTNAME = 64
+
+#: Sandbox names: they become the hostname and part of the cgroup directory names.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # 64 = MAX_HOSTNAME
 
 #: Characters overlayfs' option parser treats specially in lowerdir/upperdir/workdir.
 _OVERLAY_UNSAFE = (",", ":", "\\", "\n")
@@ -241,8 +246,11 @@ def launch(spec: LaunchSpec) -> Launched:
 
 
 def _validate(spec: LaunchSpec) -> None:
-    if not spec.name or len(spec.name) > MAX_HOSTNAME or "/" in spec.name or "\0" in spec.name:
-        raise SandboxError(f"sandbox name {spec.name!r} is not a valid hostname")
+    if not _NAME.fullmatch(spec.name):
+        raise SandboxError(
+            f"sandbox name {spec.name!r} is not a valid hostname (1-{MAX_HOSTNAME} letters, "
+            "digits, '.', '_' or '-', starting with a letter or digit)"
+        )
     if not spec.rootfs.is_dir():
         raise SandboxError(f"rootfs {str(spec.rootfs)!r} is not a directory")
     for what, path in (("rootfs", spec.rootfs), ("state_dir", spec.state_dir)):
@@ -280,7 +288,8 @@ def _listen(path: Path) -> socket.socket:
     try:
         old = os.umask(0o177)
         try:
-            sock.bind(str(path))
+            with short_unix_path(path) as address:
+                sock.bind(address)
         finally:
             os.umask(old)
         sock.listen(CHANNEL_BACKLOG)
