@@ -118,7 +118,7 @@ def test_timeout_kills_the_process_group(sb: launcher.Launched) -> None:
         client = await ChannelClient.connect(sb.channel_path)
         try:
             proc = await client.exec(
-                ["sh", "-c", "sleep 101 & sleep 102 & echo started; wait"], timeout=0.5
+                ["sh", "-c", "sleep 101 & sleep 102 & echo started; wait"], timeout=2.0
             )
             code, out, _ = await collect(proc)
             assert out == b"started\n"
