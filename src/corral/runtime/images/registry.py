@@ -46,7 +46,9 @@ _REDIRECTS = (301, 302, 303, 307, 308)
 
 
 @dataclass
-class _Response:
+class RegistryResponse:
+    """A response whose body is still on the wire; ``close()`` it (it owns the connection)."""
+
     status: int
     headers: http.client.HTTPMessage
     raw: http.client.HTTPResponse
@@ -109,7 +111,7 @@ class RegistryClient:
 
     def _send(
         self, method: str, url: str, headers: dict[str, str], body: bytes | BinaryIO | None
-    ) -> _Response:
+    ) -> RegistryResponse:
         parts = urllib.parse.urlsplit(url)
         conn: http.client.HTTPConnection
         if parts.scheme == "https":
@@ -144,11 +146,11 @@ class RegistryClient:
             conn.close()
             reason = exc.strerror or str(exc)
             raise ImageError(f"registry {parts.netloc} cannot be reached ({reason}).") from None
-        return _Response(raw.status, raw.headers, raw, conn)
+        return RegistryResponse(raw.status, raw.headers, raw, conn)
 
     def _send_following(
         self, method: str, url: str, headers: dict[str, str], body: bytes | BinaryIO | None
-    ) -> _Response:
+    ) -> RegistryResponse:
         origin = urllib.parse.urlsplit(url).netloc
         for _ in range(MAX_REDIRECTS + 1):
             resp = self._send(method, url, headers, body)
@@ -242,7 +244,7 @@ class RegistryClient:
         headers: dict[str, str] | None = None,
         body: bytes | None = None,
         actions: tuple[str, ...] = ("pull",),
-    ) -> _Response:
+    ) -> RegistryResponse:
         """Send an authorised request to ``/v2/<repository>/<path>`` (or a full URL path).
 
         ``path`` starting with ``/`` or a scheme is used as is (upload Locations). On 401 the
@@ -270,7 +272,7 @@ class RegistryClient:
                 raise ImageError(f"registry {host} refused the credentials for {repository}.")
         return resp
 
-    def _fail(self, resp: _Response, what: str, ref: ImageRef) -> ImageError:
+    def _fail(self, resp: RegistryResponse, what: str, ref: ImageRef) -> ImageError:
         try:
             detail = _registry_error(resp.raw.read(MAX_ERROR_BODY_BYTES))
         except (OSError, http.client.HTTPException):

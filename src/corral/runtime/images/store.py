@@ -22,7 +22,6 @@ import builtins
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -38,6 +37,7 @@ from corral.runtime import paths
 from corral.runtime.images.idmap import UID_BASE
 from corral.runtime.images.manifest import (
     Descriptor,
+    ImageConfig,
     Index,
     Manifest,
     host_target,
@@ -398,7 +398,7 @@ class ImageStore:
         reference: str,
         manifest_digest: str,
         manifest: Manifest,
-        config: Any,
+        config: ImageConfig,
         progress: ProgressSink | None,
     ) -> None:
         staging = Path(tempfile.mkdtemp(dir=self.root / "tmp", prefix="unpack-"))
@@ -450,11 +450,3 @@ class ImageStore:
         from corral.runtime.images import local
 
         return local.import_path(self, Path(path), name)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK_SIZE):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
