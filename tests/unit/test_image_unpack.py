@@ -315,3 +315,40 @@ def test_no_member_sequence_escapes(tmp_path: Path, layers: list[list[Member]]) 
                     assert p.resolve().is_relative_to(root.resolve())
     finally:
         shutil.rmtree(base)
+
+
+_SAMPLE = tar_bytes(d("a"), f("a/x", b"hello"), sym("a/l", "x"), hard("a/h", "a/x"), f("b"))
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.lists(st.tuples(st.integers(0, len(_SAMPLE) - 1), st.integers(0, 255)), max_size=12),
+    st.sampled_from(["none", "gzip", "zstd"]),
+    st.integers(0, len(_SAMPLE)),
+)
+def test_mutated_archives_fail_cleanly(
+    tmp_path: Path, flips: list[tuple[int, int]], compress: str, cut: int
+) -> None:
+    import shutil
+    import tempfile
+
+    data = bytearray(_SAMPLE)
+    for pos, value in flips:
+        data[pos] = value
+    raw = bytes(data[: max(cut, 1)]) if cut % 3 == 0 else bytes(data)
+    if compress == "gzip":
+        raw = gzip.compress(raw)
+    elif compress == "zstd":
+        raw = zstandard.ZstdCompressor().compress(raw)
+    base = Path(tempfile.mkdtemp(dir=tmp_path))
+    try:
+        root = base / "root"
+        root.mkdir()
+        with contextlib.suppress(ImageError):
+            LayerApplier(root, shift_ids=False).apply(io.BytesIO(raw), "layer")
+        for dirpath, _, _ in os.walk(root):
+            assert Path(dirpath).resolve().is_relative_to(root.resolve())
+    finally:
+        shutil.rmtree(base)
