@@ -84,12 +84,14 @@ class InitConfig:
 # --- pid 1 ------------------------------------------------------------------------------------
 
 
-def serve(listener: socket.socket, config: InitConfig) -> NoReturn:
+def serve(listener: socket.socket, config: InitConfig, ready_fd: int = -1) -> NoReturn:
     """Run as the sandbox's pid 1 until SIGTERM; never returns.
 
     The init does not accept connections itself: it keeps one *spare* worker forked ahead,
     blocked in accept(), and forks the next spare when that one reports (through a pipe)
     that it took a connection. So a request never waits for a fork of this process.
+    ``ready_fd`` (the launcher's pipe) gets ``{"t": "ready"}`` once the first spare exists,
+    so the first request after launch() does not wait for a fork either.
     """
     sys.path[:] = []
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -110,8 +112,13 @@ def serve(listener: socket.socket, config: InitConfig) -> NoReturn:
     sel = selectors.DefaultSelector()
     sel.register(wake_r, selectors.EVENT_READ)
     sel.register(taken_r, selectors.EVENT_READ)
-    inherited = (wake_r, wake_w, taken_r)
+    inherited = (wake_r, wake_w, taken_r) + ((ready_fd,) if ready_fd >= 0 else ())
     spare = _fork_spare(listener, config, taken_w, inherited)
+    if ready_fd >= 0:
+        with contextlib.suppress(OSError):
+            os.write(ready_fd, b'{"t": "ready"}\n')
+        os.close(ready_fd)
+    inherited = (wake_r, wake_w, taken_r)
     term_deadline = 0.0
     while True:
         if spare in _reap_all():

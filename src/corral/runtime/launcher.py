@@ -483,8 +483,6 @@ def _stage_b(
         config = init.InitConfig(env=dict(spec.env), workdir=spec.workdir, user=spec.user)
         os.set_inheritable(listener.fileno(), False)
         _close_fds_except({listener.fileno(), wr})
-        _send(wr, "ready")
-        os.close(wr)
         _redirect_stdio()
     except _Fail as e:
         _report(wr, str(e))
@@ -493,7 +491,7 @@ def _stage_b(
         _report(wr, f"launch sandbox (init): {type(e).__name__}: {e}")
         os._exit(1)
     try:
-        init.serve(listener, config)
+        init.serve(listener, config, ready_fd=wr)  # sends "ready" once it can serve
     finally:
         os._exit(1)
 
