@@ -381,3 +381,43 @@ def test_nul_byte_in_env_is_an_error_not_a_dead_worker(sb: launcher.Launched) ->
     with pytest.raises(SandboxError, match="exec failed in the sandbox for 'sh': embedded null byte"):
         run(sh(sb, "true", env={"X": "a\0b"}))
     assert run(sh(sb, "echo still"))[1] == "still\n"
+
+
+I386_PROBE = r"""
+int main(void) {
+    long ret;
+    /* getpid through the i386 ABI: a filter for x86_64 numbers must not be bypassed so. */
+    __asm__ volatile ("int $0x80" : "=a"(ret) : "a"(20) : "memory");
+    return ret > 0 ? 0 : 1;
+}
+"""
+
+
+def test_other_syscall_abis_are_killed(sb: launcher.Launched, tmp_path: Path) -> None:
+    (tmp_path / "i386.c").write_text(I386_PROBE)
+    subprocess.run(["gcc", "-static", "-O1", "-o", str(tmp_path / "i386"), str(tmp_path / "i386.c")],
+                   check=True, capture_output=True)
+    host = subprocess.run([str(tmp_path / "i386")])
+    assert host.returncode == 0  # works outside the sandbox
+
+    async def go() -> int:
+        c = await ChannelClient.connect(sb.channel_path)
+        try:
+            await c.write_file("/tmp/i386", (tmp_path / "i386").read_bytes(), mode=0o755)
+        finally:
+            await c.close()
+        return (await sh(sb, "/tmp/i386"))[0]
+
+    assert run(go()) == 128 + signal.SIGSYS
+
+
+def test_stop_after_the_init_was_killed(tmp_path: Path) -> None:
+    with launched(tmp_path / "sb", name="crashed") as s:
+        run(sh(s, "sleep 1000 > /dev/null 2>&1 & echo"))
+        os.kill(s.init_pid, signal.SIGKILL)  # the kernel kills the whole pid namespace
+        for _ in range(200):
+            if not s.alive():
+                break
+            time.sleep(0.01)
+        assert not s.alive()
+    # launched() stopped it and asserted: no process, cgroup, mount or socket left.
