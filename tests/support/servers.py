@@ -10,7 +10,8 @@ namespace) listens on every address given:
 - TCP 82: accepts and never says anything (an upstream that hangs);
 - TCP 83: a listener that never accepts (backlog 1: further SYNs go unanswered).
 
-It prints ``ready`` once every socket is bound, so the caller knows it can start.
+It prints ``ready`` once every socket is bound, so the caller knows it can start. Sockets use
+SO_REUSEPORT, so two test modules' server sets on the same address do not collide.
 """
 
 from __future__ import annotations
@@ -104,11 +105,16 @@ async def _serve(addresses: Sequence[str]) -> None:
             (RESET_PORT, _reset),
             (HANG_PORT, _hang),
         ):
-            keep.append(await asyncio.start_server(handler, addr, port, reuse_address=True))
-        transport, _ = await loop.create_datagram_endpoint(_UdpEcho, local_addr=(addr, ECHO_PORT))
+            keep.append(
+                await asyncio.start_server(handler, addr, port, reuse_address=True, reuse_port=True)
+            )
+        transport, _ = await loop.create_datagram_endpoint(
+            _UdpEcho, local_addr=(addr, ECHO_PORT), reuse_port=True
+        )
         keep.append(transport)
         never = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
         never.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        never.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         never.bind((addr, NEVER_ACCEPT_PORT))
         never.listen(0)
         keep.append(never)
