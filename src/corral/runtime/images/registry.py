@@ -14,6 +14,7 @@ import http.client
 import json
 import os
 import ssl
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable
@@ -94,17 +95,32 @@ class RegistryClient:
         self.timeout = timeout
         self.auth_file = auth_file
         self.insecure = auth.insecure_registries(insecure_registries)
-        self._tls = ssl.create_default_context()
         ca = ca_file or os.environ.get(auth.CA_FILE_ENV)
-        if ca:
-            try:
-                self._tls.load_verify_locations(cafile=str(ca))
-            except (OSError, ssl.SSLError) as exc:
-                raise ImageError(f"registry CA bundle {ca} cannot be loaded ({exc}).") from None
+        self._ca_file = str(ca) if ca else None
+        if self._ca_file is not None and not os.path.isfile(self._ca_file):
+            raise ImageError(f"registry CA bundle {self._ca_file} cannot be loaded (no such file).")
+        # Built on first HTTPS use: loading the system roots costs ~20 ms, and a store that
+        # only resolves cached images (every sandbox start) never needs it.
+        self._tls: ssl.SSLContext | None = None
+        self._tls_lock = threading.Lock()
         self._tokens: dict[tuple[str, str], tuple[str, float]] = {}
         self._basic: dict[str, str] = {}
 
     # -- transport ------------------------------------------------------------------------
+    def _tls_context(self) -> ssl.SSLContext:
+        with self._tls_lock:
+            if self._tls is None:
+                context = ssl.create_default_context()
+                if self._ca_file is not None:
+                    try:
+                        context.load_verify_locations(cafile=self._ca_file)
+                    except (OSError, ssl.SSLError) as exc:
+                        raise ImageError(
+                            f"registry CA bundle {self._ca_file} cannot be loaded ({exc})."
+                        ) from None
+                self._tls = context
+            return self._tls
+
     def _base_url(self, host: str) -> str:
         scheme = "http" if auth.is_insecure(host, self.insecure) else "https"
         return f"{scheme}://{host}"
@@ -116,7 +132,7 @@ class RegistryClient:
         conn: http.client.HTTPConnection
         if parts.scheme == "https":
             conn = http.client.HTTPSConnection(
-                parts.netloc, timeout=self.timeout, context=self._tls
+                parts.netloc, timeout=self.timeout, context=self._tls_context()
             )
         elif parts.scheme == "http":
             conn = http.client.HTTPConnection(parts.netloc, timeout=self.timeout)
