@@ -243,10 +243,19 @@ def test_disk_full_during_unpack(
         store = ImageStore(mnt / "images", **registry.store_options())
         with world.in_host(), pytest.raises(ImageError, match="disk full") as info:
             store.pull(test_images.busybox)
+        message = str(info.value)
+        assert message.startswith("disk full while unpacking layer 1/1 (sha256:")
+        assert message.endswith(f"of {test_images.busybox} into the image store {mnt / 'images'}.")
         assert "\n" not in str(info.value)
         assert os.listdir(mnt / "images" / "tmp") == []
         assert os.listdir(mnt / "images" / "images") == []
         assert store.list() == []
+        # Full already while downloading (the tools image's first layer is ~30 MB).
+        with world.in_host(), pytest.raises(ImageError, match="disk full") as info:
+            store.pull(test_images.tools)
+        assert str(info.value).startswith("disk full while storing blob sha256:")
+        assert os.listdir(mnt / "images" / "tmp") == []
+        assert os.listdir(mnt / "images" / "images") == []
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
 

@@ -408,7 +408,9 @@ class ImageStore:
             if self.shift_ids:
                 os.chown(rootfs, UID_BASE, UID_BASE)
             os.chmod(rootfs, ROOTFS_MODE)
-            applier = LayerApplier(rootfs, shift_ids=self.shift_ids)
+            applier = LayerApplier(
+                rootfs, shift_ids=self.shift_ids, destination=f"the image store {self.root}"
+            )
             for i, layer in enumerate(manifest.layers):
                 what = f"layer {i + 1}/{len(manifest.layers)} ({layer.digest}) of {reference}"
                 if progress is not None:

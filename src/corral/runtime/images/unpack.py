@@ -109,8 +109,10 @@ class LayerApplier:
     the store uses.
     """
 
-    def __init__(self, root: Path, *, shift_ids: bool = True) -> None:
+    def __init__(self, root: Path, *, shift_ids: bool = True, destination: str = "") -> None:
         self.root = root
+        #: How errors name where we unpack (the store, not its temp dir that is gone by then).
+        self.destination = destination or str(root)
         self.shift_ids = shift_ids
         self.skipped_devices = 0
 
@@ -206,7 +208,9 @@ class LayerApplier:
             raise ImageError(f"{what} is truncated or not a valid tar archive ({exc}).") from None
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise ImageError(f"disk full while unpacking {what} into {self.root}.") from None
+                raise ImageError(
+                    f"disk full while unpacking {what} into {self.destination}."
+                ) from None
             raise ImageError(f"unpacking {what} failed: {exc.strerror or exc}.") from None
         return "sha256:" + reader.hasher.hexdigest()
 
