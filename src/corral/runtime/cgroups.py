@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import signal
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -278,5 +278,9 @@ def cleanup(cgroup: Cgroup) -> None:
 
 def cgroup_name(sandbox: str, state_dir: Path) -> str:
     """A directory name unique per state directory (two CORRAL_HOMEs may reuse a name)."""
-    digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:10]
+    # crc32 rather than hashlib: importing OpenSSL's hashlib costs the supervisor's start-up
+    # several ms, and this only has to tell apart the few homes that may reuse a name (a
+    # collision is a clear "already exists" error, not a shared cgroup).
+    raw = os.fsencode(str(state_dir.resolve()))
+    digest = f"{zlib.crc32(raw):08x}{zlib.adler32(raw) & 0xFFFF:04x}"
     return f"corral-{sandbox}-{digest}"

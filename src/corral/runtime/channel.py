@@ -1,19 +1,8 @@
 """The host-guest channel: exec and file operations over the init's unix socket.
 
-Two layers, h11 style:
-
-* a sans-I/O codec (:class:`FrameReader`, :func:`encode_control`, :func:`encode_data`) used
-  by both ends; it never touches a socket, so every edge case is a unit test and the host side
-  can fuzz it with random bytes (the init runs inside the sandbox, so what it sends is
-  untrusted input for the host);
-* :class:`ChannelClient`, the asyncio shell the supervisor/SDK uses.
-
-Wire format (big-endian)::
-
-    frame   := kind:u8 length:u32 body[length]
-    CONTROL := a JSON object (UTF-8), at most MAX_CONTROL_SIZE bytes
-    STDIN / STDOUT / STDERR / FILE := raw bytes, at most MAX_DATA_SIZE; an empty body ends that
-                                      stream (EOF)
+Two layers, h11 style: the sans-I/O codec lives in :mod:`corral.runtime.channel_wire`
+(shared with the init, re-exported here), and this module is the asyncio shell the SDK uses,
+:class:`ChannelClient`.
 
 One connection carries one request at a time. A file-system request is one CONTROL frame
 answered by one CONTROL frame (``read``/``write`` add FILE frames), so its connection goes back
@@ -27,162 +16,60 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import stat
-import struct
-from collections.abc import AsyncIterable, AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from corral.errors import SandboxError
+from corral.runtime.channel_wire import (
+    CONNECT_TIMEOUT,
+    EXIT_TIMED_OUT,
+    FRAME_PREFIX,
+    KIND_CONTROL,
+    KIND_FILE,
+    KIND_STDERR,
+    KIND_STDIN,
+    KIND_STDOUT,
+    LIST_BATCH,
+    MAX_CONTROL_SIZE,
+    MAX_DATA_SIZE,
+    UNIX_PATH_MAX,
+    ChannelProtocolError,
+    Frame,
+    FrameReader,
+    encode_control,
+    encode_data,
+    error_from_reply,
+    short_unix_path,
+)
 
-KIND_CONTROL = 1
-KIND_STDIN = 2
-KIND_STDOUT = 3
-KIND_STDERR = 4
-KIND_FILE = 5
-_KINDS = frozenset({KIND_CONTROL, KIND_STDIN, KIND_STDOUT, KIND_STDERR, KIND_FILE})
-
-#: The 5-byte prefix of every frame: kind, then body length.
-FRAME_PREFIX = struct.Struct("!BI")
-
-#: Largest data frame body. 256 KiB is the chunk size the contract promises for read_file and
-#: matches the pipe/socket buffer sizes that gave the best throughput on this machine
-#: (PLATFORM.md, data path): large enough that per-frame overhead vanishes, small enough that
-#: a 50 MiB transfer never holds more than a few chunks in memory at either end.
-MAX_DATA_SIZE = 256 * 1024
-
-#: Largest control frame body. A request carries argv and env, which the kernel bounds at
-#: about 2 MiB (ARG_MAX with the default 8 MiB stack); JSON escaping can double that, so
-#: 4 MiB admits every exec the kernel would accept and still bounds what a hostile init can
-#: make the host buffer. Directory listings are sent in batches to stay far below it.
-MAX_CONTROL_SIZE = 4 * 1024 * 1024
-
-#: Entries per control frame of a directory listing (a few hundred bytes each).
-LIST_BATCH = 1000
-
-#: Exit code reported when ``timeout`` expired and the command was killed (as GNU timeout(1)).
-EXIT_TIMED_OUT = 124
-
-#: How long ``ChannelClient.connect`` waits for the init's socket by default.
-CONNECT_TIMEOUT = 5.0
-
-
-class ChannelProtocolError(SandboxError):
-    """The other end sent bytes that are not a valid frame (a bug, or a hostile sandbox)."""
-
-
-@dataclass(frozen=True)
-class Frame:
-    kind: int
-    body: bytes
-
-    def control(self) -> dict[str, Any]:
-        """The JSON object of a CONTROL frame; anything else is a protocol error."""
-        if self.kind != KIND_CONTROL:
-            raise ChannelProtocolError(
-                f"the sandbox channel sent a data frame (kind {self.kind}) where a control "
-                "frame was expected"
-            )
-        try:
-            obj = json.loads(self.body)
-        except (UnicodeDecodeError, ValueError):
-            raise ChannelProtocolError(
-                "the sandbox channel sent a control frame that is not JSON"
-            ) from None
-        if not isinstance(obj, dict):
-            raise ChannelProtocolError(
-                "the sandbox channel sent a control frame that is not a JSON object"
-            )
-        return obj
-
-
-class FrameReader:
-    """Turns a byte stream into frames; raises ChannelProtocolError on the first bad byte."""
-
-    def __init__(self, max_control: int = MAX_CONTROL_SIZE, max_data: int = MAX_DATA_SIZE):
-        self._buf = bytearray()
-        self._max_control = max_control
-        self._max_data = max_data
-
-    def feed(self, data: bytes) -> None:
-        self._buf += data
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buf)
-
-    def next_frame(self) -> Frame | None:
-        """The next complete frame, or None when more bytes are needed."""
-        if len(self._buf) < FRAME_PREFIX.size:
-            return None
-        kind, length = FRAME_PREFIX.unpack_from(self._buf)
-        if kind not in _KINDS:
-            raise ChannelProtocolError(f"the sandbox channel sent a frame of unknown kind {kind}")
-        limit = self._max_control if kind == KIND_CONTROL else self._max_data
-        if length > limit:
-            raise ChannelProtocolError(
-                f"the sandbox channel sent a frame of {length} bytes (kind {kind}), over the "
-                f"limit of {limit}"
-            )
-        end = FRAME_PREFIX.size + length
-        if len(self._buf) < end:
-            return None
-        body = bytes(self._buf[FRAME_PREFIX.size:end])
-        del self._buf[:end]
-        return Frame(kind, body)
-
-    def frames(self) -> Iterator[Frame]:
-        while (frame := self.next_frame()) is not None:
-            yield frame
-
-
-def encode_control(obj: Mapping[str, Any]) -> bytes:
-    body = json.dumps(obj, separators=(",", ":")).encode()
-    if len(body) > MAX_CONTROL_SIZE:
-        raise SandboxError(
-            f"request too large for the sandbox channel ({len(body)} bytes, limit "
-            f"{MAX_CONTROL_SIZE}): shorten argv/env"
-        )
-    return FRAME_PREFIX.pack(KIND_CONTROL, len(body)) + body
-
-
-def encode_data(kind: int, data: bytes) -> bytes:
-    """One data frame; callers split payloads into MAX_DATA_SIZE pieces first."""
-    if len(data) > MAX_DATA_SIZE:
-        raise ValueError(f"data frame of {len(data)} bytes exceeds {MAX_DATA_SIZE}")
-    return FRAME_PREFIX.pack(kind, len(data)) + data
-
-
-# --- errors reported by the worker ------------------------------------------------------------
-
-#: Sentences for the error kinds a worker reports; ``{p}`` is the path or command.
-_ERROR_SENTENCES = {
-    "not_found": "no such file or directory in the sandbox: {p!r}",
-    "exists": "already exists in the sandbox: {p!r}",
-    "not_dir": "not a directory in the sandbox: {p!r}",
-    "is_dir": "is a directory in the sandbox: {p!r}",
-    "permission": "permission denied in the sandbox: {p!r}",
-    "not_empty": "directory not empty in the sandbox: {p!r} (pass recursive=True)",
-    "command_not_found": "command not found in the sandbox: {p!r}",
-    "not_executable": "command is not executable in the sandbox: {p!r}",
-    "cwd_not_found": "working directory not found in the sandbox: {p!r}",
-    "bad_user": "user not found in the sandbox's /etc/passwd: {p!r}",
-}
-
-
-def error_from_reply(reply: Mapping[str, Any]) -> SandboxError:
-    """The SandboxError for a worker's ``{"t": "error", ...}`` reply."""
-    kind = str(reply.get("kind", "other"))
-    subject = str(reply.get("subject", ""))
-    template = _ERROR_SENTENCES.get(kind)
-    if template is not None:
-        return SandboxError(template.format(p=subject))
-    op = str(reply.get("op", "operation"))
-    message = str(reply.get("message", "unknown error"))
-    return SandboxError(f"{op} failed in the sandbox for {subject!r}: {message}")
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "EXIT_TIMED_OUT",
+    "FRAME_PREFIX",
+    "KIND_CONTROL",
+    "KIND_FILE",
+    "KIND_STDERR",
+    "KIND_STDIN",
+    "KIND_STDOUT",
+    "LIST_BATCH",
+    "MAX_CONTROL_SIZE",
+    "MAX_DATA_SIZE",
+    "UNIX_PATH_MAX",
+    "ChannelClient",
+    "ChannelProtocolError",
+    "ExecProcess",
+    "FileInfo",
+    "Frame",
+    "FrameReader",
+    "encode_control",
+    "encode_data",
+    "error_from_reply",
+    "short_unix_path",
+]
 
 
 # --- client -----------------------------------------------------------------------------------
@@ -254,28 +141,6 @@ class _Connection:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.writer.close()
-
-
-#: sun_path is 108 bytes including the terminating NUL.
-UNIX_PATH_MAX = 107
-
-
-@contextlib.contextmanager
-def short_unix_path(path: Path) -> Iterator[str]:
-    """An address for ``path`` that fits sun_path, however deep the state directory is.
-
-    Long paths go through the directory's fd (``/proc/self/fd/N/name``), which the kernel
-    resolves like the real path; the fd is closed when the ``with`` ends (after bind or
-    connect, the address is no longer needed).
-    """
-    if len(os.fsencode(str(path))) <= UNIX_PATH_MAX:
-        yield str(path)
-        return
-    dirfd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        yield f"/proc/self/fd/{dirfd}/{path.name}"
-    finally:
-        os.close(dirfd)
 
 
 async def _read_host_file(path: Path) -> AsyncIterator[bytes]:

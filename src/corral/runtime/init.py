@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from corral.runtime.channel import (
+from corral.runtime.channel_wire import (
     EXIT_TIMED_OUT,
     FRAME_PREFIX,
     KIND_CONTROL,

@@ -50,7 +50,6 @@ Why this shape:
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import gc
 import json
@@ -70,7 +69,7 @@ from typing import NoReturn
 from corral.errors import SandboxError
 from corral.runtime import capabilities, cgroups, init, seccomp_profile, syscalls
 from corral.runtime.cgroups import Cgroup, CgroupLimits
-from corral.runtime.channel import short_unix_path
+from corral.runtime.channel_wire import short_unix_path
 
 try:
     from corral.runtime.images.idmap import ID_RANGE, UID_BASE
@@ -716,4 +715,11 @@ def cleanup_leftovers(state_dir: Path) -> None:
             syscalls.umount2(target, syscalls.MNT_DETACH)
 
 
-__all__ = ["LaunchSpec", "Launched", "cleanup_leftovers", "errno", "launch", "stop"]
+__all__ = ["LaunchSpec", "Launched", "cleanup_leftovers", "launch", "stop"]
+
+
+# Compile the seccomp filter at import: the fork server imports this module once and forks
+# every supervisor from it, so they inherit the compiled program instead of paying for
+# libseccomp at each launch. A failure here resurfaces, as a clear error, in launch().
+with contextlib.suppress(OSError, ValueError, RuntimeError):
+    seccomp_profile.compiled()

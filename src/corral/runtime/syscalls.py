@@ -8,10 +8,21 @@ Numbers are for x86_64, the only architecture corral's namespace backend support
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+def _load_libc() -> ctypes.CDLL:
+    # The glibc soname directly: ctypes.util.find_library runs ldconfig in a subprocess,
+    # about 10 ms of every supervisor's start-up.
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:  # pragma: no cover - not glibc
+        from ctypes.util import find_library
+
+        return ctypes.CDLL(find_library("c"), use_errno=True)
+
+
+_libc = _load_libc()
 
 # clone(2)/unshare(2) flags.
 CLONE_NEWNS = 0x00020000
