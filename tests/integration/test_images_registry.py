@@ -68,6 +68,40 @@ def test_pull_tools_applies_whiteouts_zstd_and_setuid(
     ) or os.path.exists(img.rootfs / "usr/lib64/ld-linux-x86-64.so.2")
 
 
+def test_multi_arch_index_and_docker_media_types(
+    world: World, registry: RunningRegistry, test_images: PushedImages, tmp_path: Path
+) -> None:
+    busybox, tools = test_images.busybox_image, test_images.tools_image
+    client = registry.client()
+    repo = "corral/multi"
+    with world.in_host():
+        images_mod.push(client, registry.host, repo, busybox, "amd64-only")
+        images_mod.push(client, registry.host, repo, tools, "other")
+        docker_body = images_mod.docker_v2_manifest(busybox)
+        docker_digest = images_mod.push_manifest(
+            client, registry.host, repo, "docker", docker_body, images_mod.DOCKER_MANIFEST
+        )
+        # arm64 points at the tools manifest: picking it would be visible in the rootfs.
+        entries = [
+            (tools.manifest_digest, len(tools.manifest), images_mod.OCI_MANIFEST, "linux/arm64"),
+            (docker_digest, len(docker_body), images_mod.DOCKER_MANIFEST, "linux/amd64"),
+            (tools.manifest_digest, len(tools.manifest), images_mod.OCI_MANIFEST, "windows/amd64"),
+        ]
+        index_body = images_mod.index(entries, images_mod.DOCKER_MANIFEST_LIST)
+        index_digest = images_mod.push_manifest(
+            client, registry.host, repo, "multi", index_body, images_mod.DOCKER_MANIFEST_LIST
+        )
+        store = _store(tmp_path, registry)
+        img = store.pull(f"{registry.host}/{repo}:multi")
+        assert img.digest == docker_digest  # the linux/amd64 entry, a Docker v2 manifest
+        _assert_busybox(img)
+        assert not (img.rootfs / "usr/bin/python3.11").exists()
+        # The index digest is an alias of the pulled image: resolving it needs no network.
+        pinned = f"{registry.host}/{repo}@{index_digest}"
+    assert store.resolve(pinned).digest == docker_digest
+    assert store.lookup(f"{registry.host}/{repo}@{docker_digest}") is not None
+
+
 @pytest.mark.parametrize("variant", ["registry_tls", "registry_basic", "registry_token"])
 def test_pull_from_secured_registries(
     variant: str,

@@ -46,6 +46,9 @@ EPOCH = 1_700_000_000
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 LAYER_TYPES = {
     "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
     "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
@@ -385,14 +388,45 @@ def push(client: RegistryClient, host: str, repository: str, image: BuiltImage,
         put.close()
         if put.status != 201:
             raise RuntimeError(f"push {repository}: blob {digest} answered {put.status}")
+    return push_manifest(client, host, repository, tag or image.tag, image.manifest, OCI_MANIFEST)
+
+
+def push_manifest(client: RegistryClient, host: str, repository: str, tag: str, body: bytes,
+                  media_type: str) -> str:  # fmt: skip
+    """PUT a manifest or index (its blobs/manifests must be there); returns its digest."""
     resp = client.request(
-        "PUT", host, repository, f"manifests/{tag or image.tag}", body=image.manifest,
-        headers={"Content-Type": OCI_MANIFEST}, actions=("pull", "push"),
+        "PUT", host, repository, f"manifests/{tag}", body=body,
+        headers={"Content-Type": media_type}, actions=("pull", "push"),
     )  # fmt: skip
     resp.close()
     if resp.status != 201:
-        raise RuntimeError(f"push {repository}: manifest answered {resp.status}")
-    return image.manifest_digest
+        raise RuntimeError(f"push {repository}: manifest {tag} answered {resp.status}")
+    return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+def docker_v2_manifest(image: BuiltImage) -> bytes:
+    """The same image described with Docker's v2 schema 2 media types (gzip layers only)."""
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": DOCKER_MANIFEST,
+        "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
+                   "digest": image.config_digest, "size": len(image.config)},
+        "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                    "digest": layer.digest, "size": layer.size} for layer in image.layers],
+    }  # fmt: skip
+    return json.dumps(doc).encode()
+
+
+def index(entries: list[tuple[str, int, str, str]], media_type: str = OCI_INDEX) -> bytes:
+    """An index / manifest list of (manifest digest, size, manifest media type, "os/arch")."""
+    manifests = []
+    for digest, size, mtype, plat in entries:
+        os_name, arch = plat.split("/")
+        manifests.append({"mediaType": mtype, "digest": digest, "size": size,
+                          "platform": {"os": os_name, "architecture": arch}})  # fmt: skip
+    return json.dumps(
+        {"schemaVersion": 2, "mediaType": media_type, "manifests": manifests}
+    ).encode()
 
 
 def write_docker_save(image: BuiltImage, path: Path, repo_tag: str) -> Path:
