@@ -192,6 +192,10 @@ def launch(spec: LaunchSpec) -> Launched:
         to_child_r, to_child_w = os.pipe2(os.O_CLOEXEC)
         from_child_r, from_child_w = os.pipe2(os.O_CLOEXEC)
         syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)
+        if signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN:
+            # Ignored SIGCHLD makes the kernel reap our children itself: the init could not
+            # be waited for (and stage A's waitpid would fail).
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         seccomp = seccomp_profile.compiled()
         gc.freeze()  # keep the garbage collector from dirtying pages the init shares with us
         try:
