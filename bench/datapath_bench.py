@@ -46,7 +46,7 @@ from corral.config import NetworkPolicy
 from corral.net.addressing import AddressPool
 from corral.net.datapath import SandboxNetwork
 async def main():
-    net = SandboxNetwork.reserve("bench", NetworkPolicy.public_only(), pathlib.Path(sys.argv[1]),
+    net = SandboxNetwork.reserve("bench", NetworkPolicy.public_only(), pathlib.Path(sys.argv[1]), mtu=int(sys.argv[2]),
                                  pool=AddressPool(pathlib.Path(sys.argv[1]) / "pool"))
     await net.start()
     print(net.names.netns, flush=True)
@@ -159,6 +159,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--pings", type=int, default=5000)
+    ap.add_argument("--mtu", type=int, default=1500, help="MTU of the sandbox's veth (corral side)")
     ap.add_argument(
         "--rounds",
         type=int,
@@ -189,6 +190,7 @@ def main() -> None:
                 "-c",
                 SUPERVISOR,
                 tmp.name,
+                str(args.mtu),
             ],
             stdout=subprocess.PIPE,
             text=True,
