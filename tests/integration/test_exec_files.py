@@ -290,3 +290,17 @@ def test_copy_out_never_writes_through_a_planted_symlink(
     assert victim.read_text() == "untouched"
     assert os.readlink(tmp_path / "out" / "x") == str(victim)
     assert (tmp_path / "out" / "y").read_text() == "pwn\n"
+
+
+def test_reading_a_fifo_is_refused_not_hung(sb: launcher.Launched) -> None:
+    run(sh(sb, "rm -f /tmp/pipe; mkfifo /tmp/pipe"))
+
+    async def go() -> None:
+        c = await _client(sb)
+        try:
+            [x async for x in c.read_file("/tmp/pipe")]
+        finally:
+            await c.close()
+
+    with pytest.raises(SandboxError, match="read failed in the sandbox for '/tmp/pipe': not a regular"):
+        run(go())

@@ -363,13 +363,17 @@ class Worker:
     def op_read(self, request: Mapping[str, Any]) -> None:
         path = self.path_of(request)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: opening a FIFO must not hang this worker until a writer appears.
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as e:
             return self.error("read", path, e)
         try:
             st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):
                 return self.error("read", path, kind="is_dir")
+            if stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode):
+                return self.error("read", path, OSError(errno.EINVAL, "not a regular file"))
+            os.set_blocking(fd, True)
             self.reply(t="ok", size=st.st_size)
             buf = bytearray(MAX_DATA_SIZE)
             view = memoryview(buf)
