@@ -167,3 +167,18 @@ def test_cgroup_name_is_unique_per_state_dir(tmp_path: Path) -> None:
     a = cgroups.cgroup_name("box", tmp_path / "home1" / "box")
     b = cgroups.cgroup_name("box", tmp_path / "home2" / "box")
     assert a != b and a.startswith("corral-box-")
+
+
+def test_oom_kills_reads_v1_and_v2_counters(tmp_path: Path) -> None:
+    v1_root = _v1_tree(tmp_path / "v1", hybrid=False)
+    v1 = cgroups.plan("sb", v1_root, HYBRID_SELF)
+    cgroups.create(v1, CgroupLimits())
+    assert v1.oom_kills() == 0
+    (v1.v1["memory"] / "memory.oom_control").write_text(
+        "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n"
+    )
+    assert v1.oom_kills() == 3
+    v2 = Cgroup("v2", (tmp_path / "v2cg",), unified=tmp_path / "v2cg")
+    v2.paths[0].mkdir()
+    (v2.paths[0] / "memory.events").write_text("low 0\nhigh 0\nmax 5\noom 2\noom_kill 2\n")
+    assert v2.oom_kills() == 2

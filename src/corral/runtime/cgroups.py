@@ -112,6 +112,27 @@ class Cgroup:
                         ) from None
                     time.sleep(0.005)
 
+    def oom_kills(self) -> int:
+        """Processes the OOM killer has killed in this cgroup so far (0 if unknown).
+
+        Lets the supervisor tell "exit 137 because the memory limit was hit" from any other
+        SIGKILL: compare the count before and after a command.
+        """
+        if self.layout == "v2":
+            path, key = self.paths[0] / "memory.events", "oom_kill"
+        elif "memory" in self.v1:
+            path, key = self.v1["memory"] / "memory.oom_control", "oom_kill"
+        else:
+            return 0
+        try:
+            for line in path.read_text().splitlines():
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return int(value)
+        except (OSError, ValueError):
+            pass
+        return 0
+
     def exists(self) -> bool:
         return any(p.exists() for p in self.paths)
 
