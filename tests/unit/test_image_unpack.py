@@ -352,3 +352,48 @@ def test_mutated_archives_fail_cleanly(
             assert Path(dirpath).resolve().is_relative_to(root.resolve())
     finally:
         shutil.rmtree(base)
+
+
+def _caps_v2(permitted: int, effective: bool = True) -> bytes:
+    magic = 0x02000000 | (1 if effective else 0)
+    return (
+        magic.to_bytes(4, "little")
+        + permitted.to_bytes(4, "little")
+        + (0).to_bytes(4, "little")
+        + (0).to_bytes(8, "little")
+    )
+
+
+CAP_NET_RAW = 1 << 13
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="setting security.capability needs root")
+def test_file_capabilities_are_rewritten_for_the_namespace(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    info, data = f("bin/ping", b"elf", 0o755)
+    info.pax_headers = {
+        "SCHILY.xattr.security.capability": _caps_v2(CAP_NET_RAW).decode(
+            "utf-8", "surrogateescape"
+        ),
+        "SCHILY.xattr.user.note": "hello",
+        "SCHILY.xattr.trusted.secret": "dropped",
+    }
+    applier = LayerApplier(root, shift_ids=True)
+    applier.apply(io.BytesIO(tar_bytes((info, data))), "layer")
+    value = os.getxattr(root / "bin/ping", "security.capability")
+    assert len(value) == 24
+    assert int.from_bytes(value[:4], "little") == 0x03000001  # v3, effective
+    assert int.from_bytes(value[4:8], "little") == CAP_NET_RAW
+    assert int.from_bytes(value[20:24], "little") == UID_BASE  # the sandbox's root
+    assert os.getxattr(root / "bin/ping", "user.note") == b"hello"
+    assert "trusted.secret" not in os.listxattr(root / "bin/ping")
+    assert os.lstat(root / "bin/ping").st_uid == UID_BASE
+
+
+def test_capability_conversion_rejects_garbage(tmp_path: Path) -> None:
+    applier = LayerApplier(tmp_path, shift_ids=False)
+    assert applier._capability_for_namespace(b"short") is None
+    assert applier._capability_for_namespace(b"\x00" * 24) is None
+    v3 = (0x03000000).to_bytes(4, "little") + b"\x00" * 16 + (7).to_bytes(4, "little")
+    assert applier._capability_for_namespace(v3) == v3

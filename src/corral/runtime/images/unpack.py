@@ -10,8 +10,9 @@ Layers are untrusted tar streams. Safety rules, all enforced here:
   created with O_EXCL|O_NOFOLLOW.
 * Hard links may only point at something already inside the root (resolved the same way).
 * Device nodes are skipped (the runtime bind-mounts a minimal /dev); FIFOs are kept.
-* Ownership is shifted by idmap.UID_BASE; modes (setuid/setgid/sticky included) are set after
-  the chown, which would otherwise clear them.
+* Ownership is shifted by idmap.UID_BASE; modes (setuid/setgid/sticky included) and file
+  capabilities are set after the chown, which would otherwise clear them; capabilities are
+  rewritten to name the sandbox's root (v3) so the kernel honours them inside the sandbox.
 
 Whiteouts (``.wh.name``) remove a lower entry; an opaque marker (``.wh..wh..opq``) hides all
 lower content of its directory. Both are applied, never written, so the result has no
@@ -46,6 +47,16 @@ MAX_SYMLINK_HOPS = 40
 COPY_CHUNK = 1024 * 1024
 #: Mode of directories a layer implies but does not list (what Docker uses).
 IMPLIED_DIR_MODE = 0o755
+
+#: How tar (PAX, as GNU tar and Docker write them) carries extended attributes.
+XATTR_PAX_PREFIX = "SCHILY.xattr."
+CAPABILITY_XATTR = "security.capability"
+#: linux/capability.h: struct vfs_cap_data (v2) and vfs_ns_cap_data (v3, with a root id).
+VFS_CAP_REVISION_MASK = 0xFF000000
+VFS_CAP_REVISION_2 = 0x02000000
+VFS_CAP_REVISION_3 = 0x03000000
+VFS_CAP_V2_SIZE = 20
+VFS_CAP_V3_SIZE = 24
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -115,6 +126,7 @@ class LayerApplier:
         self.destination = destination or str(root)
         self.shift_ids = shift_ids
         self.skipped_devices = 0
+        self.skipped_xattrs = 0
 
     # -- resolution inside the root ---------------------------------------------------------
     def _resolve(self, parts: list[str], what: str, *, create: bool) -> list[str]:
@@ -311,9 +323,57 @@ class LayerApplier:
             if self.shift_ids:
                 os.fchown(fd, shift_id(member.uid), shift_id(member.gid))
             os.fchmod(fd, member.mode & 0o7777)
+            self._set_xattrs(fd, member)
             os.utime(fd, (member.mtime, member.mtime))
         finally:
             os.close(fd)
+
+    def _set_xattrs(self, fd: int, member: tarfile.TarInfo) -> None:
+        """Apply ``user.*`` xattrs and file capabilities (after chown, which clears caps).
+
+        Other namespaces (trusted.*, security.selinux, ACLs) describe the build host, not the
+        image, and are dropped. A filesystem that refuses xattrs loses them (counted).
+        """
+        for key, text in member.pax_headers.items():
+            if not key.startswith(XATTR_PAX_PREFIX):
+                continue
+            name = key[len(XATTR_PAX_PREFIX) :]
+            value = text.encode("utf-8", "surrogateescape")
+            if name == CAPABILITY_XATTR:
+                converted = self._capability_for_namespace(value)
+                if converted is None:
+                    continue
+                value = converted
+            elif not name.startswith("user."):
+                continue
+            try:
+                os.setxattr(fd, name, value)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                self.skipped_xattrs += 1
+
+    def _capability_for_namespace(self, value: bytes) -> bytes | None:
+        """A file capability as the sandbox's user namespace will honour it.
+
+        v2 capabilities (no root id) count only for the initial namespace's root; rewritten as
+        v3 with the root id the sandbox's root maps to, they apply inside the sandbox.
+        """
+        if len(value) < VFS_CAP_V2_SIZE:
+            return None
+        magic = int.from_bytes(value[:4], "little")
+        body = value[4:VFS_CAP_V2_SIZE]
+        if magic & VFS_CAP_REVISION_MASK == VFS_CAP_REVISION_2:
+            root_id = 0
+        elif magic & VFS_CAP_REVISION_MASK == VFS_CAP_REVISION_3 and len(value) >= VFS_CAP_V3_SIZE:
+            root_id = int.from_bytes(value[VFS_CAP_V2_SIZE:VFS_CAP_V3_SIZE], "little")
+        else:
+            return None
+        if self.shift_ids:
+            root_id = shift_id(root_id)
+        flags = magic & ~VFS_CAP_REVISION_MASK & 0xFFFFFFFF
+        header = (VFS_CAP_REVISION_3 | flags).to_bytes(4, "little")
+        return header + body + root_id.to_bytes(4, "little")
 
     def _prune_lower(self, parts: list[str], created: set[str]) -> None:
         """Under opaque dir ``parts``: delete what this layer did not create, recursively."""
