@@ -597,3 +597,63 @@ def test_close_is_idempotent_and_complete(world: World, tmp_path: Path, servers:
         asyncio.run(again())
     with contextlib.suppress(Exception):
         pass
+
+
+STREAM = (
+    "import socket,os,threading,sys\n"
+    "s=socket.create_connection((sys.argv[1],7),timeout=30)\n"
+    "def rd():\n"
+    "  try:\n"
+    "    while s.recv(1<<16): pass\n"
+    "  except OSError: pass\n"
+    "threading.Thread(target=rd,daemon=True).start()\n"
+    "chunk=os.urandom(1<<20)\n"
+    "try:\n"
+    "  for i in range(100000): s.sendall(chunk)\n"
+    "except OSError as e: print(type(e).__name__, flush=True)\n"
+)
+
+
+def _wait_for_bulk(n: RunningNetwork) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if n.call(lambda: any(p._threads_left for p in n.net.tcp._pairs)):
+            return
+        time.sleep(0.1)
+    raise AssertionError("the transfer never reached bulk mode")
+
+
+def test_guest_dying_mid_stream_releases_the_connection(make_net: MakeNet) -> None:
+    n = make_net(NetworkPolicy.public_only())
+    proc = n.popen([sys.executable, "-c", STREAM, PUBLIC_V4], stdout=subprocess.PIPE, cwd=str(ROOT))
+    try:
+        _wait_for_bulk(n)
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while n.call(lambda: n.net.gate.active) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert n.call(lambda: (n.net.gate.active, len(n.net.tcp._pairs))) == (0, 0)
+    assert n.exchange("tcp", PUBLIC_V4, ECHO_PORT) == "OK ping"
+
+
+def test_closing_during_a_bulk_transfer_resets_the_guest_and_leaves_nothing(
+    make_net: MakeNet, world: World
+) -> None:
+    n = make_net(NetworkPolicy.public_only())
+    proc = n.popen([sys.executable, "-c", STREAM, PUBLIC_V4], stdout=subprocess.PIPE, cwd=str(ROOT))
+    try:
+        _wait_for_bulk(n)
+        started = time.monotonic()
+        net = n.net
+        n.close()
+        assert time.monotonic() - started < 10
+        assert leftovers(world, net, n.sandbox_id) == []
+        out, _ = proc.communicate(timeout=30)
+        # The guest saw its connection die (reset), or lost its netns with the link.
+        assert proc.returncode is not None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -46,6 +46,10 @@ MAX_BULK_PAIRS = 8
 
 _bulk_pairs = 0
 
+#: How long closing a bulk pair waits for its threads, which return as soon as their sockets
+#: are shut down (a splice blocked on a shut-down socket returns at once).
+BULK_JOIN_TIMEOUT = 2.0
+
 F_SETPIPE_SZ = 1031  # fcntl.h; not exported by Python's fcntl module before 3.13
 
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
@@ -193,9 +197,12 @@ class SplicedPair:
     """Two connected sockets joined both ways until both directions end or one side fails."""
 
     __slots__ = (
+        "_bulk_failed",
         "_closed",
+        "_closing",
         "_lock",
         "_on_close",
+        "_threads",
         "_threads_left",
         "a",
         "ab",
@@ -219,6 +226,9 @@ class SplicedPair:
         self._on_close = on_close
         self._closed = False
         self._threads_left = 0  # > 0 while in bulk (thread) mode
+        self._threads: list[threading.Thread] = []
+        self._bulk_failed = False
+        self._closing = False
         self._lock = threading.Lock()
         self.loop = loop
         self.ab = _Pump(loop, a, b, pipes.get(), self._direction_done, self.abort, self)
@@ -237,7 +247,8 @@ class SplicedPair:
         self._release(reset_both=True)
 
     def close(self) -> None:
-        """Shut down (supervisor stopping): reset both sides."""
+        """Shut down (supervisor stopping): reset both sides, synchronously."""
+        self._closing = True
         self._release(reset_both=True)
 
     # -- bulk mode --------------------------------------------------------------------------
@@ -262,9 +273,11 @@ class SplicedPair:
         self.a.setblocking(True)
         self.b.setblocking(True)
         for pump in (self.ab, self.ba):
-            threading.Thread(
+            thread = threading.Thread(
                 target=self._bulk, args=(pump,), daemon=True, name="corral-splice"
-            ).start()
+            )
+            self._threads.append(thread)
+            thread.start()
         return True
 
     def _bulk(self, pump: _Pump) -> None:
@@ -293,27 +306,38 @@ class SplicedPair:
             self.loop.call_soon_threadsafe(self._bulk_done, failed)
 
     def _bulk_done(self, failed: bool) -> None:
-        global _bulk_pairs
+        """A bulk thread returned (on the loop); the last one releases the pair."""
+        if self._closed:
+            return  # close() already joined the threads and released everything
+        self._bulk_failed |= failed
         self._threads_left -= 1
-        if failed:
-            self._threads_left = max(self._threads_left, 0)
-        if self._threads_left == 0 or failed:
-            if self._threads_left == 0:
-                _bulk_pairs -= 1
-            if self._threads_left == 0:
-                self._release(reset_both=failed)
+        if self._threads_left == 0:
+            self._leave_bulk()
+            self._release(reset_both=self._bulk_failed)
+
+    def _leave_bulk(self) -> None:
+        global _bulk_pairs
+        self._threads_left = 0
+        self._threads.clear()
+        _bulk_pairs -= 1
 
     def _release(self, *, reset_both: bool) -> None:
         if self._closed:
             return
         if self._threads_left:
-            # Bulk threads own the sockets until they return: wake them, they finish the job.
+            # Bulk threads own the sockets until they return: wake them (their splices return
+            # at once), then either let the last one release the pair or, when the supervisor
+            # is closing and its loop may stop any moment, wait for them here.
             for sock in (self.a, self.b):
                 with contextlib.suppress(OSError):
                     if reset_both:
                         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
                     sock.shutdown(socket.SHUT_RDWR)
-            return
+            if not self._closing:
+                return
+            for thread in self._threads:
+                thread.join(BULK_JOIN_TIMEOUT)
+            self._leave_bulk()
         self._closed = True
         for pump in (self.ab, self.ba):
             pump.stop()
