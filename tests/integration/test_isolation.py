@@ -418,3 +418,24 @@ def test_stop_after_the_init_was_killed(tmp_path: Path) -> None:
             time.sleep(0.01)
         assert not s.alive()
     # launched() stopped it and asserted: no process, cgroup, mount or socket left.
+
+
+def test_commands_inherit_no_descriptor_of_the_init(sb: launcher.Launched) -> None:
+    _, out, _ = run(sh(sb, "ls /proc/self/fd"))
+    assert sorted(int(x) for x in out.split()) == [0, 1, 2, 3]  # 3: ls's own directory fd
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "echo 3 > /proc/sys/vm/drop_caches",
+        "echo h > /proc/sysrq-trigger",
+        "hostname other",
+        "dmesg",
+        "head -c 1 /proc/kcore",
+    ],
+)
+def test_host_kernel_knobs_are_out_of_reach(sb: launcher.Launched, script: str) -> None:
+    code, _, _ = run(sh(sb, script))
+    assert code != 0
+    assert run(sh(sb, "hostname"))[1] == "iso-box\n"
