@@ -69,3 +69,16 @@ def test_paths_follow_corral_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert paths.sandboxes_dir() == tmp_path / "home" / "sandboxes"
     assert (tmp_path / "home" / "images").stat().st_mode & 0o777 == 0o700
     assert ImageStore(shift_ids=False).root == tmp_path / "home" / "images"
+
+
+def test_blobs_are_not_collected_while_another_operation_runs(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path / "images", shift_ids=False)
+    img = store.import_path(_tree(tmp_path), "localhost/box:1")
+    other = ImageStore(tmp_path / "images", shift_ids=False)
+    with other.busy():  # e.g. a pull in another process that stored blobs not yet listed
+        store.remove("localhost/box:1")
+    assert not img.rootfs.exists()
+    assert (store.root / "blobs" / "sha256" / img.layers[0].split(":")[1]).exists()
+    store.import_path(_tree(tmp_path), "localhost/box2:1")
+    store.remove("localhost/box2:1")  # idle now: everything unreferenced goes
+    assert os.listdir(store.root / "blobs" / "sha256") == []

@@ -136,17 +136,28 @@ class ImageStore:
         finally:
             os.close(fd)
 
+    @contextlib.contextmanager
+    def _idle(self) -> Iterator[bool]:
+        """Yields True while holding the store exclusively (no pull/import/remove running)."""
+        fd = os.open(self.root / "locks" / "store.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
     def clean_debris(self) -> int:
         """Delete what crashed pulls left in tmp/, unless an operation is running right now.
 
         Returns how many entries were removed. Called on every store open; ``corral gc`` may
         call it too.
         """
-        fd = os.open(self.root / "locks" / "store.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+        with self._idle() as idle:
+            if not idle:
                 return 0
             removed = 0
             for entry in (self.root / "tmp").iterdir():
@@ -156,8 +167,6 @@ class ImageStore:
                     entry.unlink(missing_ok=True)
                 removed += 1
             return removed
-        finally:
-            os.close(fd)
 
     # -- refs ------------------------------------------------------------------------------
     def _read_refs(self) -> dict[str, str]:
@@ -267,7 +276,16 @@ class ImageStore:
             self._collect_blobs()
 
     def _collect_blobs(self) -> None:
-        """Delete blobs no remaining image lists (manifests, configs, layers)."""
+        """Delete blobs no remaining image lists (manifests, configs, layers).
+
+        Only when the store is idle: a pull in progress has stored blobs that no image.json
+        lists yet. Skipped blobs are collected by a later remove.
+        """
+        with self._idle() as idle:
+            if idle:
+                self._collect_blobs_idle()
+
+    def _collect_blobs_idle(self) -> None:
         keep: set[str] = set()
         for meta_path in (self.root / "images").glob("*/image.json"):
             try:
