@@ -79,6 +79,6 @@ def test_blobs_are_not_collected_while_another_operation_runs(tmp_path: Path) ->
         store.remove("localhost/box:1")
     assert not img.rootfs.exists()
     assert (store.root / "blobs" / "sha256" / img.layers[0].split(":")[1]).exists()
-    store.import_path(_tree(tmp_path), "localhost/box2:1")
+    store.import_path(_tree(tmp_path / "second"), "localhost/box2:1")
     store.remove("localhost/box2:1")  # idle now: everything unreferenced goes
     assert os.listdir(store.root / "blobs" / "sha256") == []
