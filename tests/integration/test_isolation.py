@@ -345,6 +345,7 @@ def test_stop_sends_sigterm_first(tmp_path: Path) -> None:
         ({"workdir": "relative"}, "workdir 'relative' must be an absolute path"),
         ({"pids_max": 2}, "pids_max 2 is too small"),
         ({"memory": 1000}, "memory limit 1000 bytes is below the minimum"),
+        ({"user": "ghost"}, "user 'ghost': 'ghost' is not in the image's /etc/passwd"),
     ],
 )
 def test_bad_specs_are_refused_with_one_sentence(
@@ -356,6 +357,11 @@ def test_bad_specs_are_refused_with_one_sentence(
     launcher.cleanup_leftovers(state)
     if (state / launcher.CGROUP_RECORD).exists():
         assert not launcher.Cgroup.from_json((state / launcher.CGROUP_RECORD).read_text()).exists()
+
+
+def test_missing_workdir_is_created(tmp_path: Path) -> None:
+    with launched(tmp_path / "sb", name="wd", workdir="/srv/app") as s:
+        assert run(sh(s, "pwd"))[1] == "/srv/app\n"
 
 
 def test_restart_keeps_the_writable_layer(tmp_path: Path) -> None:

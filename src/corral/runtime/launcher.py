@@ -213,7 +213,7 @@ def launch(spec: LaunchSpec) -> Launched:
 
         messages.expect("unshared")
         _write_id_maps(pid_a)
-        os.write(to_child_w, b"m")
+        _tell(to_child_w, b"m", messages)
 
         pid_b = int(str(messages.expect("init")["pid"]))
         os.waitpid(pid_a, 0)
@@ -224,7 +224,7 @@ def launch(spec: LaunchSpec) -> Launched:
         cgroup.add(pid_b)
         with contextlib.suppress(SandboxError):  # needs CAP_SYS_RESOURCE; best effort
             _write_proc(pid_b, "oom_score_adj", str(INIT_OOM_SCORE_ADJ))
-        os.write(to_child_w, b"g")
+        _tell(to_child_w, b"g", messages)
         messages.expect("ready")
     except BaseException:
         for pid in (pid_a, pid_b):
@@ -343,6 +343,15 @@ class _Messages:
         if msg.get("t") != kind:
             raise SandboxError(f"launch sandbox: expected {kind!r}, got {msg.get('t')!r}")
         return dict(msg)
+
+
+def _tell(fd: int, byte: bytes, messages: _Messages) -> None:
+    """Send a go-ahead to the stages; if they are gone, raise the error they reported."""
+    try:
+        os.write(fd, byte)
+    except BrokenPipeError:
+        messages.expect("ready")  # raises the stage's own error sentence (or "exited before")
+        raise
 
 
 def _send(fd: int, kind: str, **fields: object) -> None:
@@ -464,6 +473,13 @@ def _stage_b(
         _write_etc(spec)
         for path, data in spec.extra_files.items():
             _write_file(path, data)
+        try:
+            init.resolve_user(spec.user)  # fail at create, not at every exec
+        except LookupError as e:
+            raise _Fail(f"user {spec.user!r}: {e.args[0]!r} is not in the image's /etc/passwd "
+                        "or /etc/group") from None
+        if not os.path.isdir(spec.workdir):
+            os.makedirs(spec.workdir, mode=0o755, exist_ok=True)  # as Docker does for WORKDIR
 
         _wait_byte(rd, "start")  # A has exited, we are the supervisor's child, in our cgroup
         try:
