@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 from corral.runtime import gc
+from corral.sdk import lifecycle
 from tests.integration.lifecycle_support import supervisor_processes
 from tests.support import world as world_mod
 
@@ -48,6 +49,7 @@ def corral_mounts() -> list[str]:
 
 def test_the_suite_left_no_debris(world: world_mod.World) -> None:
     home = os.environ.get("CORRAL_HOME")
+    lifecycle.close_fork_server()  # this test process's own; it would exit with us anyway
     with world.in_host():
         in_host = (corral_links(), corral_nft_tables())
     assert in_host == ([], [])

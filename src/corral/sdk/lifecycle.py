@@ -76,6 +76,18 @@ def _fork_server() -> ForkServerClient | None:
         return _fork_server_client
 
 
+def close_fork_server() -> None:
+    """Stop this process's fork server now (it also stops by itself when this process exits).
+
+    Supervisors it forked keep running; the next ``create`` starts a new fork server.
+    """
+    global _fork_server_client
+    with _fork_server_lock:
+        client, _fork_server_client = _fork_server_client, None
+    if client is not None:
+        client.close()
+
+
 def _exec_supervisor(directory: Path, ready_fd: int) -> int:
     """Start a supervisor as a fresh interpreter (no fork server); returns its pid."""
     env = dict(os.environ)
