@@ -14,12 +14,14 @@ delete every piece without any state but the sandbox id:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import ipaddress
 import json
 import os
 import re
 import subprocess
+import threading
 from dataclasses import dataclass
 
 from corral.errors import NetworkError
@@ -35,6 +37,12 @@ ROUTING_TABLE_BASE = 0x63720000
 
 #: Priority of the divert rules: before ``main`` (32766), after ``local`` (0).
 RULE_PRIORITY = 10000
+
+#: Groups allowed to open unprivileged ICMP echo sockets inside the sandbox: all of them.
+PING_GROUP_RANGE = "0 2147483647"
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
 
 #: Where iproute2 keeps named network namespaces.
 NETNS_DIR = "/run/netns"
@@ -117,6 +125,10 @@ def create_link(names: LinkNames, slot: Slot, mtu: int) -> None:
         stdin="\n".join(guest) + "\n",
         step=f"configuring eth0 in {names.netns}",
     )
+    # The sandbox's root is not root of this netns (it was created from the host), so it has
+    # no CAP_NET_RAW here: ping works through unprivileged ICMP sockets, for every group, as
+    # rootless container engines do. What the echo may reach is still the policy's business.
+    sysctl_in(names.netns_path, "net.ipv4.ping_group_range", PING_GROUP_RANGE)
 
 
 def _rule_args(names: LinkNames, table: int) -> list[str]:
@@ -126,6 +138,31 @@ def _rule_args(names: LinkNames, table: int) -> list[str]:
         "lookup", str(table),
         "priority", str(RULE_PRIORITY),
     ]  # fmt: skip
+
+
+def sysctl_in(netns_path: str, key: str, value: str) -> None:
+    """Write a sysctl of another network namespace (from a short thread that joins it)."""
+    error: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, os.strerror(err))
+            finally:
+                os.close(fd)
+            _sysctl(key, value, missing_ok=False)
+        except BaseException as exc:
+            error.append(exc)
+
+    # The thread ends right after; a thread that changed its netns is never reused.
+    thread = threading.Thread(target=write, name="corral-sysctl")
+    thread.start()
+    thread.join()
+    if error:
+        raise NetworkError(f"setting {key} in {netns_path} failed: {error[0]}")
 
 
 def _sysctl(key: str, value: str, *, missing_ok: bool) -> None:
