@@ -657,3 +657,43 @@ def test_closing_during_a_bulk_transfer_resets_the_guest_and_leaves_nothing(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_fragmented_datagrams_are_reassembled_and_decided(make_net: MakeNet) -> None:
+    """A datagram larger than the MTU leaves the guest as fragments; the host reassembles it
+    (conntrack defragments before the divert), so it is decided and relayed whole."""
+    n = make_net(NetworkPolicy.public_only())
+    code = (
+        "import socket,sys\n"
+        "for addr in sys.argv[1:]:\n"
+        "  fam=socket.AF_INET6 if ':' in addr else socket.AF_INET\n"
+        "  s=socket.socket(fam,socket.SOCK_DGRAM); s.settimeout(3); s.connect((addr,7))\n"
+        "  data=bytes(range(256))*16\n"
+        "  s.send(data)\n"
+        "  try: print(addr, s.recv(65535)==data)\n"
+        "  except OSError as e: print(addr, type(e).__name__)\n"
+    )
+    out = n.run([sys.executable, "-c", code, PUBLIC_V4, PUBLIC_V6, PRIVATE_V4]).stdout.split("\n")
+    assert f"{PUBLIC_V4} True" in out and f"{PUBLIC_V6} True" in out, out
+    assert f"{PRIVATE_V4} TimeoutError" in out, out
+
+
+def test_ipv6_link_local_destinations_are_never_reached(make_net: MakeNet, world: World) -> None:
+    """Link-local IPv6 leaves the guest with a link-local source, which the anti-spoof rule
+    drops: the host's fe80:: address on the veth is unreachable whatever the policy."""
+    n = make_net(NetworkPolicy.allow_all())
+    info = json.loads(
+        world.run_host(["ip", "-6", "-j", "addr", "show", "dev", n.net.names.link]).stdout
+    )
+    host_ll = next(a["local"] for a in info[0]["addr_info"] if a["local"].startswith("fe80"))
+    server = world.spawn_host(
+        [sys.executable, "-m", "tests.support.servers", f"{host_ll}%{n.net.names.link}"],
+        stdout=subprocess.PIPE,
+        cwd=str(ROOT),
+    )
+    try:
+        assert server.stdout is not None and b"ready" in server.stdout.readline()
+        assert denied(n.exchange("tcp", f"{host_ll}%eth0", ECHO_PORT, timeout=2))
+        assert denied(n.exchange("udp", f"{host_ll}%eth0", ECHO_PORT, timeout=1.5))
+    finally:
+        world.stop_process(server)

@@ -115,7 +115,7 @@ async def _serve(addresses: Sequence[str]) -> None:
         never = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
         never.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         never.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        never.bind((addr, NEVER_ACCEPT_PORT))
+        never.bind(socket.getaddrinfo(addr, NEVER_ACCEPT_PORT, type=socket.SOCK_STREAM)[0][4])
         never.listen(0)
         keep.append(never)
     print("ready", flush=True)

@@ -22,10 +22,13 @@ import asyncio
 import contextlib
 import errno
 import ipaddress
+import logging
 import socket
 
 from corral.net.gate import FlowGate, IPAddress
 from corral.net.splice import PipePool, SplicedPair, reset
+
+_log = logging.getLogger(__name__)
 
 IP_TRANSPARENT = 19
 IPV6_TRANSPARENT = 75
@@ -132,7 +135,11 @@ class TcpProxy:
                 return
             except OSError:
                 return  # ECONNABORTED and friends: that connection is gone, others wait
-            self._admit(guest, peer)
+            try:
+                self._admit(guest, peer)
+            except Exception:  # a bug must cost this connection, not the proxy
+                _log.exception("admitting a connection from %s failed", peer[0])
+                reset(guest)
 
     def _admit(
         self, guest: socket.socket, peer: tuple[str, int] | tuple[str, int, int, int]
@@ -147,7 +154,11 @@ class TcpProxy:
         if not self.gate.try_acquire("tcp", str(source), dst, port):
             reset(guest)
             return
-        verdict = self.gate.egress("tcp", str(source), dst, port)
+        try:
+            verdict = self.gate.egress("tcp", str(source), dst, port)
+        except BaseException:
+            self.gate.release()
+            raise
         if not verdict.allowed or verdict.target is None:
             self.gate.release()
             reset(guest)

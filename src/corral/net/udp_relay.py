@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import errno
 import ipaddress
+import logging
 import socket
 import struct
 import time
@@ -30,6 +31,8 @@ from collections import OrderedDict
 
 from corral.net.gate import FlowGate, IPAddress
 from corral.net.tcp_proxy import IP_TRANSPARENT, IPV6_TRANSPARENT, transparent_listener
+
+_log = logging.getLogger(__name__)
 
 IP_RECVORIGDSTADDR = 20
 IPV6_RECVORIGDSTADDR = 74
@@ -183,7 +186,10 @@ class UdpRelay:
                 dst = parse_origdst(level, kind, cdata) or dst
             if dst is None:
                 continue
-            self._datagram(peer, dst[0], dst[1], data)
+            try:
+                self._datagram(peer, dst[0], dst[1], data)
+            except Exception:  # a bug must cost this datagram, not the relay
+                _log.exception("relaying a datagram from %s failed", peer[0])
 
     def _datagram(
         self,
@@ -215,7 +221,11 @@ class UdpRelay:
         _, dst, dport = key
         if not self.gate.try_acquire("udp", guest[0], dst, dport):
             return None
-        verdict = self.gate.egress("udp", guest[0], dst, dport)
+        try:
+            verdict = self.gate.egress("udp", guest[0], dst, dport)
+        except BaseException:
+            self.gate.release()
+            raise
         if not verdict.allowed or verdict.target is None:
             self.gate.release()
             self._denied[key] = now + DENIED_MEMORY_SECONDS
