@@ -40,26 +40,56 @@ _CLONE_NEWNET = 0x40000000
 
 
 def serve(sock: socket.socket) -> int:
-    """The fork server's main loop (runs in the exec'd helper process)."""
+    """The fork server's main loop (runs in the exec'd helper process).
+
+    The fork itself (copying the page tables of an interpreter with the launcher loaded, a
+    few milliseconds here) is kept off the ``create`` path: the server always has one *spare*
+    child already forked and blocked in ``recv`` on the request socket. The spare takes the
+    next request, tells the server through a pipe (which then forks the next spare), answers,
+    and becomes that sandbox's supervisor. The server itself never reads the socket; it only
+    watches it for the SDK process hanging up.
+    """
     import gc
+    import select
     import signal
 
     from corral.runtime import launcher, supervisor  # noqa: F401 - the point is to pre-import
-    from corral.runtime.syscalls import setns
 
     # Supervisors are reaped by the kernel: this process never waits for them.
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     gc.collect()
     gc.freeze()  # the imported modules stay shared, unwritten, with every supervisor
+    taken_r, taken_w = os.pipe2(os.O_CLOEXEC)
+    poller = select.poll()
+    poller.register(sock.fileno(), 0)  # POLLHUP/POLLERR only: requests are the spare's
+    poller.register(taken_r, select.POLLIN)
+    spare = 0
+    while True:
+        if spare == 0:
+            spare = os.fork()
+            if spare == 0:
+                os.close(taken_r)
+                _serve_as_spare(sock, taken_w)
+        for fd, events in poller.poll():
+            if fd == taken_r:
+                os.read(taken_r, 64)
+                spare = 0
+            elif events & (select.POLLHUP | select.POLLERR):
+                return 0  # the SDK process closed its end (the spare sees EOF and exits)
+
+
+def _serve_as_spare(sock: socket.socket, taken_w: int) -> None:
+    """In a spare child: wait for one valid request, then become its supervisor. Never
+    returns (exits on EOF or becomes a supervisor that exits with os._exit)."""
+    from corral.runtime.syscalls import setns
+
     while True:
         try:
             data, fds, _flags, _addr = socket.recv_fds(sock, MAX_REQUEST, REQUEST_FDS)
         except OSError:
-            return 0
+            os._exit(0)
         if not data:
-            for fd in fds:
-                os.close(fd)
-            return 0  # the SDK process closed its end: done
+            os._exit(0)  # the SDK process closed its end: done
         try:
             request = leanjson.loads(data.decode())
             if not isinstance(request, dict) or len(fds) != REQUEST_FDS:
@@ -72,13 +102,12 @@ def serve(sock: socket.socket) -> int:
                 os.close(fd)
             sock.send(leanjson.dumps({"error": str(exc)}).encode())
             continue
-        ready_fd, netns_fd = fds
-        pid = os.fork()
-        if pid == 0:
-            _become_supervisor(sock, state_dir, env, ready_fd, netns_fd, setns)
-        os.close(ready_fd)
-        os.close(netns_fd)
-        sock.send(leanjson.dumps({"pid": pid}).encode())
+        break
+    ready_fd, netns_fd = fds
+    os.write(taken_w, b"t")
+    os.close(taken_w)
+    sock.send(leanjson.dumps({"pid": os.getpid()}).encode())
+    _become_supervisor(sock, state_dir, env, ready_fd, netns_fd, setns)
 
 
 def _become_supervisor(

@@ -206,6 +206,13 @@ def wait_supervisor_exit(pid: int, timeout: float) -> bool:
     return True
 
 
+def reap(pid: int) -> None:
+    """Collect the exit status of supervisor ``pid`` if it is our child and has exited."""
+    proc = _children.get(pid)
+    if proc is not None and proc.poll() is not None:
+        del _children[pid]
+
+
 def kill_supervisor(directory: Path) -> None:
     """SIGKILL a live supervisor (last resort of a forced remove); gc then cleans up."""
     recorded = state.read_supervisor_pid(directory)

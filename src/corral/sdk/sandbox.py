@@ -331,19 +331,21 @@ class Sandbox:
         cpu_count = parse_cpus(cpus)
         if workdir is not None and (not isinstance(workdir, str) or not workdir.startswith("/")):
             raise ConfigError("workdir", f"{workdir!r} is not an absolute path")
-        new_state = await asyncio.to_thread(
-            _prepare_state,
-            name,
-            image,
-            config,
-            resolved_secrets,
-            user_env,
-            cpu_count,
-            memory_bytes,
-            workdir,
-        )
-        sandbox_state = await asyncio.to_thread(_start, new_state)
-        return cls(sandbox_state)
+        def prepare_and_start() -> state.SandboxState:
+            return _start(
+                _prepare_state(
+                    name,
+                    image,
+                    config,
+                    resolved_secrets,
+                    user_env,
+                    cpu_count,
+                    memory_bytes,
+                    workdir,
+                )
+            )
+
+        return cls(await asyncio.to_thread(prepare_and_start))
 
     @classmethod
     async def get(cls, name: str) -> Sandbox:
@@ -397,9 +399,7 @@ class Sandbox:
                 if state.supervisor_alive(self._directory):
                     raise
             if recorded is not None:
-                await asyncio.to_thread(
-                    lifecycle.wait_supervisor_exit, recorded[0], lifecycle.EXIT_MARGIN
-                )
+                await _wait_exit(*recorded, lifecycle.EXIT_MARGIN)
         elif status == state.CRASHED:
             await asyncio.to_thread(gc.collect, [self.name], keep_state=True)
 
@@ -509,6 +509,34 @@ class Sandbox:
                 yield task.result()
             except StopAsyncIteration:
                 return
+
+
+async def _wait_exit(pid: int, start_time: int, timeout: float) -> None:
+    """Wait (on the event loop, through a pidfd) until process ``pid`` started at
+    ``start_time`` has exited; reap it if it is our child. Gives up after ``timeout``."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        if state.process_start_time(pid) == start_time:  # not a recycled pid
+            loop = asyncio.get_running_loop()
+            exited = loop.create_future()
+
+            def on_exit() -> None:
+                if not exited.done():
+                    exited.set_result(None)
+
+            loop.add_reader(pidfd, on_exit)
+            try:
+                await asyncio.wait_for(exited, timeout)
+            except TimeoutError:
+                pass
+            finally:
+                loop.remove_reader(pidfd)
+    finally:
+        os.close(pidfd)
+    lifecycle.reap(pid)
 
 
 # -- blocking steps (worker thread) ---------------------------------------------------------
