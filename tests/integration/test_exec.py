@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -244,3 +246,40 @@ def test_stdin_closed_early_by_the_command(sb: launcher.Launched) -> None:
 
     code, out, _ = run(_exec(sb, ["head", "-c", "5"], stdin=source()))
     assert (code, out) == (0, b"xxxxx")
+
+
+def test_idle_sandbox_keeps_exactly_one_spare_worker(sb: launcher.Launched) -> None:
+    """After bursts of concurrent connections the init is back to one spare, not more."""
+
+    async def burst() -> None:
+        clients = [await ChannelClient.connect(sb.channel_path) for _ in range(8)]
+        try:
+            procs = [await c.exec(["true"]) for c in clients]
+            await asyncio.gather(*(p.wait() for p in procs))
+            await asyncio.gather(*(c.exists("/") for c in clients))
+        finally:
+            for c in clients:
+                await c.close()
+
+    for _ in range(5):
+        run(burst())
+    init_exe = os.readlink(f"/proc/{sb.init_pid}/exe")
+
+    def workers() -> list[str]:
+        with open(f"/proc/{sb.init_pid}/task/{sb.init_pid}/children") as f:
+            children = f.read().split()
+        # Orphaned commands are the init's children too; workers run the init's executable.
+        return [c for c in children if _exe(c) == init_exe]
+
+    for _ in range(200):
+        if len(workers()) == 1:
+            break
+        time.sleep(0.01)
+    assert len(workers()) == 1, workers()
+
+
+def _exe(pid: str) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return ""

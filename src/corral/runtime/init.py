@@ -28,6 +28,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -135,9 +136,13 @@ def serve(listener: socket.socket, config: InitConfig, ready_fd: int = -1) -> No
             spare = _fork_spare(listener, config, taken_w, inherited)
         for key, _ in sel.select(timeout=1.0 if terminating else None):
             with contextlib.suppress(BlockingIOError):
-                taken = os.read(key.fd, 4096)
-                if key.fd == taken_r and taken:
-                    spare = 0
+                data = os.read(key.fd, 4096)
+                if key.fd == taken_r:
+                    # Each record is the pid of a spare that took a connection; only the
+                    # current spare's counts (an older one may report late).
+                    for (pid,) in _PID_RECORD.iter_unpack(data[: len(data) // 4 * 4]):
+                        if pid == spare:
+                            spare = 0
 
 
 def _reap_all() -> set[int]:
@@ -159,6 +164,10 @@ def _has_children() -> bool:
         return False
     return True
 
+
+#: What a spare writes to the init when it takes a connection: its pid (pipe writes of 4
+#: bytes are atomic, so records from several workers never interleave).
+_PID_RECORD = struct.Struct("=I")
 
 #: Signals the init handles (or ignores) and its workers take with the default action.
 _WORKER_DEFAULT_SIGNALS = {signal.SIGTERM, signal.SIGCHLD, signal.SIGINT, signal.SIGHUP}
@@ -191,7 +200,7 @@ def _fork_spare(
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 continue
         listener.close()
-        os.write(taken_w, b"t")
+        os.write(taken_w, _PID_RECORD.pack(os.getpid()))
         os.close(taken_w)
         conn.setblocking(True)
         Worker(conn, config).serve()
