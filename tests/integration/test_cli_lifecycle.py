@@ -155,3 +155,16 @@ def test_logs_net_prints_denied_flows_as_json_lines(image: str) -> None:
         ), events
     finally:
         corral_cli("rm", "-f", name)
+
+
+def test_stop_and_start_from_the_cli(image: str) -> None:
+    name = unique("clistart")
+    assert corral_cli("create", "--net", "none", "--name", name, image).returncode == 0
+    try:
+        assert corral_cli("exec", name, "--", "sh", "-c", "echo x > /root/f").returncode == 0
+        assert corral_cli("stop", name).returncode == 0
+        assert corral_cli("start", name).returncode == 0
+        res = corral_cli("exec", name, "--", "cat", "/root/f")
+        assert (res.returncode, res.stdout) == (0, b"x\n"), res.stderr
+    finally:
+        corral_cli("rm", "-f", name)

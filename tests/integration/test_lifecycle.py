@@ -302,3 +302,49 @@ def test_supervisor_runs_in_the_creators_network_namespace(image: str) -> None:
         recorded = state.read_supervisor_pid(sb.directory)
         assert recorded is not None
         assert os.readlink(f"/proc/{recorded[0]}/ns/net") == os.readlink("/proc/thread-self/ns/net")
+
+
+def test_stop_then_start_keeps_the_writable_layer(image: str) -> None:
+    name = unique("restart")
+    sb = corral.sync.Sandbox.create(name, image=image, network=NONE)
+    try:
+        sb.fs.write("/root/kept.txt", b"still here")
+        first_init = sb.state.init_pid
+        sb.stop()
+        assert sb.status == state.STOPPED
+        sb.start()
+        assert sb.status == state.RUNNING
+        assert sb.state.init_pid != first_init
+        assert sb.fs.read("/root/kept.txt") == b"still here"
+        again = corral.sync.Sandbox.get(name)  # another handle sees the new init
+        assert again.exec("cat", ["/root/kept.txt"]).stdout == b"still here"
+        sb.start()  # running: nothing to do
+    finally:
+        sb.remove()
+    assert cgroup_dirs(name) == []
+
+
+def test_concurrent_creates_of_one_name_make_one_sandbox(image: str) -> None:
+    import threading
+
+    name = unique("race")
+    outcomes: list[object] = []
+
+    def attempt() -> None:
+        try:
+            outcomes.append(corral.sync.Sandbox.create(name, image=image, network=NONE))
+        except SandboxExists as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=attempt) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    made = [o for o in outcomes if isinstance(o, corral.sync.Sandbox)]
+    try:
+        assert len(made) == 1 and len(outcomes) == 4, outcomes
+        assert made[0].exec("true").ok
+    finally:
+        for sb in made:
+            sb.remove()

@@ -160,6 +160,7 @@ def test_empty_listing_and_gc() -> None:
 
 
 def test_every_documented_command_exists() -> None:
-    for name in ("run", "create", "exec", "ls", "inspect", "logs", "stop", "rm", "gc", "policy",
+    for name in ("run", "create", "exec", "ls", "inspect", "logs", "start", "stop", "rm", "gc",
+                 "policy",
                  "pull", "images"):
         assert name in cli.commands, name

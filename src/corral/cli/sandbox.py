@@ -478,6 +478,20 @@ def logs(net_events: bool, follow: bool, name: str) -> None:
 
 
 @click.command()
+@click.argument("names", nargs=-1, required=True)
+def start(names: tuple[str, ...]) -> None:
+    """Start stopped sandboxes again (same image, config and writable layer)."""
+    from corral.sdk.sandbox import Sandbox
+
+    async def go() -> None:
+        for name in names:
+            await (await Sandbox.get(name)).start()
+            click.echo(name)
+
+    asyncio.run(go())
+
+
+@click.command()
 @click.option("-t", "--timeout", type=float, default=5.0, show_default=True,
               help="Seconds of grace before the sandbox's processes are killed.")
 @click.argument("names", nargs=-1, required=True)
@@ -525,5 +539,5 @@ def gc(keep_state: bool, names: tuple[str, ...]) -> None:
 
 
 def register(group: click.Group) -> None:
-    for command in (run, create, exec_command, ls, inspect, logs, stop, rm, gc):
+    for command in (run, create, exec_command, ls, inspect, logs, start, stop, rm, gc):
         group.add_command(command)

@@ -380,6 +380,14 @@ class Sandbox:
         out["stopped_reason"] = state.stopped_reason(self._directory)
         return out
 
+    async def start(self) -> None:
+        """Start a stopped (or crashed) sandbox again: same name, image, configuration and
+        writable layer; a new init, so no process survives a stop. Running: nothing to do."""
+        if self.status == state.RUNNING:
+            return
+        await self._close_channel()
+        self._state = await asyncio.to_thread(_restart, self.name)
+
     async def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT) -> None:
         """Stop the sandbox: SIGTERM to its processes, SIGKILL after ``timeout`` seconds.
 
@@ -610,14 +618,7 @@ def _start(new_state: state.SandboxState) -> state.SandboxState:
         directory = state.claim(name)
         try:
             state.write_state(directory, new_state)
-            ready = lifecycle.spawn_supervisor(directory)
-            new_state = dataclasses.replace(
-                new_state,
-                init_pid=int(ready.get("init_pid") or 0) or None,  # type: ignore[call-overload]
-                channel_path=str(ready.get("channel_path") or "") or None,
-                cgroup=str(ready.get("cgroup") or "") or None,
-                netns_path=str(ready.get("netns_path") or "") or None,
-            )
+            new_state = _with_runtime(new_state, lifecycle.spawn_supervisor(directory))
             state.write_state(directory, new_state)
         except BaseException:
             lifecycle.kill_supervisor(directory)
@@ -625,6 +626,41 @@ def _start(new_state: state.SandboxState) -> state.SandboxState:
             gc.remove_directory(directory)
             raise
     return new_state
+
+
+def _with_runtime(sandbox_state: state.SandboxState, ready: dict[str, object]) -> state.SandboxState:
+    """The state with the runtime fields of a supervisor's ready message."""
+    return dataclasses.replace(
+        sandbox_state,
+        init_pid=int(ready.get("init_pid") or 0) or None,  # type: ignore[call-overload]
+        channel_path=str(ready.get("channel_path") or "") or None,
+        cgroup=str(ready.get("cgroup") or "") or None,
+        netns_path=str(ready.get("netns_path") or "") or None,
+    )
+
+
+def _restart(name: str) -> state.SandboxState:
+    with state.name_lock(name):
+        directory = state.sandbox_dir(name)
+        sandbox_state = state.read_state(name)
+        status = state.status(directory)
+        if status == state.RUNNING:
+            return sandbox_state
+        if status == state.CREATING:
+            raise SandboxError(f"sandbox {name!r} is being started by another process")
+        if status == state.CRASHED:
+            gc.release_leftovers(name, directory)
+        for leftover in (state.STOPPED_FILE, state.PID_FILE, state.CONTROL_SOCKET):
+            (directory / leftover).unlink(missing_ok=True)
+        try:
+            ready = lifecycle.spawn_supervisor(directory)
+        except BaseException:
+            if not (directory / state.STOPPED_FILE).exists():
+                (directory / state.STOPPED_FILE).write_text("failed to start again\n")
+            raise
+        sandbox_state = _with_runtime(sandbox_state, ready)
+        state.write_state(directory, sandbox_state)
+        return sandbox_state
 
 
 def _remove(name: str) -> None:

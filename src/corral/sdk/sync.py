@@ -199,6 +199,9 @@ class Sandbox:
     def info(self) -> dict[str, Any]:
         return _run(self._inner.info())
 
+    def start(self) -> None:
+        _run(self._inner.start())
+
     def stop(self, timeout: float = async_sdk.DEFAULT_STOP_TIMEOUT) -> None:
         _run(self._inner.stop(timeout))
 
