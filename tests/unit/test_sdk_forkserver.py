@@ -6,6 +6,7 @@ import os
 import select
 import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,16 @@ def test_the_server_exits_when_the_sdk_closes_its_end() -> None:
     assert c.usable()
     c.close()
     assert proc.returncode == 0
+
+
+def test_no_process_of_the_server_outlives_close() -> None:
+    c = forkserver.ForkServerClient([sys.executable, "-I", "-S", "-c", lifecycle._bootstrap_code()])
+    server_pid = c._proc.pid  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 10
+    children: list[str] = []
+    while not children and time.monotonic() < deadline:  # the spare is forked at start-up
+        children = Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()
+        time.sleep(0.01)
+    assert len(children) == 1
+    c.close()
+    assert not Path(f"/proc/{children[0]}").exists()

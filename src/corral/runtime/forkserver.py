@@ -33,6 +33,9 @@ from corral.runtime.supervisor import FORK_SERVER_ARG
 #: KiB); the kernel's default socket buffer (~208 KiB) bounds a SEQPACKET message anyway.
 MAX_REQUEST = 192 * 1024
 
+#: Seconds the fork server waits for its spare child to exit when it shuts down.
+SPARE_EXIT_TIMEOUT = 5.0
+
 #: File descriptors attached to a request (ready pipe, netns).
 REQUEST_FDS = 2
 
@@ -75,7 +78,25 @@ def serve(sock: socket.socket) -> int:
                 os.read(taken_r, 64)
                 spare = 0
             elif events & (select.POLLHUP | select.POLLERR):
-                return 0  # the SDK process closed its end (the spare sees EOF and exits)
+                # The SDK process closed its end: the spare sees EOF and exits; wait for
+                # that, so that once this process is gone no process of it is left.
+                _wait_gone(spare, SPARE_EXIT_TIMEOUT)
+                return 0
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    import select
+
+    if pid <= 0:
+        return
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        select.select([pidfd], [], [], timeout)
+    finally:
+        os.close(pidfd)
 
 
 def _serve_as_spare(sock: socket.socket, taken_w: int) -> None:
