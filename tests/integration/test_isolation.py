@@ -445,3 +445,23 @@ def test_host_kernel_knobs_are_out_of_reach(sb: launcher.Launched, script: str) 
     code, _, _ = run(sh(sb, script))
     assert code != 0
     assert run(sh(sb, "hostname"))[1] == "iso-box\n"
+
+
+def test_init_survives_a_persistent_fork_bomb(tmp_path: Path) -> None:
+    """At the pids limit, execs fail with a sentence (or succeed) but the init lives on."""
+    with launched(tmp_path / "sb", name="bomb2", pids_max=32) as s:
+        run(sh(s, "(while :; do sleep 1000 & done) > /dev/null 2>&1 &"))
+        time.sleep(0.3)
+        errors = []
+        for _ in range(5):
+            try:
+                run(sh(s, "true"))
+            except SandboxError as e:
+                errors.append(str(e))
+        assert s.alive()
+        pids_dir = s.cgroup.paths[0] if s.cgroup.layout == "v2" else s.cgroup.v1["pids"]
+        assert int((pids_dir / "pids.events").read_text().split()[-1]) > 0
+        # Whether a given exec finds a free slot depends on timing; a refusal is a sentence.
+        assert all(e == "cannot start 'sh': the sandbox's process limit (pids_max) is reached"
+                   for e in errors), errors
+    # launched() stopped it: the bomb, the init and the cgroup are gone.

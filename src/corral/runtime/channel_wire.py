@@ -162,6 +162,7 @@ _ERROR_SENTENCES = {
     "not_executable": "command is not executable in the sandbox: {p!r}",
     "cwd_not_found": "working directory not found in the sandbox: {p!r}",
     "bad_user": "user not found in the sandbox's /etc/passwd: {p!r}",
+    "pids_limit": "cannot start {p!r}: the sandbox's process limit (pids_max) is reached",
 }
 
 

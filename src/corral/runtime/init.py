@@ -68,6 +68,9 @@ COMMAND_OOM_SCORE_ADJ = 500
 #: Bounds the processes an idle client pins in the sandbox.
 WORKER_IDLE_TIMEOUT = 120.0
 
+#: Pause before the init retries forking a spare worker that failed (pids limit reached).
+SPARE_RETRY = 0.05
+
 #: How long the init waits for its children after forwarding SIGTERM before it exits
 #: anyway (the launcher's stop() kills the whole cgroup after its own grace period).
 TERM_GRACE = 30.0
@@ -129,12 +132,19 @@ def serve(listener: socket.socket, config: InitConfig, ready_fd: int = -1) -> No
             listener.close()
             with contextlib.suppress(OSError):
                 os.kill(-1, signal.SIGTERM)  # every process of the pid namespace but us
+        wait: float | None = None
         if terminating:
             if not _has_children() or time.monotonic() > term_deadline:
                 os._exit(0)
+            wait = 1.0
         elif spare == 0:
-            spare = _fork_spare(listener, config, taken_w, inherited)
-        for key, _ in sel.select(timeout=1.0 if terminating else None):
+            try:
+                spare = _fork_spare(listener, config, taken_w, inherited)
+            except OSError:
+                # EAGAIN at the pids limit (a fork bomb in the sandbox): the init must
+                # survive it; connections wait in the backlog until a fork succeeds.
+                wait = SPARE_RETRY
+        for key, _ in sel.select(timeout=wait):
             with contextlib.suppress(BlockingIOError):
                 data = os.read(key.fd, 4096)
                 if key.fd == taken_r:
@@ -493,6 +503,9 @@ class Worker:
             return False
         except PermissionError:
             self.error("exec", argv[0], kind="not_executable")
+            return False
+        except BlockingIOError:  # EAGAIN from fork: the cgroup's pids.max is reached
+            self.error("exec", argv[0], kind="pids_limit")
             return False
         except (OSError, ValueError) as e:  # ValueError: a NUL byte in argv or env
             self.error("exec", argv[0], e if isinstance(e, OSError) else OSError(0, str(e)))
