@@ -237,6 +237,34 @@ def test_sandboxes_never_reach_each_other_even_allow_all(make_net: MakeNet) -> N
         server.wait()
 
 
+def test_sandboxes_in_different_pools_never_reach_each_other(
+    make_net: MakeNet, world: World
+) -> None:
+    """B's slot is outside A's pools: A's gate still knows it from the lease registry, and B's
+    firewall drops anything a host process (A's proxy included) sends to B unasked."""
+    a = make_net(NetworkPolicy.allow_all(), connect_timeout=2.0)
+    b = make_net(NetworkConfig(policy="allow-all", ipv4_pool="10.98.0.0/24", ipv6_pool="fd43::/48"))
+    server = b.popen(
+        [sys.executable, "-m", "tests.support.servers", "0.0.0.0"],
+        stdout=subprocess.PIPE,
+        cwd=str(ROOT),
+    )
+    try:
+        assert server.stdout is not None and b"ready" in server.stdout.readline()
+        assert denied(a.exchange("tcp", str(b.net.guest_ipv4), ECHO_PORT))
+        assert denied(a.exchange("udp", str(b.net.guest_ipv4), ECHO_PORT, timeout=1.5))
+        assert "another sandbox's address is never reachable" in {e["reason"] for e in events(a)}
+        # Kernel level: a host process dialling B's guest directly gets nowhere.
+        code = (
+            "import socket; s=socket.socket(); s.settimeout(1.5); s.connect((%r, 7)); print('LEAK')"
+        )
+        out = world.run_host([sys.executable, "-c", code % str(b.net.guest_ipv4)])
+        assert "LEAK" not in out.stdout and out.returncode != 0
+    finally:
+        server.kill()
+        server.wait()
+
+
 def test_multicast_and_broadcast_are_dropped(make_net: MakeNet) -> None:
     n = make_net(NetworkPolicy.allow_all())
     assert denied(n.exchange("udp", "224.0.0.251", 5353, timeout=1))

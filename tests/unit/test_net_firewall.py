@@ -111,3 +111,17 @@ def test_nft_accepts_the_ruleset() -> None:
         assert res.returncode == 0, res.stderr
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def test_host_reaches_the_guest_only_with_replies_published_ports_and_nd() -> None:
+    from corral.net.firewall import PUBLISHED_MARK
+
+    text = ruleset(SPEC)
+    out = text[text.index("chain output {") :]
+    ls = lines(out[: out.index("\n  }")])
+    assert ls[2:] == [
+        'oifname "cr-sb1" ct direction reply accept',
+        f'oifname "cr-sb1" meta mark & 0xffff == {PUBLISHED_MARK:#x} accept',
+        'oifname "cr-sb1" icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert } accept',
+        'oifname "cr-sb1" drop',
+    ]

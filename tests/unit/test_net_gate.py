@@ -166,3 +166,16 @@ def test_follow_yields_events_as_they_are_written(tmp_path: Path) -> None:
 
     events = asyncio.run(scenario())
     assert [e.destination for e in events] == ["d0", "d1"]
+
+
+def test_slots_leased_from_other_pools_are_other_sandboxes(tmp_path: Path) -> None:
+    from corral.net.addressing import AddressPool
+
+    pool = AddressPool(tmp_path / "pool")
+    g = gate(tmp_path, NetworkPolicy.allow_all())
+    g.leased = pool.leased_networks
+    other = pool.lease("other", ipaddress.IPv4Network("10.98.0.0/24"), None, routes=[])
+    assert not g.egress("tcp", "s", other.guest_ipv4, 80).allowed
+    assert g.egress("tcp", "s", ipaddress.ip_address("10.98.1.2"), 80).allowed
+    pool.release("other")
+    assert g.egress("tcp", "s", other.guest_ipv4, 80).allowed

@@ -177,6 +177,8 @@ class AddressPool:
         self.directory = directory if directory is not None else corral_home() / "net"
         self.leases_path = self.directory / "leases.json"
         self.lock_path = self.directory / "leases.lock"
+        self._seen: tuple[int, int, int] | None = None
+        self._networks: list[IPNetwork] = []
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[dict[str, Slot]]:
@@ -253,6 +255,27 @@ class AddressPool:
     def get(self, sandbox_id: str) -> Slot | None:
         with self._locked() as leases:
             return leases.get(sandbox_id)
+
+    def leased_networks(self) -> list[IPNetwork]:
+        """Every leased /30 and /64 of every sandbox (any pool), cheap to call per flow: the
+        file is re-read only when it changed (it is always replaced whole, so no lock)."""
+        try:
+            st = os.stat(self.leases_path)
+        except FileNotFoundError:
+            return []
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if key != self._seen:
+            try:
+                leases = self._read()
+            except NetworkError:
+                return self._networks
+            nets: list[IPNetwork] = []
+            for slot in leases.values():
+                nets.append(slot.ipv4)
+                if slot.ipv6 is not None:
+                    nets.append(slot.ipv6)
+            self._networks, self._seen = nets, key
+        return self._networks
 
     def all(self) -> dict[str, Slot]:
         with self._locked() as leases:

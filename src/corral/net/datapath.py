@@ -209,6 +209,7 @@ class SandboxNetwork:
             max_connections=self.config.effective_max_connections,
             audit=self._audit,
             host_addresses=host_addresses,
+            leased=self.pool.leased_networks,
         )
         pipes = PipePool()
         self.tcp = TcpProxy(

@@ -19,6 +19,12 @@ veth, in order:
 5. Everything else is dropped. A forward chain also drops anything from or to the veth, so
    the kernel never routes a sandbox packet anywhere even if forwarding is on.
 
+Toward the sandbox (output chain), the host sends only replies of flows the guest opened
+(``ct direction reply``: the proxies' answers), connections of the published ports (their
+sockets carry :data:`PUBLISHED_MARK`) and neighbour discovery. Anything else a host process —
+another sandbox's proxy included — sends to the guest is dropped: sandboxes reach each other
+only through published ports, whatever pools they were given.
+
 :func:`ruleset` is pure (unit-tested); :func:`apply` and :func:`remove` run ``nft``.
 """
 
@@ -34,6 +40,13 @@ from corral.errors import NetworkError
 #: ASCII, low bits only, so it coexists with software that uses the high bits of the mark.
 DIVERT_MARK = 0x6372
 DIVERT_MARK_MASK = 0xFFFF
+
+#: Firewall mark of the sockets that connect published ports to the guest: the only
+#: connections the host may open toward the sandbox.
+PUBLISHED_MARK = 0x6373
+
+#: Neighbour discovery the host side sends on the link.
+_HOST_ND_TYPES = "{ nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert }"
 
 #: Priority of the mangle stage: TPROXY is only valid in prerouting, and this runs after
 #: conntrack (-200) so ``ct direction`` is known, and before NAT/filter of other software.
@@ -141,6 +154,13 @@ def ruleset(spec: FirewallSpec) -> str:
         f"  chain forward {{\n"
         f"    type filter hook forward priority 0; policy accept;\n"
         f'    iifname "{link}" drop\n'
+        f'    oifname "{link}" drop\n'
+        f"  }}\n"
+        f"  chain output {{\n"
+        f"    type filter hook output priority 0; policy accept;\n"
+        f'    oifname "{link}" ct direction reply accept\n'
+        f'    oifname "{link}" meta mark & {DIVERT_MARK_MASK:#x} == {PUBLISHED_MARK:#x} accept\n'
+        f'    oifname "{link}" icmpv6 type {_HOST_ND_TYPES} accept\n'
         f'    oifname "{link}" drop\n'
         f"  }}\n"
         f"}}\n"

@@ -4,8 +4,10 @@ ICMP relay and the published ports.
 The policy engine (:mod:`corral.policy`) answers "may this flow pass, and by which rule?".
 The gate adds what is the data path's own business and holds whatever the policy says:
 
-- an address of another sandbox (anything in the pools but this sandbox's own gateway) is
-  always denied, before the policy is asked (SPEC: sandboxes never reach each other directly);
+- an address of another sandbox (anything in this sandbox's pools, or in a slot leased to any
+  sandbox, but this sandbox's own gateway) is always denied, before the policy is asked (SPEC:
+  sandboxes never reach each other directly; the firewall's output chain enforces the same in
+  the kernel);
 - an allowed flow to the sandbox's gateway is delivered to the host's loopback, same port;
 - ``max_connections`` counts TCP connections plus UDP flows from the sandbox, exactly: a
   slot is taken before the upstream is dialled and given back when the flow ends;
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -88,6 +91,7 @@ class FlowGate:
         max_connections: int,
         audit: AuditLog,
         host_addresses: list[IPAddress] | None = None,
+        leased: Callable[[], list[IPNetwork]] | None = None,
         flow_type: Any = None,
     ) -> None:
         if flow_type is None:
@@ -97,6 +101,7 @@ class FlowGate:
         self.gateways = frozenset(gateways)
         self.host_addresses = frozenset(unmap(a) for a in host_addresses or ()) | self.gateways
         self.pools = pools
+        self.leased = leased
         self.max_connections = max_connections
         self.active = 0
         self.audit = audit
@@ -147,7 +152,7 @@ class FlowGate:
     ) -> Verdict:
         """Decide a flow from the sandbox to ``destination`` (as the guest addressed it)."""
         addr = unmap(destination)
-        if addr not in self.gateways and any(addr in pool for pool in self.pools):
+        if addr not in self.gateways and self._is_other_sandbox(addr):
             verdict = Verdict(False, None, None, "another sandbox's address is never reachable")
         elif port == DNS_PORT and addr in self.host_addresses:
             verdict = Verdict(False, None, None, _NO_RESOLVER)
@@ -172,6 +177,12 @@ class FlowGate:
         if audit:
             self._record("egress", protocol, source, str(destination), port, verdict)
         return verdict
+
+    def _is_other_sandbox(self, addr: IPAddress) -> bool:
+        """In this sandbox's pools, or in a slot leased to any sandbox (other pools too)."""
+        if any(addr in pool for pool in self.pools):
+            return True
+        return self.leased is not None and any(addr in net for net in self.leased())
 
     def ingress(self, protocol: str, peer: IPAddress, guest: str, guest_port: int) -> Verdict:
         """Decide an inbound connection or UDP peer on a published port."""

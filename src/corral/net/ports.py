@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 
 from corral.errors import NetworkError
+from corral.net.firewall import PUBLISHED_MARK
 from corral.net.gate import FlowGate, IPAddress
 from corral.net.splice import PipePool, SplicedPair, reset
 
@@ -165,6 +166,7 @@ class PublishedPorts:
         assert self._loop is not None
         family = socket.AF_INET if self.guest.version == 4 else socket.AF_INET6
         up = socket.socket(family, socket.SOCK_STREAM)
+        up.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, PUBLISHED_MARK)
         up.setblocking(False)
         try:
             await asyncio.wait_for(
@@ -207,6 +209,7 @@ class PublishedPorts:
         family = socket.AF_INET if self.guest.version == 4 else socket.AF_INET6
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, PUBLISHED_MARK)
             sock.setblocking(False)
             sock.connect((str(self.guest), p.guest_port))
         except OSError:
