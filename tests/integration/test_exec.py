@@ -283,3 +283,28 @@ def _exe(pid: str) -> str:
         return os.readlink(f"/proc/{pid}/exe")
     except OSError:
         return ""
+
+
+def test_timeout_also_kills_processes_that_left_the_group(sb: launcher.Launched) -> None:
+    """setsid'd children and double-forked daemons are found through the worker (a child
+    subreaper during the exec) and killed with the rest."""
+
+    async def go() -> tuple[int, str]:
+        client = await ChannelClient.connect(sb.channel_path)
+        try:
+            proc = await client.exec(
+                ["sh", "-c", "setsid sleep 105 & (setsid sleep 106 &) ; "
+                             "setsid sh -c 'sleep 107 & wait' & echo started; wait"],
+                timeout=1.5,
+            )
+            code, out, _ = await collect(proc)
+            assert out == b"started\n"
+            _, ps, _ = await collect(await client.exec(["ps", "-o", "args"]))
+            return code, ps.decode()
+        finally:
+            await client.close()
+
+    code, ps = run(go())
+    assert code == EXIT_TIMED_OUT
+    for marker in ("sleep 105", "sleep 106", "sleep 107"):
+        assert marker not in ps, ps

@@ -36,6 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from corral.runtime import syscalls
 from corral.runtime.channel_wire import (
     EXIT_TIMED_OUT,
     FRAME_PREFIX,
@@ -67,6 +68,10 @@ COMMAND_OOM_SCORE_ADJ = 500
 #: the client, which sees the EOF while the connection sits in its pool, opens a new one).
 #: Bounds the processes an idle client pins in the sandbox.
 WORKER_IDLE_TIMEOUT = 120.0
+
+#: Bound on the rounds of killing an exec's processes (each round is a few syscalls; the
+#: loop ends as soon as nothing is left, this only guards against a pathological fork race).
+KILL_TREE_TIMEOUT = 2.0
 
 #: Pause before the init retries forking a spare worker that failed (pids limit reached).
 SPARE_RETRY = 0.05
@@ -482,6 +487,11 @@ class Worker:
         if not os.path.isdir(cwd):
             self.error("exec", cwd, kind="cwd_not_found")
             return False
+        # Orphans of the command come to this worker (not to the init) while it runs, so
+        # that a timeout or kill can find processes that left the command's process group.
+        # When the worker exits, they go on to the init like any orphan.
+        with contextlib.suppress(OSError):
+            syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)
         try:
             proc = subprocess.Popen(
                 argv,
@@ -517,7 +527,7 @@ class Worker:
         except BaseException:
             # Client gone, protocol violation, or a bug: never leave the command running
             # unattended.
-            _kill_group(proc.pid)
+            _kill_tree(proc.pid)
             proc.wait()
             return False
         self.reply(t="exit", code=code, timed_out=timed_out)
@@ -553,7 +563,7 @@ class Worker:
                     # Checked on every wakeup, not only on an idle one: a command that
                     # prints without pause must time out too.
                     timed_out = True
-                    _kill_group(proc.pid)
+                    _kill_tree(proc.pid)
                     deadline = None
                 for key, _ in events:
                     fd = key.fd
@@ -573,7 +583,7 @@ class Worker:
                                 else:
                                     stdin_eof = True
                             elif frame.kind == KIND_CONTROL and frame.control().get("op") == "kill":
-                                _kill_group(proc.pid)
+                                _kill_tree(proc.pid)
                 if stdin_fd >= 0:
                     stdin_fd = self._push_stdin(stdin_fd, pending, stdin_eof, sel)
                     if stdin_fd < 0 and proc.stdin is not None:
@@ -665,6 +675,51 @@ def _raise_oom_score(pid: int) -> None:
 def _kill_group(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL everything an exec started: its process group, and every process that left
+    the group (setsid, daemons) but was orphaned below this worker, a child subreaper for
+    the duration of the exec. Repeats until nothing is left but the command's own zombie,
+    which Popen.wait() reaps."""
+    deadline = time.monotonic() + KILL_TREE_TIMEOUT
+    while time.monotonic() < deadline:
+        _kill_group(pid)
+        orphans = [child for child in _children() if child != pid]
+        for child in orphans:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+        for child in orphans:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(child, 0)
+        if not orphans and not _live_group_members(pid):
+            return
+        if not orphans:
+            time.sleep(0.001)  # group members still dying; their orphans come to us next
+
+
+def _children() -> list[int]:
+    tid = os.getpid()  # single-threaded: the main thread's id is the pid
+    try:
+        with open(f"/proc/self/task/{tid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def _live_group_members(pgid: int) -> bool:
+    """Whether a non-zombie process of process group ``pgid`` exists (in our pid namespace)."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
+            return True
+    return False
 
 
 def _file_info(path: str, st: os.stat_result) -> dict[str, Any]:
