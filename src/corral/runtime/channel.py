@@ -228,7 +228,7 @@ class ExecProcess:
         return self.returncode
 
     async def kill(self) -> None:
-        """SIGKILL the command's process group; ``wait()`` then reports 128+9."""
+        """SIGKILL everything the command started; ``wait()`` then reports 128+9."""
         if self.returncode is None:
             with contextlib.suppress(ConnectionError, SandboxError):
                 await self._conn.send(encode_control({"op": "kill"}))
@@ -327,7 +327,7 @@ class ChannelClient:
         ``env`` is merged over the sandbox's base environment; ``cwd`` defaults to the
         sandbox's workdir; ``user`` ("uid[:gid]" or a name from the sandbox's /etc/passwd)
         defaults to the sandbox's user. ``timeout`` (seconds) is enforced inside the sandbox:
-        the command's process group is killed and ``wait()`` returns EXIT_TIMED_OUT.
+        everything it started is killed and ``wait()`` returns EXIT_TIMED_OUT.
         """
         if not argv:
             raise SandboxError("exec needs a command (argv is empty)")
