@@ -348,3 +348,22 @@ def test_concurrent_creates_of_one_name_make_one_sandbox(image: str) -> None:
     finally:
         for sb in made:
             sb.remove()
+
+
+def test_a_process_that_removes_and_exits_leaves_no_trash(image: str) -> None:
+    """remove() deletes in a background thread; the process must finish it before exiting
+    (the sync API's threads are daemons: the deleting thread must not inherit that)."""
+    name = unique("trash")
+    code = textwrap.dedent(
+        f"""
+        import corral.sync
+        from corral import NetworkPolicy
+        corral.sync.Sandbox.create({name!r}, image={image!r}, network=NetworkPolicy.none()).remove()
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    trash = state.paths.sandboxes_dir() / gc.TRASH_DIR
+    assert not any(p.name.startswith(f"{name}.") for p in trash.iterdir())

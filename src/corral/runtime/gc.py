@@ -112,7 +112,9 @@ def remove_directory(directory: Path, *, background: bool = False) -> None:
         except OSError:
             target = directory  # another filesystem or a busy directory: delete in place
         else:
-            thread = threading.Thread(target=_delete_quietly, args=(target,), name="corral-rm")
+            thread = threading.Thread(
+                target=_delete_quietly, args=(target,), name="corral-rm", daemon=False
+            )
             thread.start()
             _deleters[:] = [t for t in _deleters if t.is_alive()] + [thread]
             return
