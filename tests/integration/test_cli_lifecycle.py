@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -13,12 +15,16 @@ import pytest
 from corral.errors import ConfigError, SandboxError
 from corral.runtime import state
 from tests.integration.lifecycle_support import (  # noqa: F401 - fixtures
+    ROOT,
     corral_cli,
     corral_home_fixture,
     image_fixture,
     in_world_fixture,
     unique,
 )
+from tests.support import world as world_mod
+from tests.support.fixtures_images import PushedImages
+from tests.support.registry import RunningRegistry
 
 pytestmark = pytest.mark.usefixtures("in_world")
 
@@ -168,3 +174,20 @@ def test_stop_and_start_from_the_cli(image: str) -> None:
         assert (res.returncode, res.stdout) == (0, b"x\n"), res.stderr
     finally:
         corral_cli("rm", "-f", name)
+
+
+def test_run_pulls_from_a_registry_and_uses_the_image_config(
+    world: world_mod.World, registry: RunningRegistry, test_images: PushedImages
+) -> None:
+    """`corral run REF` on an image that is not in the store pulls it first (plain-HTTP
+    registry in the test world), then runs with the image's Cmd when no command is given."""
+    env = {**os.environ, "CORRAL_INSECURE_REGISTRIES": ",".join(registry.insecure)}
+    res = subprocess.run(
+        [sys.executable, "-m", "corral.cli", "run", "--net", "none", "-i", test_images.busybox],
+        input=b"echo pulled-and-ran\n",
+        capture_output=True,
+        timeout=120,
+        env=env,
+        cwd=str(ROOT),
+    )
+    assert (res.returncode, res.stdout) == (0, b"pulled-and-ran\n"), res.stderr

@@ -550,21 +550,30 @@ async def _wait_exit(pid: int, start_time: int, timeout: float) -> None:
 # -- blocking steps (worker thread) ---------------------------------------------------------
 
 
-_image_stores: dict[Path, Any] = {}
+_image_stores: dict[tuple[Path, tuple[str | None, ...]], Any] = {}
 _image_stores_lock = threading.Lock()
+
+#: Environment variables an ImageStore reads when it is built (registry trust and
+#: credentials); a change of any of them gets a new store.
+_IMAGE_STORE_ENV = (
+    "CORRAL_INSECURE_REGISTRIES",
+    "CORRAL_REGISTRY_CA_FILE",
+    "CORRAL_REGISTRY_USER",
+    "CORRAL_REGISTRY_PASSWORD",
+)
 
 
 def _image_store() -> Any:
-    """One ImageStore per image directory: building one (registry client, TLS context) costs
-    tens of milliseconds, more than a whole sandbox start should."""
+    """One ImageStore per image directory and registry settings: building one (registry
+    client, TLS context) costs tens of milliseconds, more than a whole sandbox start should."""
     from corral.runtime import paths
     from corral.runtime.images import ImageStore
 
-    root = paths.images_dir()
+    key = (paths.images_dir(), tuple(os.environ.get(v) for v in _IMAGE_STORE_ENV))
     with _image_stores_lock:
-        store = _image_stores.get(root)
+        store = _image_stores.get(key)
         if store is None:
-            store = _image_stores[root] = ImageStore(root)
+            store = _image_stores[key] = ImageStore(key[0])
         return store
 
 
