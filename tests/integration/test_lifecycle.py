@@ -367,3 +367,29 @@ def test_a_process_that_removes_and_exits_leaves_no_trash(image: str) -> None:
     assert done.returncode == 0, done.stderr
     trash = state.paths.sandboxes_dir() / gc.TRASH_DIR
     assert not any(p.name.startswith(f"{name}.") for p in trash.iterdir())
+
+
+def test_logs_follow_yields_new_events_and_ends_when_the_sandbox_stops(image: str) -> None:
+    async def scenario() -> list[str]:
+        sb = await Sandbox.create(unique("follow"), image=image,
+                                  network=NetworkPolicy.public_only())  # fmt: skip
+        seen: list[str] = []
+        try:
+
+            async def follow() -> None:
+                async for event in sb.logs(follow=True):
+                    seen.append(f"{event.destination}:{event.port}:{event.action}")
+
+            task = asyncio.create_task(follow())
+            await sb.exec("sh", ["-c", "nc -w 1 10.66.0.98 9 </dev/null"])
+            deadline = time.monotonic() + 10
+            while not seen and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            await sb.stop()
+            await asyncio.wait_for(task, 10)  # ends by itself once the sandbox stopped
+        finally:
+            await sb.remove()
+        return seen
+
+    seen = run(scenario())
+    assert "10.66.0.98:9:deny" in seen, seen  # type: ignore[operator]
