@@ -170,3 +170,16 @@ def test_supervisor_import_path_is_lean() -> None:
     ).stdout.split()
     for heavy in ("asyncio", "typing", "dataclasses", "json", "re", "click", "rich", "enum"):
         assert heavy not in out, heavy
+
+
+def test_privileges_are_checked_from_capeff() -> None:
+    from corral.errors import PermissionDenied
+
+    root = "Name:\tx\nCapEff:\t000001ffffffffff\n"
+    sdk.check_privileges(root)
+    only_sys_admin = f"CapEff:\t{1 << sdk.CAP_SYS_ADMIN:016x}\n"
+    with pytest.raises(PermissionDenied, match="needs root \\(or CAP_NET_ADMIN\\)"):
+        sdk.check_privileges(only_sys_admin)
+    with pytest.raises(PermissionDenied, match="CAP_SYS_ADMIN and CAP_NET_ADMIN"):
+        sdk.check_privileges("CapEff:\t0000000000000000\n")
+    assert PermissionDenied.exit_code == 6

@@ -29,7 +29,7 @@ from corral.config import (
     SecretEntry,
     validate_secrets,
 )
-from corral.errors import ConfigError, SandboxError
+from corral.errors import ConfigError, PermissionDenied, SandboxError
 from corral.runtime import control, gc, state
 from corral.runtime.channel import ChannelClient, ExecProcess, FileInfo
 from corral.sdk import lifecycle
@@ -85,6 +85,37 @@ def parse_cpus(value: float | int | str | None, field: str = "cpus") -> float | 
             field, f"{value!r} is not a number of CPUs in 0.01..{os.cpu_count() or 1}"
         )
     return cpus
+
+
+#: Capability bits (linux/capability.h) a sandbox's creation needs: namespaces, mounts and
+#: cgroups (CAP_SYS_ADMIN), links, addresses and nftables (CAP_NET_ADMIN).
+CAP_NET_ADMIN = 12
+CAP_SYS_ADMIN = 21
+
+
+def effective_capabilities(status_text: str | None = None) -> int:
+    """The CapEff mask of this process (from /proc/self/status unless given)."""
+    if status_text is None:
+        with open("/proc/self/status") as f:
+            status_text = f.read()
+    for line in status_text.splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def check_privileges(status_text: str | None = None) -> None:
+    """PermissionDenied, one sentence, unless this process may create sandboxes."""
+    caps = effective_capabilities(status_text)
+    missing = [
+        name
+        for bit, name in ((CAP_SYS_ADMIN, "CAP_SYS_ADMIN"), (CAP_NET_ADMIN, "CAP_NET_ADMIN"))
+        if not caps & (1 << bit)
+    ]
+    if missing:
+        raise PermissionDenied(
+            f"creating a sandbox needs root (or {' and '.join(missing)}); run corral as root"
+        )
 
 
 def _env_list_to_dict(entries: Iterable[str]) -> dict[str, str]:
@@ -331,6 +362,8 @@ class Sandbox:
         cpu_count = parse_cpus(cpus)
         if workdir is not None and (not isinstance(workdir, str) or not workdir.startswith("/")):
             raise ConfigError("workdir", f"{workdir!r} is not an absolute path")
+        check_privileges()
+
         def prepare_and_start() -> state.SandboxState:
             return _start(
                 _prepare_state(
