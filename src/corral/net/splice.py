@@ -138,10 +138,9 @@ class _Pump:
     def _readable(self) -> None:
         try:
             while True:
+                want = PIPE_SIZE - self.fill
                 try:
-                    n = os.splice(
-                        self.src_fd, self.pipe[1], PIPE_SIZE - self.fill, flags=_SPLICE_FLAGS
-                    )
+                    n = os.splice(self.src_fd, self.pipe[1], want, flags=_SPLICE_FLAGS)
                 except BlockingIOError:
                     return
                 if n == 0:
@@ -157,6 +156,10 @@ class _Pump:
                     self.loop.add_writer(self.dst_fd, self._writable)
                     return
                 if self.moved >= PROMOTE_AFTER and self.owner is not None and self.owner.promote():
+                    return
+                if n < want:
+                    # The socket had less than asked: it is drained. Another splice would
+                    # only say EAGAIN; the (level-triggered) loop calls again when more comes.
                     return
         except _CONNECTION_ERRORS:
             self.on_error()
