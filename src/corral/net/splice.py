@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import fcntl
 import os
 import socket
@@ -203,7 +202,6 @@ class SplicedPair:
         "_bulk_failed",
         "_closed",
         "_closing",
-        "_lock",
         "_on_close",
         "_threads",
         "_threads_left",
@@ -232,7 +230,6 @@ class SplicedPair:
         self._threads: list[threading.Thread] = []
         self._bulk_failed = False
         self._closing = False
-        self._lock = threading.Lock()
         self.loop = loop
         self.ab = _Pump(loop, a, b, pipes.get(), self._direction_done, self.abort, self)
         self.ba = _Pump(loop, b, a, pipes.get(), self._direction_done, self.abort, self)
@@ -352,14 +349,3 @@ class SplicedPair:
             else:
                 sock.close()
         self._on_close(self)
-
-
-def is_connection_error(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (
-        errno.ECONNRESET,
-        errno.EPIPE,
-        errno.ECONNREFUSED,
-        errno.ETIMEDOUT,
-        errno.EHOSTUNREACH,
-        errno.ENETUNREACH,
-    )
