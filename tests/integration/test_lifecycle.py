@@ -393,3 +393,30 @@ def test_logs_follow_yields_new_events_and_ends_when_the_sandbox_stops(image: st
 
     seen = run(scenario())
     assert "10.66.0.98:9:deny" in seen, seen  # type: ignore[operator]
+
+
+def test_kill9_of_a_networked_supervisor_then_gc_removes_the_network(image: str) -> None:
+    """netns, veth, nftables table and address lease of a crashed sandbox go with gc."""
+    from corral.net import plumbing
+
+    name = unique("netcrash")
+    sb = corral.sync.Sandbox.create(name, image=image, network=NetworkPolicy.public_only())
+    names = plumbing.names_for(name)
+    assert os.path.exists(f"/run/netns/{names.netns}")
+    recorded = state.read_supervisor_pid(sb.directory)
+    assert recorded is not None
+    os.kill(recorded[0], signal.SIGKILL)
+    while state.supervisor_alive(sb.directory):
+        time.sleep(0.01)
+    assert sb.status == state.CRASHED
+    removed = gc.collect([name])
+    assert any("network of" in line for line in removed), removed
+    assert not os.path.exists(f"/run/netns/{names.netns}")
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert f"{names.link}:" not in links and f"{names.link}@" not in links
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+    assert names.table not in tables
+    assert cgroup_dirs(name) == []
+    # The address slot is free again: a new sandbox of the same name starts.
+    with corral.sync.Sandbox.create(name, image=image, network=NetworkPolicy.public_only()) as again:
+        assert again.exec("true").ok
