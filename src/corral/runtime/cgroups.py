@@ -69,10 +69,23 @@ class Cgroup:
     def procs_files(self) -> list[Path]:
         return [p / "cgroup.procs" for p in self.paths]
 
-    def add(self, pid: int) -> None:
-        """Move ``pid`` into every hierarchy (``0`` means the calling process)."""
+    def add(self, pid: int, gone_ok: bool = False) -> None:
+        """Move ``pid`` into every hierarchy (``0`` means the calling process).
+
+        ``gone_ok``: a process that exits meanwhile is not an error (an early, speculative
+        move of a short-lived process).
+        """
         for procs in self.procs_files():
-            _write(procs, str(pid), "join cgroup")
+            try:
+                procs.write_text(str(pid))
+            except ProcessLookupError:
+                if gone_ok:
+                    return
+                raise SandboxError(f"join cgroup: process {pid} is gone") from None
+            except OSError as e:
+                raise SandboxError(
+                    f"join cgroup: write {pid} to {str(procs)!r}: {e.strerror}"
+                ) from None
 
     def pids(self) -> set[int]:
         found: set[int] = set()
