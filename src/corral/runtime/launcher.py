@@ -225,11 +225,13 @@ def launch(spec: LaunchSpec) -> Launched:
         _tell(to_child_w, b"m", messages)
 
         pid_b = int(str(messages.expect("init")["pid"]))
+        # Joined before stage A is reaped: until then its pid cannot be reused, so the
+        # thread can never move an unrelated process into the sandbox's cgroup.
+        early_move.join()
         os.waitpid(pid_a, 0)
         pid_a = 0
         # The init may have been forked before stage A's move completed: move it too (it
         # creates its cgroup namespace and forks its first child only after "go").
-        early_move.join()
         cgroup.add(pid_b)
         with contextlib.suppress(SandboxError):  # needs CAP_SYS_RESOURCE; best effort
             _write_proc(pid_b, "oom_score_adj", str(INIT_OOM_SCORE_ADJ))
