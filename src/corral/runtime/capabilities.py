@@ -32,6 +32,10 @@ CAP_NUMBERS = {
 #: What root in the sandbox keeps (documented in docs/isolation.md).
 SANDBOX_CAPABILITIES = frozenset(CAP_NUMBERS)
 
+#: Held by the init a little longer than the rest, for the one step that needs it after its
+#: cgroup move (creating the cgroup namespace); see ``drop_last``.
+CAP_SYS_ADMIN = 21
+
 
 def last_cap() -> int:
     try:
@@ -41,6 +45,13 @@ def last_cap() -> int:
         return 40  # CAP_CHECKPOINT_RESTORE, the last one of Linux 6.x
 
 
+def drop_last(keep: frozenset[str] = SANDBOX_CAPABILITIES) -> None:
+    """After ``drop_to(keep, extra=CAP_SYS_ADMIN)``: give up SYS_ADMIN too (two syscalls)."""
+    syscalls.prctl(syscalls.PR_CAPBSET_DROP, CAP_SYS_ADMIN)
+    mask = mask_of(keep)
+    syscalls.capset(mask, mask, 0)
+
+
 def mask_of(names: frozenset[str]) -> int:
     mask = 0
     for name in names:
@@ -48,13 +59,16 @@ def mask_of(names: frozenset[str]) -> int:
     return mask
 
 
-def drop_to(keep: frozenset[str] = SANDBOX_CAPABILITIES, top: int | None = None) -> None:
+def drop_to(
+    keep: frozenset[str] = SANDBOX_CAPABILITIES, top: int | None = None, extra: int = 0
+) -> None:
     """Shrink the bounding set, clear ambient and inheritable, keep ``keep`` in eff/perm.
 
     The bounding set matters most: when root execs a binary, its permitted set becomes the
     bounding set, so without this the commands would regain what the init gave up.
+    ``extra`` (a capability number) is kept as well, to be dropped by ``drop_last``.
     """
-    keep_mask = mask_of(keep)
+    keep_mask = mask_of(keep) | ((1 << extra) if extra else 0)
     for cap in range((top if top is not None else last_cap()) + 1):
         if not keep_mask & (1 << cap):
             syscalls.prctl(syscalls.PR_CAPBSET_DROP, cap)

@@ -16,17 +16,18 @@ The sequence reads top to bottom in the order the kernel requires, like bubblewr
     write uid_map/gid_map ◀──────────  "unshared"
     ─────────────────────────────────▶ "mapped": become root inside
                                        fork B ──────────────────────────▶ (waits)
-    reap A ◀─────────────────────────  init pid; exit
-    join the thread; move B too
+    join the thread ◀────────────────  init pid; exit
+    reap A; move B too
     oom_score_adj -1000 on B
                                                                           hostname, lo up
                                                                           /proc, /dev, /tmp
                                                                           pivot_root, detach old
                                                                           /etc/hosts, resolv...
+                                                                          caps but SYS_ADMIN,
+                                                                          no_new_privs, seccomp
     "go" ────────────────────────────────────────────────────────────────▶ cgroup ns,
-                                                                          die-with-parent,
-                                                                          caps, no_new_privs,
-                                                                          seccomp
+                                                                          drop SYS_ADMIN,
+                                                                          die-with-parent
     Launched ◀───────────────────────────────────────────────────────────  "ready"; serve()
 
 Why this shape:
@@ -514,16 +515,11 @@ def _stage_b(
         if not os.path.isdir(spec.workdir):
             os.makedirs(spec.workdir, mode=0o755, exist_ok=True)  # as Docker does for WORKDIR
 
-        _wait_byte(rd, "start")  # A has exited, we are the supervisor's child, in our cgroup
+        # Everything but SYS_ADMIN goes now, while the supervisor moves us into the cgroup;
+        # SYS_ADMIN is needed for the cgroup namespace, created only after that move. (The
+        # seccomp filter does not refuse that unshare: it only refuses new user namespaces.)
         try:
-            syscalls.unshare(syscalls.CLONE_NEWCGROUP)
-        except OSError as e:
-            raise _Fail(f"create cgroup namespace: {e.strerror}") from None
-        if spec.die_with_parent:
-            syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
-
-        try:
-            capabilities.drop_to()
+            capabilities.drop_to(extra=capabilities.CAP_SYS_ADMIN)
             syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
             syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)
         except OSError as e:
@@ -532,6 +528,18 @@ def _stage_b(
             seccomp_profile.load(seccomp)
         except OSError as e:
             raise _Fail(f"load seccomp filter: {e.strerror}") from None
+
+        _wait_byte(rd, "start")  # A has exited, we are the supervisor's child, in our cgroup
+        try:
+            syscalls.unshare(syscalls.CLONE_NEWCGROUP)
+        except OSError as e:
+            raise _Fail(f"create cgroup namespace: {e.strerror}") from None
+        try:
+            capabilities.drop_last()
+        except OSError as e:
+            raise _Fail(f"drop capabilities: {e.strerror}") from None
+        if spec.die_with_parent:
+            syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
         config = init.InitConfig(env=dict(spec.env), workdir=spec.workdir, user=spec.user)
         os.set_inheritable(listener.fileno(), False)
         _close_fds_except({listener.fileno(), wr})
