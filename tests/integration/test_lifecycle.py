@@ -420,3 +420,55 @@ def test_kill9_of_a_networked_supervisor_then_gc_removes_the_network(image: str)
     # The address slot is free again: a new sandbox of the same name starts.
     with corral.sync.Sandbox.create(name, image=image, network=NetworkPolicy.public_only()) as again:
         assert again.exec("true").ok
+
+
+def test_supervisors_follow_the_callers_network_namespace(
+    image: str, world: world_mod.World
+) -> None:
+    """The sync twin's loop thread is shared and stays where it was created; supervisors
+    must still start in the namespace of the thread that calls create (sync and async)."""
+    corral.sync.Sandbox.list()  # the sync loop thread now exists, in some namespace
+
+    async def async_create(name: str) -> str:
+        sb = await Sandbox.create(name, image=image, network=NONE)
+        try:
+            recorded = state.read_supervisor_pid(sb.directory)
+            assert recorded is not None
+            return os.readlink(f"/proc/{recorded[0]}/ns/net")
+        finally:
+            await sb.remove()
+
+    for enter in (world.in_inet, world.in_host, world.in_inet):
+        with enter():
+            want = os.readlink("/proc/thread-self/ns/net")
+            with corral.sync.Sandbox.create(unique("ns"), image=image, network=NONE) as sb:
+                recorded = state.read_supervisor_pid(sb.directory)
+                assert recorded is not None
+                assert os.readlink(f"/proc/{recorded[0]}/ns/net") == want
+            loop = asyncio.new_event_loop()
+            try:
+                assert loop.run_until_complete(async_create(unique("ns"))) == want
+            finally:
+                loop.close()
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.005, 0.02, 0.06])
+def test_a_cancelled_create_leaves_nothing(image: str, delay: float) -> None:
+    name = unique("cancel")
+
+    async def scenario() -> None:
+        task = asyncio.create_task(Sandbox.create(name, image=image, network=NONE))
+        await asyncio.sleep(delay)
+        task.cancel()
+        try:
+            sb = await task
+        except asyncio.CancelledError:
+            return
+        await sb.remove()  # it finished before the cancel arrived
+
+    run(scenario())
+    deadline = time.monotonic() + 10
+    while state.sandbox_dir(name).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not state.sandbox_dir(name).exists()
+    assert cgroup_dirs(name) == []

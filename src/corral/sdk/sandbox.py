@@ -13,14 +13,16 @@ caller's event loop keeps running.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import dataclasses
 import os
 import threading
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from corral.config import (
     NetworkConfig,
@@ -33,6 +35,8 @@ from corral.errors import ConfigError, PermissionDenied, SandboxError
 from corral.runtime import control, gc, state
 from corral.runtime.channel import ChannelClient, ExecProcess, FileInfo
 from corral.sdk import lifecycle
+
+T = TypeVar("T")
 
 #: Bytes per chunk when files stream between host and sandbox: large enough for few
 #: round trips, small enough that a multi-GiB file never sits in memory.
@@ -378,7 +382,7 @@ class Sandbox:
                 )
             )
 
-        return cls(await asyncio.to_thread(prepare_and_start))
+        return cls(await in_caller_netns(prepare_and_start, undo=_abandon))
 
     @classmethod
     async def get(cls, name: str) -> Sandbox:
@@ -419,7 +423,7 @@ class Sandbox:
         if self.status == state.RUNNING:
             return
         await self._close_channel()
-        self._state = await asyncio.to_thread(_restart, self.name)
+        self._state = await in_caller_netns(_restart, self.name)
 
     async def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT) -> None:
         """Stop the sandbox: SIGTERM to its processes, SIGKILL after ``timeout`` seconds.
@@ -442,7 +446,7 @@ class Sandbox:
             if recorded is not None:
                 await _wait_exit(*recorded, lifecycle.EXIT_MARGIN)
         elif status == state.CRASHED:
-            await asyncio.to_thread(gc.collect, [self.name], keep_state=True)
+            await in_caller_netns(_collect_keeping_state, self.name)
 
     async def remove(self, *, force: bool = True) -> None:
         """Stop (if running) and delete the sandbox and its writable layer.
@@ -454,7 +458,7 @@ class Sandbox:
                 f"sandbox {self.name!r} is running; stop it first or remove it with force"
             )
         await self.stop()
-        await asyncio.to_thread(_remove, self.name)
+        await in_caller_netns(_remove, self.name)
 
     async def __aenter__(self) -> Sandbox:
         return self
@@ -550,6 +554,107 @@ class Sandbox:
                 yield task.result()
             except StopAsyncIteration:
                 return
+
+
+#: The network namespace (an fd of it) of the code that called the SDK, when that is not the
+#: thread running the event loop: the sync twin sets it, its loop thread being shared.
+caller_netns: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "corral_caller_netns", default=None
+)
+
+_CLONE_NEWNET = 0x40000000
+
+
+async def in_caller_netns(
+    func: Callable[..., T], *args: Any, undo: Callable[[T], object] | None = None
+) -> T:
+    """Run blocking ``func(*args)`` in a new thread that is in the caller's network namespace.
+
+    Supervisors (and gc's network clean-up) must run in the network namespace of the code
+    that asked for them - a test that entered its world's namespace, a tool that runs corral
+    inside a netns - not in whatever namespace a pooled worker thread happened to be
+    created in. A fresh thread starts in the namespace of the thread that creates it (here the
+    event loop's) and, when the sync twin passed one, joins the caller's namespace first.
+
+    If the awaiting task is cancelled (Ctrl-C during ``create``), ``func`` still runs to its
+    end in its thread and then ``undo(result)`` runs there too, so nothing is left behind
+    that nobody holds a handle on.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+    netns_fd = caller_netns.get()
+    lock = threading.Lock()
+    flags = {"abandoned": False, "delivered": False}
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if done.done():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)  # type: ignore[arg-type]
+
+    def body() -> None:
+        try:
+            if netns_fd is not None:
+                from corral.runtime.syscalls import setns
+
+                setns(netns_fd, _CLONE_NEWNET)
+            result = func(*args)
+        except BaseException as exc:
+            with lock:
+                if flags["abandoned"]:
+                    return
+                flags["delivered"] = True
+            with contextlib.suppress(RuntimeError):  # the loop may be gone
+                loop.call_soon_threadsafe(settle, None, exc)
+            return
+        with lock:
+            abandoned = flags["abandoned"]
+            flags["delivered"] = not abandoned
+        if abandoned:
+            if undo is not None:
+                undo(result)
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, result, None)
+
+    worker = threading.Thread(target=body, name="corral-step")
+    worker.start()
+    try:
+        return await asyncio.shield(done)
+    except asyncio.CancelledError:
+        with lock:
+            flags["abandoned"] = True
+            delivered = flags["delivered"]
+        if delivered and undo is not None:
+            # The result was already on its way to us: undo it here, after the thread.
+            await asyncio.shield(asyncio.to_thread(_undo_delivered, worker, done, undo))
+        raise
+
+
+def _undo_delivered(
+    worker: threading.Thread, done: asyncio.Future[T], undo: Callable[[T], object]
+) -> None:
+    worker.join()
+    deadline = time.monotonic() + 1
+    while not done.done() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    if done.done() and not done.cancelled() and done.exception() is None:
+        undo(done.result())
+
+
+def _collect_keeping_state(name: str) -> list[str]:
+    return gc.collect([name], keep_state=True)
+
+
+def _abandon(sandbox_state: state.SandboxState) -> None:
+    """Take down a sandbox whose create was cancelled after it started."""
+    directory = state.sandbox_dir(sandbox_state.name)
+    with state.name_lock(sandbox_state.name):
+        lifecycle.kill_supervisor(directory)
+        gc.release_leftovers(sandbox_state.name, directory)
+        gc.remove_directory(directory)
 
 
 async def _wait_exit(pid: int, start_time: int, timeout: float) -> None:

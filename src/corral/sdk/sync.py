@@ -30,6 +30,21 @@ _loop: asyncio.AbstractEventLoop | None = None
 _loop_lock = threading.Lock()
 
 
+def _run_here(coro: Coroutine[Any, Any, T]) -> T:
+    """Like _run, but steps that start or clean up sandboxes run in the calling thread's
+    network namespace rather than in the private loop thread's (see in_caller_netns)."""
+    netns_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+
+    async def in_callers_namespace() -> T:
+        async_sdk.caller_netns.set(netns_fd)  # this task's context only
+        return await coro
+
+    try:
+        return _run(in_callers_namespace())
+    finally:
+        os.close(netns_fd)
+
+
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     global _loop
     with _loop_lock:
@@ -171,7 +186,7 @@ class Sandbox:
         workdir: str | None = None,
     ) -> Sandbox:
         return cls(
-            _run(
+            _run_here(
                 async_sdk.Sandbox.create(
                     name,
                     image=image,
@@ -200,13 +215,13 @@ class Sandbox:
         return _run(self._inner.info())
 
     def start(self) -> None:
-        _run(self._inner.start())
+        _run_here(self._inner.start())
 
     def stop(self, timeout: float = async_sdk.DEFAULT_STOP_TIMEOUT) -> None:
-        _run(self._inner.stop(timeout))
+        _run_here(self._inner.stop(timeout))
 
     def remove(self, *, force: bool = True) -> None:
-        _run(self._inner.remove(force=force))
+        _run_here(self._inner.remove(force=force))
 
     def __enter__(self) -> Sandbox:
         return self
