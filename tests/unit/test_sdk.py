@@ -33,7 +33,7 @@ def test_parse_memory(value: object, expected: int | None) -> None:
     assert sdk.parse_memory(value) == expected  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("value", ["", "m", "12x", "-1m", "1.5g", True, 1.5, "1m", 100])
+@pytest.mark.parametrize("value", ["", "m", "12x", "-1m", "1.5g", True, 1.5, "1m", 100, "²", "٣m"])
 def test_parse_memory_rejects(value: object) -> None:
     with pytest.raises(ConfigError) as info:
         sdk.parse_memory(value)  # type: ignore[arg-type]

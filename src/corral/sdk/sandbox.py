@@ -67,7 +67,7 @@ def parse_memory(value: int | str | None, field: str = "memory") -> int | None:
         text = value.strip().lower().removesuffix("ib").removesuffix("b")
         digits = text.rstrip("kmgt")
         unit = text[len(digits) :]
-        if not digits.isdigit() or unit not in _SIZE_UNITS:
+        if not (digits.isascii() and digits.isdigit()) or unit not in _SIZE_UNITS:
             raise ConfigError(field, f"{value!r} is not a memory size (like 256m or 1g)")
         amount = int(digits) * _SIZE_UNITS[unit]
     else:
