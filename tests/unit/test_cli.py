@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
 
 from corral.cli import sandbox as cli_sandbox
 from corral.cli.main import cli
@@ -164,3 +166,19 @@ def test_every_documented_command_exists() -> None:
                  "policy",
                  "pull", "images"):
         assert name in cli.commands, name
+
+
+@given(st.text(max_size=120))
+def test_default_name_is_valid_for_any_image_text(image: str) -> None:
+    from corral.runtime.state import validate_name
+
+    validate_name(cli_sandbox.default_name(image))
+
+
+@given(st.lists(st.text(max_size=10), max_size=6))
+def test_parse_env_never_crashes(pairs: list[str]) -> None:
+    try:
+        env = cli_sandbox.parse_env(pairs)
+    except ConfigError:
+        return
+    assert all(k and "=" not in k for k in env)

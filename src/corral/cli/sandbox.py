@@ -168,10 +168,13 @@ def strip_separator(command: Sequence[str]) -> list[str]:
     return list(command[1:]) if command[:1] == ("--",) or command[:1] == ["--"] else list(command)
 
 
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.-")
+
+
 def default_name(image: str) -> str:
     """``<image base name>-<6 hex>``: readable in ``corral ls``, unlikely to collide."""
     base = image.rsplit("/", 1)[-1].split("@")[0].split(":")[0].lower()
-    base = "".join(c if c.isalnum() or c in "_.-" else "-" for c in base).strip("-._") or "sb"
+    base = "".join(c if c in _NAME_CHARS else "-" for c in base).strip("-._") or "sb"
     return f"{base[:50]}-{_random.token_hex(3)}"
 
 
