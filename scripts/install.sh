@@ -15,6 +15,7 @@ APT_PACKAGES=(
   bubblewrap                               # a baseline in bench/startup_bench.py
   curl bind9-dnsutils netcat-openbsd       # real clients for the tools test image
   iperf3 wrk                               # data path benchmarks
+  gcc libc6-dev                            # tests compile small static seccomp probes
   procps psmisc iputils-ping               # ps, pkill, ping used by tests
 )
 
