@@ -106,13 +106,14 @@ def test_real_sandbox_published_port_with_ingress_rule(image: str, world: world_
         deadline = time.monotonic() + 10
         reply = b""
         while time.monotonic() < deadline and reply != b"in\n":
-            with socket.create_connection(("127.0.0.1", host_port), timeout=3) as s:
-                s.sendall(b"in\n")
-                s.shutdown(socket.SHUT_WR)
-                try:
+            # Until the guest's nc listens, the published port resets the connection.
+            try:
+                with socket.create_connection(("127.0.0.1", host_port), timeout=3) as s:
+                    s.sendall(b"in\n")
+                    s.shutdown(socket.SHUT_WR)
                     reply = s.recv(10)
-                except OSError:
-                    reply = b""
+            except OSError:
+                reply = b""
             time.sleep(0.2)
         assert reply == b"in\n"
         # From the host's uplink address: denied by the ingress rule (reset or closed).
