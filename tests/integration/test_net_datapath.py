@@ -329,6 +329,30 @@ def test_custom_rules_cidr_ip_ports_ranges_protocols_first_match(make_net: MakeN
     assert evs and evs[0]["rule"] == 0 and evs[0]["action"] == "deny"
 
 
+def test_custom_group_rules(make_net: MakeNet) -> None:
+    cfg = NetworkConfig(
+        rules=[
+            PolicyRule(action="allow", destination="host", protocol="tcp", port="80"),
+            PolicyRule(action="allow", destination="metadata"),
+            PolicyRule(action="allow", destination="link-local", protocol="udp"),
+            PolicyRule(action="allow", destination="private", protocols=["icmpv4", "icmpv6"]),
+        ],
+    )
+    n = make_net(cfg)
+    gw = str(n.net.gateway_ipv4)
+    assert (
+        n.run(["curl", "-sS", "-m", "5", f"http://{gw}/"]).stdout.strip() == "reached 127.0.0.1:80"
+    )
+    assert denied(n.exchange("tcp", gw, ECHO_PORT))  # host, but not port 7
+    assert n.exchange("tcp", METADATA_V4, ECHO_PORT) == "OK ping"
+    assert n.exchange("udp", METADATA_V6, ECHO_PORT) == "OK ping"
+    assert n.exchange("udp", LINK_LOCAL_V4, ECHO_PORT) == "OK ping"
+    assert denied(n.exchange("tcp", LINK_LOCAL_V4, ECHO_PORT))
+    assert n.ping(PRIVATE_V4) and n.ping(PRIVATE_V6)
+    assert denied(n.exchange("tcp", PRIVATE_V4, ECHO_PORT))
+    assert denied(n.exchange("tcp", PUBLIC_V4, ECHO_PORT))  # default egress deny
+
+
 # -- robustness -----------------------------------------------------------------------------------
 
 
