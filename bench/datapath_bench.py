@@ -157,7 +157,7 @@ def latency(ns: str, count: int) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--seconds", type=int, default=4)
     ap.add_argument("--pings", type=int, default=5000)
     ap.add_argument("--mtu", type=int, default=1500, help="MTU of the sandbox's veth (corral side)")
     ap.add_argument(
@@ -211,9 +211,9 @@ def main() -> None:
             this: dict[str, dict[str, float]] = {}
             for name, ns in (("kernel", kns), ("corral", cns)):
                 r = this[name] = {}
+                r["p50"], r["p99"] = latency(ns, args.pings)  # first: not after a burst of closes
                 r["gbit"] = iperf(ns, args.seconds)
                 r["conn"] = wrk(ns, args.seconds)
-                r["p50"], r["p99"] = latency(ns, args.pings)
                 for key, value in r.items():
                     samples[name][key].append(value)
             k, c = this["kernel"], this["corral"]
