@@ -163,7 +163,7 @@ def main() -> None:
     ap.add_argument(
         "--rounds",
         type=int,
-        default=3,
+        default=5,
         help="alternating rounds; medians are reported (the machine is shared)",
     )
     args = ap.parse_args()
