@@ -200,7 +200,7 @@ def test_explain_net_preset_and_human_output(root: click.Group) -> None:
         (("--to", "10.0.0.1:80/sctp"), "'sctp' is not a protocol"),
         (("--to", "10.0.0.1:7/icmpv4"), "icmpv4 has no ports"),
         (("--to", "example.com:443"), "'example.com' is not an IP address"),
-        (("--to", "[2001:db8::1:443"), "is not ADDR[:PORT][/PROTO]"),
+        (("--to", "[2001:db8::1:443"), "is not [ipv6]:port"),
         ((), "give either --to"),
         (("--to", "10.0.0.1:1", "--query", "x.org"), "give either --to"),
         (("--net", "bogus", "--to", "10.0.0.1:1"), "--net: 'bogus' is not a preset"),

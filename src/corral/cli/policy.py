@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from corral.config import NetworkConfig, PolicyDirection, PolicyProtocol
-from corral.config.values import IPAddress, parse_port
+from corral.config.values import IPAddress, split_hostport
 from corral.errors import ConfigError, CorralError
 from corral.policy import Decision, Flow, Policy, rule_shorthand
 from corral.policy.lint import lint
@@ -42,26 +42,7 @@ def parse_to(text: str, flag: str = "--to") -> tuple[IPAddress, int | None, Poli
             ) from None
     else:
         protocol = PolicyProtocol.TCP
-    port_text: str | None = None
-    if body.startswith("["):
-        host, close, rest = body[1:].partition("]")
-        if not close or (rest and not rest.startswith(":")):
-            raise ConfigError(flag, f"{text!r} is not {_TO_FORM}")
-        port_text = rest[1:] if rest else None
-    elif body.count(":") == 1:
-        host, _, port_text = body.partition(":")
-    else:
-        host = body  # IPv4 without a port, or a bare IPv6 address
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        raise ConfigError(flag, f"{text!r}: {host!r} is not an IP address") from None
-    port: int | None = None
-    if port_text is not None:
-        try:
-            port = parse_port(port_text, flag)
-        except ConfigError:
-            raise ConfigError(flag, f"{text!r}: {port_text!r} is not a port (1-65535)") from None
+    address, port = split_hostport(body, flag)
     if protocol.is_icmp and port is not None:
         raise ConfigError(flag, f"{text!r}: {protocol} has no ports; drop ':{port}'")
     if not protocol.is_icmp and port is None:

@@ -245,8 +245,11 @@ def host_pattern_matches(pattern: str, name: str) -> bool:
     return name == pattern
 
 
-def parse_hostport(value: object, path: str, default_port: int | None) -> tuple[IPAddress, int]:
-    """``1.1.1.1``, ``1.1.1.1:53``, ``[2606:4700::1111]:53`` or a bare IPv6 address."""
+def split_hostport(value: object, path: str) -> tuple[IPAddress, int | None]:
+    """``1.1.1.1``, ``1.1.1.1:53``, ``[2606:4700::1111]:53`` or a bare IPv6 address.
+
+    The port is None when the text has none; callers decide whether one is needed.
+    """
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(path, f"{value!r} is not an address[:port]")
     text = value.strip()
@@ -265,7 +268,18 @@ def parse_hostport(value: object, path: str, default_port: int | None) -> tuple[
     except ValueError:
         raise ConfigError(path, f"{value!r}: {host!r} is not an IP address") from None
     if port_text is None:
+        return addr, None
+    try:
+        return addr, parse_port(port_text, path)
+    except ConfigError:
+        raise ConfigError(path, f"{value!r}: {port_text!r} is not a port (1-65535)") from None
+
+
+def parse_hostport(value: object, path: str, default_port: int | None) -> tuple[IPAddress, int]:
+    """An address with a port, the port defaulting to ``default_port`` (required when None)."""
+    addr, port = split_hostport(value, path)
+    if port is None:
         if default_port is None:
             raise ConfigError(path, f"{value!r} needs a port")
         return addr, default_port
-    return addr, parse_port(port_text, path)
+    return addr, port
