@@ -36,6 +36,8 @@ sys.path.insert(0, str(ROOT / "src"))
 from tests.support import world as world_mod  # noqa: E402
 from tests.support.world import SERVER_V4, ip  # noqa: E402
 
+from corral.net.datapath import DEFAULT_MTU  # noqa: E402
+
 KERNEL_NS_SUFFIX = "k"
 HTTP_PORT = 8080
 ECHO_PORT = 7007
@@ -159,7 +161,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=int, default=4)
     ap.add_argument("--pings", type=int, default=5000)
-    ap.add_argument("--mtu", type=int, default=1500, help="MTU of the sandbox's veth (corral side)")
+    ap.add_argument(
+        "--mtu", type=int, default=DEFAULT_MTU, help="MTU of the sandbox's veth (default: corral's)"
+    )
     ap.add_argument(
         "--rounds",
         type=int,
@@ -228,7 +232,7 @@ def main() -> None:
 
         k = {key: statistics.median(v) for key, v in samples["kernel"].items()}
         c = {key: statistics.median(v) for key, v in samples["corral"].items()}
-        print(f"medians of {args.rounds} alternating rounds:")
+        print(f"medians of {args.rounds} alternating rounds (sandbox veth MTU {args.mtu}):")
         print(f"{'':24}{'kernel fwd':>14}{'corral':>14}{'ratio':>10}")
         print(
             f"{'bulk TCP (Gbit/s)':24}{k['gbit']:14.2f}{c['gbit']:14.2f}{c['gbit'] / k['gbit']:10.2f}   target >= 0.85"

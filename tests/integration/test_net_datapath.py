@@ -714,7 +714,7 @@ def test_closing_during_a_bulk_transfer_resets_the_guest_and_leaves_nothing(
 def test_fragmented_datagrams_are_reassembled_and_decided(make_net: MakeNet) -> None:
     """A datagram larger than the MTU leaves the guest as fragments; the host reassembles it
     (conntrack defragments before the divert), so it is decided and relayed whole."""
-    n = make_net(NetworkPolicy.public_only())
+    n = make_net(NetworkPolicy.public_only(), mtu=1500)  # the default MTU would not fragment
     code = (
         "import socket,sys\n"
         "for addr in sys.argv[1:]:\n"

@@ -216,8 +216,12 @@ class AddressPool:
         ipv4_pool: IPv4Network,
         ipv6_pool: IPv6Network | None,
         routes: list[IPNetwork] | None = None,
+        busy_numbers: Iterable[int] = (),
     ) -> Slot:
-        """The sandbox's slot (the existing lease if it has one); NetworkError if a pool is full."""
+        """The sandbox's slot (the existing lease if it has one); NetworkError if a pool is full.
+
+        ``busy_numbers``: lease numbers the kernel still uses (tables of other corral homes or
+        of crashed sandboxes), never handed out."""
         routes = host_routes() if routes is None else routes
         with self._locked() as leases:
             if sandbox_id in leases:
@@ -243,7 +247,8 @@ class AddressPool:
                     )
             assert isinstance(v4, IPv4Network)
             assert v6 is None or isinstance(v6, IPv6Network)
-            slot = Slot(v4, v6, next_lease_number(s.number for s in leases.values()))
+            numbers = {s.number for s in leases.values()} | set(busy_numbers)
+            slot = Slot(v4, v6, next_lease_number(numbers))
             leases[sandbox_id] = slot
             return slot
 

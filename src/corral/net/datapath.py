@@ -37,8 +37,12 @@ from corral.net.tcp_proxy import CONNECT_TIMEOUT, TcpProxy
 from corral.net.udp_relay import UdpRelay
 from corral.policy import Policy
 
-#: MTU of the veth pair: Ethernet's. Lower it (``mtu=``) when the host's uplink is a tunnel.
-DEFAULT_MTU = 1500
+#: MTU of the veth pair. Every flow of the sandbox ends at corral (TCP is terminated, UDP and
+#: ICMP are re-originated), so the guest's link MTU has nothing to do with the path outside:
+#: a large one means 64 KiB segments and a tenth of the packets and ACKs on the guest leg.
+#: Measured here: 1.35 instead of 1.9 CPU-seconds per GB, ~9 instead of ~7 Gbit/s. Below
+#: veth's maximum (65535) with room for the Ethernet header.
+DEFAULT_MTU = 65000
 
 #: Names that resolve to the gateway inside the sandbox (SPEC: reaching the host).
 HOST_NAMES = ("host.corral.internal", "host.microsandbox.internal")
@@ -112,7 +116,12 @@ class SandboxNetwork:
         ):
             cleanup_leftovers(sandbox_id, pool=pool)  # a crashed predecessor of the same id
         v6_pool = ipaddress.IPv6Network(config.ipv6_pool) if host_has_ipv6() else None
-        slot = pool.lease(sandbox_id, ipaddress.IPv4Network(config.ipv4_pool), v6_pool)
+        slot = pool.lease(
+            sandbox_id,
+            ipaddress.IPv4Network(config.ipv4_pool),
+            v6_pool,
+            busy_numbers=plumbing.lease_numbers_in_kernel(),
+        )
         published: list[Published] = []
         try:
             for b in config.all_port_bindings:

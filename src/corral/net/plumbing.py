@@ -175,9 +175,9 @@ def _sysctl(key: str, value: str, *, missing_ok: bool) -> None:
             raise
 
 
-def divert_tables(link: str) -> set[int]:
-    """Tables of the divert rules that name ``link`` (v4 and v6), read from ``ip rule``."""
-    tables: set[int] = set()
+def divert_rules() -> list[tuple[str, int]]:
+    """(iif, table) of every policy rule with an input interface, v4 and v6."""
+    rules: list[tuple[str, int]] = []
     for family in ("-4", "-6"):
         res = subprocess.run(
             ["ip", "-j", family, "rule", "show"], capture_output=True, text=True, check=False
@@ -185,18 +185,32 @@ def divert_tables(link: str) -> set[int]:
         if res.returncode != 0:
             continue
         for entry in json.loads(res.stdout or "[]"):
-            if entry.get("iif") == link:
+            iif = entry.get("iif")
+            if iif:
                 with contextlib.suppress(ValueError):
-                    tables.add(int(str(entry.get("table"))))
-    return tables
+                    rules.append((str(iif), int(str(entry.get("table")))))
+    return rules
+
+
+def divert_tables(link: str) -> set[int]:
+    """Tables of the divert rules that name ``link``."""
+    return {table for iif, table in divert_rules() if iif == link}
+
+
+def lease_numbers_in_kernel() -> set[int]:
+    """Lease numbers whose routing table some divert rule uses (of any corral home): a new
+    lease must not reuse them, or two sandboxes would share (and flush) one table."""
+    return {t - ROUTING_TABLE_BASE for _, t in divert_rules() if t > ROUTING_TABLE_BASE}
 
 
 def remove(names: LinkNames, table: int | None) -> None:
     """Delete the veth, divert rules and table routes, and the netns. Idempotent; best effort
     on each piece so one missing object does not keep the others alive."""
-    tables = divert_tables(names.link)
+    rules = divert_rules()
+    tables = {t for iif, t in rules if iif == names.link}
     if table is not None:
         tables.add(table)
+    others = {t for iif, t in rules if iif != names.link}
     for t in tables:
         for family in ("-4", "-6"):
             # Repeat: a crashed start may have added the same rule twice.
@@ -208,9 +222,12 @@ def remove(names: LinkNames, table: int | None) -> None:
                 )
                 if res.returncode != 0:
                     break
-            subprocess.run(
-                ["ip", family, "route", "flush", "table", str(t)], capture_output=True, check=False
-            )
+            if t not in others:  # never flush a table another sandbox's rule still uses
+                subprocess.run(
+                    ["ip", family, "route", "flush", "table", str(t)],
+                    capture_output=True,
+                    check=False,
+                )
     subprocess.run(["ip", "link", "del", names.link], capture_output=True, check=False)
     if os.path.exists(names.netns_path):
         subprocess.run(["ip", "netns", "del", names.netns], capture_output=True, check=False)
