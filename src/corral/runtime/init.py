@@ -61,8 +61,11 @@ STDIN_BUFFER_LIMIT = 4 * MAX_DATA_SIZE
 
 #: oom_score_adj of every command: raising it needs no privilege, so commands are picked by
 #: the OOM killer before the init and its workers (whose adj is -1000 where the host allows
-#: it, else 0) whatever their sizes, and before host processes in a host-wide OOM.
-COMMAND_OOM_SCORE_ADJ = 500
+#: it, else 0), and before host processes in a host-wide OOM. The maximum, because the
+#: adjustment is scaled to the cgroup's limit: +1000 outweighs any process whose resident
+#: set fits in the limit, and the init's can look larger than it is (it is a fork of the
+#: launching process, whose shared pages count in its RSS; a test runner's are ~100 MB).
+COMMAND_OOM_SCORE_ADJ = 1000
 
 #: How long a worker waits for the next request on an idle connection before it exits (and
 #: the client, which sees the EOF while the connection sits in its pool, opens a new one).
