@@ -100,7 +100,7 @@ class _Pump:
 
     __slots__ = (
         "done", "dst", "dst_fd", "eof", "fill", "loop", "moved", "on_done", "on_error", "owner",
-        "pipe", "src", "src_fd",
+        "pipe", "reading", "src", "src_fd", "writing",
     )  # fmt: skip
 
     def __init__(
@@ -126,13 +126,35 @@ class _Pump:
         self.done = False
         self.on_done = on_done
         self.on_error = on_error
+        # What is registered with the loop: unregistering costs a selector round trip in
+        # asyncio, so the close path only undoes what is there.
+        self.reading = False
+        self.writing = False
 
     def start(self) -> None:
-        self.loop.add_reader(self.src_fd, self._readable)
+        self._read_on()
 
     def stop(self) -> None:
-        self.loop.remove_reader(self.src_fd)
-        self.loop.remove_writer(self.dst_fd)
+        self._read_off()
+        self._write_off()
+
+    def _read_on(self) -> None:
+        self.loop.add_reader(self.src_fd, self._readable)
+        self.reading = True
+
+    def _read_off(self) -> None:
+        if self.reading:
+            self.loop.remove_reader(self.src_fd)
+            self.reading = False
+
+    def _write_on(self) -> None:
+        self.loop.add_writer(self.dst_fd, self._writable)
+        self.writing = True
+
+    def _write_off(self) -> None:
+        if self.writing:
+            self.loop.remove_writer(self.dst_fd)
+            self.writing = False
 
     def _readable(self) -> None:
         try:
@@ -144,15 +166,15 @@ class _Pump:
                     return
                 if n == 0:
                     self.eof = True
-                    self.loop.remove_reader(self.src_fd)
+                    self._read_off()
                     self._finish_if_drained()
                     return
                 self.fill += n
                 self.moved += n
                 if not self._flush():
                     # Destination full: stop reading until it drains (back-pressure).
-                    self.loop.remove_reader(self.src_fd)
-                    self.loop.add_writer(self.dst_fd, self._writable)
+                    self._read_off()
+                    self._write_on()
                     return
                 if self.moved >= PROMOTE_AFTER and self.owner is not None and self.owner.promote():
                     return
@@ -177,17 +199,17 @@ class _Pump:
         try:
             if not self._flush():
                 return
-            self.loop.remove_writer(self.dst_fd)
+            self._write_off()
             if self.eof:
                 self._finish_if_drained()
             else:
-                self.loop.add_reader(self.src_fd, self._readable)
+                self._read_on()
         except _CONNECTION_ERRORS:
             self.on_error()
 
     def _finish_if_drained(self) -> None:
         if self.fill:
-            self.loop.add_writer(self.dst_fd, self._writable)
+            self._write_on()
             return
         with contextlib.suppress(OSError):
             self.dst.shutdown(socket.SHUT_WR)
