@@ -129,7 +129,7 @@ def iperf(ns: str, seconds: int) -> float:
     return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
 
 
-def wrk(ns: str, seconds: int) -> float:
+def wrk(ns: str, seconds: int, port: int = HTTP_PORT) -> float:
     argv = [
         "wrk",
         "-t",
@@ -140,7 +140,7 @@ def wrk(ns: str, seconds: int) -> float:
         f"{seconds}s",
         "-H",
         "Connection: close",
-        f"http://{SERVER_V4}:{HTTP_PORT}/",
+        f"http://{SERVER_V4}:{port}/",
     ]
     out = in_ns(ns, argv, timeout=seconds + 30).stdout
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
@@ -180,7 +180,13 @@ def main() -> None:
         www.mkdir()
         (www / "index.html").write_text("ok\n")
         w.spawn_inet(["iperf3", "-s", "-B", SERVER_V4], stdout=subprocess.DEVNULL)
-        w.spawn_inet(["busybox", "httpd", "-f", "-p", f"{SERVER_V4}:{HTTP_PORT}", "-h", str(www)])
+        # One server port per round: tens of thousands of closed connections per round leave
+        # TIME_WAIT entries on the server side, and a later round reusing those 4-tuples
+        # stalls on SYN retransmits (seen as a round at a tenth of the rate on both paths).
+        for rnd in range(args.rounds):
+            w.spawn_inet(
+                ["busybox", "httpd", "-f", "-p", f"{SERVER_V4}:{HTTP_PORT + rnd}", "-h", str(www)]
+            )
         echo = w.spawn_inet(
             [sys.executable, "-c", ECHO_SERVER, SERVER_V4, str(ECHO_PORT)], stdout=subprocess.PIPE
         )
@@ -217,7 +223,7 @@ def main() -> None:
                 r = this[name] = {}
                 r["p50"], r["p99"] = latency(ns, args.pings)  # first: not after a burst of closes
                 r["gbit"] = iperf(ns, args.seconds)
-                r["conn"] = wrk(ns, args.seconds)
+                r["conn"] = wrk(ns, args.seconds, HTTP_PORT + rnd)
                 for key, value in r.items():
                     samples[name][key].append(value)
             k, c = this["kernel"], this["corral"]
