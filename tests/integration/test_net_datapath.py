@@ -748,3 +748,28 @@ def test_ipv6_link_local_destinations_are_never_reached(make_net: MakeNet, world
         assert denied(n.exchange("udp", f"{host_ll}%eth0", ECHO_PORT, timeout=1.5))
     finally:
         world.stop_process(server)
+
+
+def test_reserve_cleans_a_crashed_namesake(world: World, tmp_path: Path, servers: None) -> None:
+    """Leftovers of a dead supervisor with the same sandbox id (lease, netns, link, table) are
+    removed by the next reserve, which then works."""
+    pool = AddressPool(tmp_path / "p")
+    first = RunningNetwork(
+        world.host_ns, "tnamesake", NetworkPolicy.public_only(), tmp_path / "a", pool=pool
+    )
+    # Simulate a crash: stop the loop without closing (the thread's close is skipped).
+    first.net.close = _noop_close  # type: ignore[method-assign]
+    first.close()
+    assert leftovers(world, None, "tnamesake") != []
+    second = RunningNetwork(
+        world.host_ns, "tnamesake", NetworkPolicy.public_only(), tmp_path / "b", pool=pool
+    )
+    try:
+        assert second.exchange("tcp", PUBLIC_V4, ECHO_PORT) == "OK ping"
+    finally:
+        second.close()
+    assert leftovers(world, second.net, "tnamesake") == []
+
+
+async def _noop_close() -> None:
+    return None

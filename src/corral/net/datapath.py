@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -111,10 +112,15 @@ class SandboxNetwork:
                 policy=policy, log_allowed=log_allowed,
             )  # fmt: skip
         names = plumbing.names_for(sandbox_id)
-        if pool.get(sandbox_id) is None and (
-            plumbing.link_exists(names.link) or firewall.exists(names.table)
+        if (
+            pool.get(sandbox_id) is not None
+            or plumbing.link_exists(names.link)
+            or os.path.exists(names.netns_path)
+            or firewall.exists(names.table)
         ):
-            cleanup_leftovers(sandbox_id, pool=pool)  # a crashed predecessor of the same id
+            # A crashed predecessor of the same id (the runtime holds the name's lock, so no
+            # live sandbox owns these): start from nothing.
+            cleanup_leftovers(sandbox_id, pool=pool)
         v6_pool = ipaddress.IPv6Network(config.ipv6_pool) if host_has_ipv6() else None
         slot = pool.lease(
             sandbox_id,
