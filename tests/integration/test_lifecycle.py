@@ -4,6 +4,7 @@ reattach from another process, names, failures, and a crashed supervisor cleaned
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -18,7 +19,8 @@ import pytest
 import corral.sync
 from corral import NetworkPolicy, Sandbox
 from corral.errors import ConfigError, SandboxError, SandboxExists, SandboxNotFound
-from corral.runtime import gc, state
+from corral.runtime import cgroups, gc, state
+from corral.sdk import lifecycle
 from tests.integration.lifecycle_support import (  # noqa: F401 - fixtures
     ROOT,
     corral_home_fixture,
@@ -248,8 +250,66 @@ def test_kill9_supervisor_then_gc_leaves_nothing(image: str) -> None:
     assert any("state directory" in line for line in removed), removed
     assert not directory.exists()
     assert cgroup_dirs(name) == []
+    # Including the directories that kept a spare's name (v2 ones cannot be renamed).
+    assert sb.state.cgroup and not any(Path(p).exists() for p in sb.state.cgroup.split())
     assert recorded[0] not in supervisor_processes()
     assert gc.collect([name]) == []  # nothing left the second time
+
+
+def _spares_of(server_pid: int) -> dict[int, list[Path]]:
+    """Spare cgroups (made ahead of time) whose maker is a child of the fork server."""
+    found: dict[int, list[Path]] = {}
+    for parent in cgroups.spare_parents():
+        for entry in parent.iterdir():
+            owner = cgroups.parse_spare_name(entry.name)
+            if owner is None:
+                continue
+            try:
+                with open(f"/proc/{owner[0]}/stat", "rb") as f:
+                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except OSError:
+                continue
+            if ppid == server_pid:
+                found.setdefault(owner[0], []).append(entry)
+    return found
+
+
+def test_a_killed_spare_leaves_nothing_for_long(image: str) -> None:
+    """The fork server's spare supervisor holds a cgroup with stage A parked in it
+    (launcher.Zygote). SIGKILLed, it leaves that cgroup (its zygote dies with it): the spare
+    that replaces it removes it (or gc does), and creates keep working."""
+    with corral.sync.Sandbox.create(unique("warm"), image=image, network=NONE) as sb:
+        assert sb.exec("true").ok
+    client = lifecycle._fork_server_client
+    assert client is not None
+    server_pid = client._proc.pid
+    deadline = time.monotonic() + 10
+    while not (spares := _spares_of(server_pid)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(spares) == 1, spares
+    (spare_pid, paths), = spares.items()
+    assert len(paths) == len(cgroups.spare_parents())
+    os.kill(spare_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(p.exists() for p in paths) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(p.exists() for p in paths)
+    with corral.sync.Sandbox.create(unique("after"), image=image, network=NONE) as sb:
+        assert sb.exec("true").ok
+
+
+def test_gc_removes_spare_cgroups_whose_maker_is_dead() -> None:
+    dead = cgroups.spare_name(2**22 + 7, 1)  # above pid_max's default: no such process
+    paths = [parent / dead for parent in cgroups.spare_parents()]
+    for path in paths:
+        path.mkdir()
+    try:
+        assert not any(dead in line for line in gc.collect())  # no sandbox's: not reported
+        assert not any(p.exists() for p in paths)
+    finally:
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
+                path.rmdir()
 
 
 def test_create_cleans_a_crashed_namesake(image: str) -> None:

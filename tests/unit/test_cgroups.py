@@ -182,3 +182,65 @@ def test_oom_kills_reads_v1_and_v2_counters(tmp_path: Path) -> None:
     v2.paths[0].mkdir()
     (v2.paths[0] / "memory.events").write_text("low 0\nhigh 0\nmax 5\noom 2\noom_kill 2\n")
     assert v2.oom_kills() == 2
+
+
+# -- cgroups made ahead of time (spares) ---------------------------------------------------
+
+
+def test_spare_names_round_trip_and_reject_others() -> None:
+    assert cgroups.parse_spare_name(cgroups.spare_name(123, 456789)) == (123, 456789)
+    for other in ("corral-sb-1234abcd", "corral-spare-", "corral-spare-12", "corral-spare-x-1",
+                  "corral-spare-1-2x", "corral-spare-١-2"):
+        assert cgroups.parse_spare_name(other) is None
+
+
+def test_hybrid_adopt_renames_v1_dirs_keeps_v2_and_writes_limits(tmp_path: Path) -> None:
+    root = _v1_tree(tmp_path / "cg", hybrid=True)
+    spare = cgroups.plan(cgroups.spare_name(1, 2), root, HYBRID_SELF)
+    cgroups.create(spare, CgroupLimits())
+    final = cgroups.plan("corral-sb-1", root, HYBRID_SELF)
+    target = cgroups.adopted(spare, final)
+    assert target.v1 == final.v1
+    assert target.unified == spare.unified  # v2 directories cannot be renamed
+    assert target.paths == (*final.v1.values(), spare.unified)
+    cgroups.adopt(spare, target, CgroupLimits(memory=64 << 20, pids_max=50))
+    assert all(p.is_dir() for p in target.paths)
+    assert not any(p.exists() for p in spare.v1.values())
+    assert (target.v1["memory"] / "memory.limit_in_bytes").read_text() == str(64 << 20)
+    assert (target.v1["pids"] / "pids.max").read_text() == "50"
+
+
+def test_v2_adopt_keeps_the_spare_directory(tmp_path: Path) -> None:
+    root = _v2_tree(tmp_path / "cg")
+    spare = cgroups.plan(cgroups.spare_name(1, 2), root, V2_SELF)
+    (spare.paths[0]).mkdir(parents=True)
+    target = cgroups.adopted(spare, cgroups.plan("corral-sb-1", root, V2_SELF))
+    assert target == spare
+    cgroups.adopt(spare, target, CgroupLimits(cpus=0.5, pids_max=10))
+    assert (spare.paths[0] / "cpu.max").read_text() == "50000 100000"
+    assert (spare.paths[0] / "pids.max").read_text() == "10"
+
+
+def test_adopt_refuses_bad_limits_before_renaming(tmp_path: Path) -> None:
+    root = _v1_tree(tmp_path / "cg", hybrid=False)
+    spare = cgroups.plan(cgroups.spare_name(1, 2), root, HYBRID_SELF)
+    cgroups.create(spare, CgroupLimits())
+    target = cgroups.adopted(spare, cgroups.plan("corral-sb-1", root, HYBRID_SELF))
+    with pytest.raises(SandboxError, match="below the minimum"):
+        cgroups.adopt(spare, target, CgroupLimits(memory=1024))
+    assert all(p.is_dir() for p in spare.paths)
+
+
+def test_abandoned_spares_are_those_whose_maker_is_dead(tmp_path: Path) -> None:
+    root = _v1_tree(tmp_path / "cg", hybrid=True)
+    for owner in ((10, 1), (11, 1)):
+        cgroups.create(cgroups.plan(cgroups.spare_name(*owner), root, HYBRID_SELF),
+                       CgroupLimits())
+    cgroups.create(cgroups.plan("corral-sb-1", root, HYBRID_SELF), CgroupLimits())
+    found = cgroups.abandoned_spares(root, HYBRID_SELF, alive=lambda pid, start: pid == 11)
+    assert sorted(str(p.relative_to(root)) for p in found) == [
+        "cpu/corral-spare-10-1",
+        "memory/process_api/abc/corral-spare-10-1",
+        "pids/corral-spare-10-1",
+        "unified/corral-spare-10-1",
+    ]

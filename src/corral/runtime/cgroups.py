@@ -27,6 +27,7 @@ import os
 import signal
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -228,12 +229,7 @@ def plan(name: str, root: Path = CGROUP_ROOT, proc_self_cgroup: str | None = Non
 
 def create(cgroup: Cgroup, limits: CgroupLimits) -> None:
     """Make the directories of ``cgroup`` and write ``limits``; undone on failure."""
-    if limits.memory is not None and limits.memory < MIN_MEMORY:
-        raise SandboxError(
-            f"memory limit {limits.memory} bytes is below the minimum of {MIN_MEMORY}"
-        )
-    if limits.cpus is not None and limits.cpus <= 0:
-        raise SandboxError(f"cpus must be positive, not {limits.cpus}")
+    _check_limits(limits)
     made: list[Path] = []
     try:
         if cgroup.layout == "v2":
@@ -275,6 +271,10 @@ def _create_v2(path: Path, limits: CgroupLimits, made: list[Path]) -> None:
             _write(level / "cgroup.subtree_control", " ".join(f"+{c}" for c in missing),
                    "enable cgroup controllers")
     _mkdir(path, made)
+    _limit_v2(path, limits)
+
+
+def _limit_v2(path: Path, limits: CgroupLimits) -> None:
     if limits.memory is not None:
         _write(path / "memory.max", str(limits.memory), "set memory limit")
         if (path / "memory.swap.max").exists():
@@ -301,6 +301,129 @@ def _limit_v1(cgroup: Cgroup, limits: CgroupLimits) -> None:
         _write(cpu / "cpu.cfs_quota_us", str(quota), "set cpu limit")
     if limits.pids_max is not None:
         _write(cgroup.v1["pids"] / "pids.max", str(limits.pids_max), "set pids limit")
+
+
+def _check_limits(limits: CgroupLimits) -> None:
+    if limits.memory is not None and limits.memory < MIN_MEMORY:
+        raise SandboxError(
+            f"memory limit {limits.memory} bytes is below the minimum of {MIN_MEMORY}"
+        )
+    if limits.cpus is not None and limits.cpus <= 0:
+        raise SandboxError(f"cpus must be positive, not {limits.cpus}")
+
+
+# -- cgroups made ahead of time -------------------------------------------------------------
+#
+# Moving a process into a v1 cgroup waits for an RCU grace period (6-15 ms here), the
+# largest single cost of a start. A spare supervisor therefore makes a cgroup *before* any
+# request, under a spare name, and parks a process in it (corral.runtime.launcher.Zygote);
+# the launch then renames the v1 directories to the sandbox's names (v1 allows a rename
+# within the parent, even with processes inside) and writes the limits. v2 directories
+# cannot be renamed (EPERM): they keep the spare name, which is recorded like any other.
+
+#: Name prefix of a cgroup made ahead of time: ``corral-spare-<pid>-<start time>`` names
+#: the process that made it, so gc can tell an abandoned one (its maker is dead).
+SPARE_PREFIX = "corral-spare-"
+
+
+def spare_name(pid: int, start_time: int) -> str:
+    return f"{SPARE_PREFIX}{pid}-{start_time}"
+
+
+def parse_spare_name(name: str) -> tuple[int, int] | None:
+    """(pid, start time) of the process that made spare cgroup ``name``; None if not one."""
+    if not name.startswith(SPARE_PREFIX):
+        return None
+    pid, sep, start = name[len(SPARE_PREFIX) :].partition("-")
+    if not (sep and pid.isascii() and pid.isdigit() and start.isascii() and start.isdigit()):
+        return None
+    return int(pid), int(start)
+
+
+def adopted(spare: Cgroup, final: Cgroup) -> Cgroup:
+    """The cgroup a sandbox ends up in when it takes over ``spare`` (planned as ``final``):
+    v1 directories under their final names, the v2 one (which cannot be renamed) as is."""
+    if spare.layout != final.layout:
+        raise SandboxError(
+            f"adopt cgroup: the spare is a {spare.layout} cgroup, the sandbox needs {final.layout}"
+        )
+    if final.layout == "v2":
+        return spare
+    paths = tuple(final.v1.values()) + ((spare.unified,) if spare.unified else ())
+    return Cgroup(final.layout, paths, unified=spare.unified, v1=dict(final.v1))
+
+
+def adopt(spare: Cgroup, target: Cgroup, limits: CgroupLimits) -> None:
+    """Rename ``spare``'s v1 directories to ``target``'s (see :func:`adopted`), then write
+    ``limits``. The limits come after the processes are in, which v1 and v2 both allow."""
+    _check_limits(limits)
+    for controller, path in spare.v1.items():
+        new = target.v1[controller]
+        if new == path:
+            continue
+        try:
+            path.rename(new)
+        except OSError as e:
+            raise SandboxError(
+                f"adopt cgroup: rename {str(path)!r} to {str(new)!r}: {e.strerror}"
+            ) from None
+    if target.layout == "v2":
+        _limit_v2(target.paths[0], limits)
+    else:
+        _limit_v1(target, limits)
+
+
+def spare_parents(root: Path = CGROUP_ROOT, proc_self_cgroup: str | None = None) -> list[Path]:
+    """The directories :func:`plan` puts cgroups in (for this process): where gc looks for
+    abandoned spare cgroups."""
+    probe = plan("probe", root, proc_self_cgroup)
+    return [p.parent for p in probe.paths]
+
+
+def abandoned_spares(
+    root: Path = CGROUP_ROOT,
+    proc_self_cgroup: str | None = None,
+    alive: Callable[[int, int], bool] | None = None,
+) -> list[Path]:
+    """Spare cgroup directories whose maker is dead (``alive(pid, start)`` is False)."""
+    if alive is None:
+        alive = _process_alive
+    found = []
+    for parent in spare_parents(root, proc_self_cgroup):
+        try:
+            entries = sorted(parent.iterdir())
+        except OSError:
+            continue
+        for entry in entries:
+            owner = parse_spare_name(entry.name)
+            if owner is not None and entry.is_dir() and not alive(*owner):
+                found.append(entry)
+    return found
+
+
+def _process_alive(pid: int, start_time: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return fields[0] != b"Z" and int(fields[19]) == start_time
+
+
+def cleanup_spares(root: Path = CGROUP_ROOT) -> list[Path]:
+    """Kill what is in every abandoned spare cgroup and remove it; returns what went."""
+    removed: list[Path] = []
+    try:
+        abandoned = abandoned_spares(root)
+    except SandboxError:
+        return removed  # no cgroups here we could have made
+    for path in abandoned:
+        unified = path if (path / "cgroup.kill").exists() else None  # a v2 directory
+        with contextlib.suppress(SandboxError):
+            cleanup(Cgroup("spare", (path,), unified=unified))
+            removed.append(path)
+    return removed
 
 
 def cleanup(cgroup: Cgroup) -> None:

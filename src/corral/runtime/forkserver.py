@@ -25,9 +25,14 @@ import contextlib
 import os
 import socket
 import sys
+import time
 
 from corral.runtime import leanjson
 from corral.runtime.supervisor import FORK_SERVER_ARG
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from corral.runtime.launcher import Zygote
 
 #: Largest request: the creator's environment is sent along (a big CI environment is tens of
 #: KiB); the kernel's default socket buffer (~208 KiB) bounds a SEQPACKET message anyway.
@@ -35,6 +40,18 @@ MAX_REQUEST = 192 * 1024
 
 #: Seconds the fork server waits for its spare child to exit when it shuts down.
 SPARE_EXIT_TIMEOUT = 5.0
+
+#: Longest the server waits for a supervisor's RELEASED before it forks the next spare
+#: anyway (a launch takes tens of ms; this only bounds a hung or dead one).
+SPARE_DEFER_MAX = 1.0
+
+#: Bytes on the server's pipe: a spare took a request; a supervisor has finished starting.
+TAKEN = b"t"
+RELEASED = b"r"
+
+#: Set to 0 to have spare supervisors prepare no stage A ahead of time (launcher.Zygote):
+#: every launch then makes its cgroup and moves its stage A itself (for comparison).
+ZYGOTE_ENV = "CORRAL_ZYGOTE"
 
 #: File descriptors attached to a request (ready pipe, netns).
 REQUEST_FDS = 2
@@ -48,9 +65,14 @@ def serve(sock: socket.socket) -> int:
     The fork itself (copying the page tables of an interpreter with the launcher loaded, a
     few milliseconds here) is kept off the ``create`` path: the server always has one *spare*
     child already forked and blocked in ``recv`` on the request socket. The spare takes the
-    next request, tells the server through a pipe (which then forks the next spare), answers,
-    and becomes that sandbox's supervisor. The server itself never reads the socket; it only
-    watches it for the SDK process hanging up.
+    next request, tells the server through a pipe (TAKEN), answers, and becomes that
+    sandbox's supervisor. The server itself never reads the socket.
+
+    The next spare is forked once that supervisor has reported ready (it writes RELEASED to
+    the same pipe), not at once: on this 2-core machine a fork running beside the launch
+    slowed every ``create`` by 1-3 ms. A request that arrives while no spare exists (the
+    socket turns readable) gets one forked at once, and SPARE_DEFER_MAX bounds the wait for
+    a supervisor that never reports.
     """
     import gc
     import select
@@ -64,24 +86,53 @@ def serve(sock: socket.socket) -> int:
     gc.freeze()  # the imported modules stay shared, unwritten, with every supervisor
     taken_r, taken_w = os.pipe2(os.O_CLOEXEC)
     poller = select.poll()
-    poller.register(sock.fileno(), 0)  # POLLHUP/POLLERR only: requests are the spare's
+    poller.register(sock.fileno(), 0)  # POLLHUP/POLLERR only while a spare reads requests
     poller.register(taken_r, select.POLLIN)
     spare = 0
+    spare_fd = -1  # pidfd of the spare: one killed while waiting is replaced
+    #: When the next spare must be forked at the latest (0: no spare owed).
+    fork_by = 0.0
     while True:
-        if spare == 0:
+        if spare == 0 and fork_by == 0.0:
             spare = os.fork()
             if spare == 0:
                 os.close(taken_r)
                 _serve_as_spare(sock, taken_w)
-        for fd, events in poller.poll():
+            poller.modify(sock.fileno(), 0)
+            spare_fd = os.pidfd_open(spare)
+            poller.register(spare_fd, select.POLLIN)
+        timeout = None if fork_by == 0.0 else max(0.0, fork_by - time.monotonic()) * 1000
+        events = poller.poll(timeout)
+        if not events and fork_by:
+            fork_by = 0.0  # a supervisor took too long (or died) before "released"
+        for fd, mask in events:
             if fd == taken_r:
-                os.read(taken_r, 64)
-                spare = 0
-            elif events & (select.POLLHUP | select.POLLERR):
+                for byte in os.read(taken_r, 64):
+                    if byte == TAKEN[0]:
+                        spare = 0
+                        fork_by = time.monotonic() + SPARE_DEFER_MAX
+                        # A request arriving before then must not wait for the deadline.
+                        poller.modify(sock.fileno(), select.POLLIN)
+                    elif byte == RELEASED[0] and spare == 0:
+                        fork_by = 0.0
+                if spare == 0 and spare_fd >= 0:
+                    poller.unregister(spare_fd)  # a supervisor now; not watched by us
+                    os.close(spare_fd)
+                    spare_fd = -1
+            elif fd == spare_fd:
+                poller.unregister(spare_fd)
+                os.close(spare_fd)
+                spare_fd = -1
+                if spare != 0:  # killed before it took a request: replace it now
+                    spare = 0
+                    fork_by = 0.0
+            elif mask & (select.POLLHUP | select.POLLERR):
                 # The SDK process closed its end: the spare sees EOF and exits; wait for
                 # that, so that once this process is gone no process of it is left.
                 _wait_gone(spare, SPARE_EXIT_TIMEOUT)
                 return 0
+            elif mask & select.POLLIN and spare == 0:
+                fork_by = 0.0  # a request is waiting and no spare reads it: fork now
 
 
 def _wait_gone(pid: int, timeout: float) -> None:
@@ -102,15 +153,24 @@ def _wait_gone(pid: int, timeout: float) -> None:
 def _serve_as_spare(sock: socket.socket, taken_w: int) -> None:
     """In a spare child: wait for one valid request, then become its supervisor. Never
     returns (exits on EOF or becomes a supervisor that exits with os._exit)."""
+    import signal
+
     from corral.runtime.syscalls import setns
 
+    # Supervisors wait for their children (the fork server lets the kernel reap its own).
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    zygote = _prepare_zygote()
     while True:
         try:
             data, fds, _flags, _addr = socket.recv_fds(sock, MAX_REQUEST, REQUEST_FDS)
         except OSError:
-            os._exit(0)
+            data = b""
         if not data:
-            os._exit(0)  # the SDK process closed its end: done
+            # The SDK process closed its end: done. The zygote and its cgroup go first, so
+            # that once the fork server has waited for us, nothing of ours is left.
+            if zygote is not None:
+                zygote.discard()
+            os._exit(0)
         try:
             request = leanjson.loads(data.decode())
             if not isinstance(request, dict) or len(fds) != REQUEST_FDS:
@@ -125,10 +185,9 @@ def _serve_as_spare(sock: socket.socket, taken_w: int) -> None:
             continue
         break
     ready_fd, netns_fd = fds
-    os.write(taken_w, b"t")
-    os.close(taken_w)
+    os.write(taken_w, TAKEN)
     sock.send(leanjson.dumps({"pid": os.getpid()}).encode())
-    _become_supervisor(sock, state_dir, env, ready_fd, netns_fd, setns)
+    _become_supervisor(sock, state_dir, env, ready_fd, netns_fd, setns, taken_w, zygote)
 
 
 def _become_supervisor(
@@ -138,6 +197,8 @@ def _become_supervisor(
     ready_fd: int,
     netns_fd: int,
     setns: object,
+    released_fd: int,
+    zygote: Zygote | None,
 ) -> None:
     """In the forked child: detach, take the creator's context, run the supervisor. Never
     returns (os._exit: the fork server's own state must not be torn down twice)."""
@@ -166,8 +227,10 @@ def _become_supervisor(
         os.dup2(log, 2)
         os.close(devnull)
         os.close(log)
-        status = supervisor.Supervisor(state_dir, ready_fd).run()
+        status = supervisor.Supervisor(state_dir, ready_fd, released_fd, zygote).run()
     except BaseException as exc:
+        if zygote is not None:
+            zygote.discard()
         with contextlib.suppress(OSError):
             os.write(ready_fd, f"error\tSandboxError\tsupervisor fork failed: {exc!r}\n".encode())
     finally:
@@ -175,6 +238,20 @@ def _become_supervisor(
             sys.stderr.flush()
         finally:
             os._exit(status)
+
+
+def _prepare_zygote() -> Zygote | None:
+    """Stage A of the next sandbox, ahead of time (launcher.Zygote); None where that cannot
+    be done (no cgroup access, say): the launch then does it on its own path, slower."""
+    from corral.errors import SandboxError
+    from corral.runtime import launcher
+
+    if os.environ.get(ZYGOTE_ENV, "1") == "0":
+        return None
+    try:
+        return launcher.prepare_zygote()
+    except (SandboxError, OSError):
+        return None  # silently slower: the launch reports any real cgroup problem itself
 
 
 class ForkServerClient:

@@ -176,16 +176,30 @@ def _step(what: str, path: str | Path, e: OSError) -> _Fail:
 # --- the supervisor's side ----------------------------------------------------------------------
 
 
-def launch(spec: LaunchSpec) -> Launched:
-    """Start the sandbox; returns when its init serves the channel. Call before threads exist."""
-    _validate(spec)
-    state = spec.state_dir
-    root = state / ROOT_DIR
-    _prepare_state_dir(state)
+def launch(spec: LaunchSpec, zygote: Zygote | None = None) -> Launched:
+    """Start the sandbox; returns when its init serves the channel. Call before threads exist.
 
-    cgroup = cgroups.plan(cgroups.cgroup_name(spec.name, state))
-    (state / CGROUP_RECORD).write_text(cgroup.to_json())
-    cgroups.create(cgroup, CgroupLimits(spec.cpus, spec.memory, spec.pids_max))
+    ``zygote`` (from :func:`prepare_zygote`, made ahead of time) becomes stage A, already in
+    a cgroup: no process is moved into a cgroup on this path. It is used up either way (a
+    failed launch discards it); without one, stage A is forked here and moved.
+    """
+    try:
+        _validate(spec)
+        state = spec.state_dir
+        root = state / ROOT_DIR
+        _prepare_state_dir(state)
+        limits = CgroupLimits(spec.cpus, spec.memory, spec.pids_max)
+        final = cgroups.plan(cgroups.cgroup_name(spec.name, state))
+        cgroup = _adopt(zygote, final, limits, state) if zygote is not None else None
+    except BaseException:
+        if zygote is not None:
+            zygote.discard()
+        raise
+    if cgroup is None:
+        zygote = None
+        cgroup = final
+        (state / CGROUP_RECORD).write_text(cgroup.to_json())
+        cgroups.create(cgroup, limits)
 
     listener: socket.socket | None = None
     early_move: _CgroupMove | None = None
@@ -200,40 +214,48 @@ def launch(spec: LaunchSpec) -> Launched:
             # Ignored SIGCHLD makes the kernel reap our children itself: the init could not
             # be waited for (and stage A's waitpid would fail).
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        seccomp = seccomp_profile.compiled()
-        gc.freeze()  # keep the garbage collector from dirtying pages the init shares with us
-        try:
-            pid_a = os.fork()
-            if pid_a == 0:
-                os.close(to_child_w)
-                os.close(from_child_r)
-                _stage_a(spec, root, cgroup, listener, seccomp, to_child_r, from_child_w)
-        finally:
-            gc.unfreeze()
+        if zygote is not None:
+            pid_a = zygote.pid
+            zygote.start(spec, listener, to_child_r, from_child_w)
+        else:
+            seccomp = seccomp_profile.compiled()
+            gc.freeze()  # keep the garbage collector from dirtying pages the init shares
+            try:
+                pid_a = os.fork()
+                if pid_a == 0:
+                    os.close(to_child_w)
+                    os.close(from_child_r)
+                    _stage_a(spec, root, listener, seccomp, to_child_r, from_child_w)
+            finally:
+                gc.unfreeze()
         os.close(to_child_r)
         os.close(from_child_w)
         to_child_r = from_child_w = -1
         messages = _Messages(from_child_r, time.monotonic() + LAUNCH_TIMEOUT)
-        # Moving a process between v1 cgroups waits for an RCU grace period (6-10 ms here),
-        # the largest single cost of a start. A helper thread moves stage A right away, in
-        # parallel with everything below; moving the init later is then cheap (the kernel
-        # skips the wait while the previous one is fresh). No fork happens in this process
-        # while the thread lives: the init is forked by stage A, a thread-free process.
-        early_move = _CgroupMove(cgroup, pid_a)
+        if zygote is None:
+            # Moving a process between v1 cgroups waits for an RCU grace period (6-10 ms
+            # here). Without a zygote, a helper thread moves stage A right away, in parallel
+            # with everything below; moving the init later is then cheap (the kernel skips
+            # the wait while the previous one is fresh). No fork happens in this process
+            # while the thread lives: the init is forked by stage A, a thread-free process.
+            early_move = _CgroupMove(cgroup, pid_a)
 
         messages.expect("unshared")
         _write_id_maps(pid_a)
         _tell(to_child_w, b"m", messages)
 
         pid_b = int(str(messages.expect("init")["pid"]))
-        # Joined before stage A is reaped: until then its pid cannot be reused, so the
-        # thread can never move an unrelated process into the sandbox's cgroup.
-        early_move.join()
+        if early_move is not None:
+            # Joined before stage A is reaped: until then its pid cannot be reused, so the
+            # thread can never move an unrelated process into the sandbox's cgroup.
+            early_move.join()
         os.waitpid(pid_a, 0)
         pid_a = 0
-        # The init may have been forked before stage A's move completed: move it too (it
-        # creates its cgroup namespace and forks its first child only after "go").
-        cgroup.add(pid_b)
+        if early_move is not None:
+            # The init may have been forked before stage A's move completed: move it too (it
+            # creates its cgroup namespace and forks its first child only after "go"). A
+            # zygote's init was forked inside the cgroup: nothing to move.
+            cgroup.add(pid_b)
         with contextlib.suppress(SandboxError):  # needs CAP_SYS_RESOURCE; best effort
             _write_proc(pid_b, "oom_score_adj", str(INIT_OOM_SCORE_ADJ))
         _tell(to_child_w, b"g", messages)
@@ -241,6 +263,8 @@ def launch(spec: LaunchSpec) -> Launched:
     except BaseException:
         if early_move is not None:
             early_move.thread.join()  # before the cgroup is removed under it
+        if zygote is not None:
+            zygote.discard()  # before its pid is reaped below
         for pid in (pid_a, pid_b):
             if pid:
                 with contextlib.suppress(ProcessLookupError):
@@ -260,6 +284,28 @@ def launch(spec: LaunchSpec) -> Launched:
     launched = Launched(pid_b, state / CHANNEL_SOCKET, cgroup, state)
     launched._pidfd = os.pidfd_open(pid_b)
     return launched
+
+
+def _adopt(zygote: Zygote, final: Cgroup, limits: CgroupLimits, state: Path) -> Cgroup | None:
+    """Give the zygote's cgroup the sandbox's names and limits; None (zygote discarded) if
+    that fails, so the launch falls back to making a cgroup of its own."""
+    if not zygote.waiting():
+        zygote.discard()  # killed while it waited (an OOM of the host, an admin)
+        return None
+    try:
+        cgroup = cgroups.adopted(zygote.cgroup, final)
+    except SandboxError:
+        zygote.discard()
+        return None
+    # Recorded before the rename, for gc: a crash in between leaves spare-named
+    # directories, which gc removes as abandoned spares (their maker is dead).
+    (state / CGROUP_RECORD).write_text(cgroup.to_json())
+    try:
+        cgroups.adopt(zygote.cgroup, cgroup, limits)
+    except SandboxError:
+        zygote.discard(also=cgroup)
+        return None
+    return cgroup
 
 
 def _validate(spec: LaunchSpec) -> None:
@@ -397,13 +443,201 @@ def _wait_byte(fd: int, what: str) -> None:
         raise _Fail(f"launch sandbox: the supervisor went away before {what}")
 
 
+# --- the zygote: stage A made ahead of time -------------------------------------------------
+
+
+class Zygote:
+    """A stage-A process forked ahead of time and already moved into a fresh cgroup.
+
+    Moving a process into a v1 cgroup waits for an RCU grace period (6-15 ms here, more
+    under load): the largest single cost of a launch. A spare supervisor (the fork server's,
+    corral.runtime.forkserver) pays it before any request: it makes a cgroup under a spare
+    name and parks a forked child in it, blocked on a socket. ``launch(spec, zygote)``
+    renames the cgroup's v1 directories to the sandbox's (cgroups.adopt), writes the limits,
+    and sends the spec; the zygote then runs stage A, whose init is forked inside the cgroup.
+
+    The zygote dies with its parent (PDEATHSIG), closes every other descriptor, and holds
+    nothing of any sandbox until the spec arrives. :meth:`discard` undoes it.
+    """
+
+    def __init__(self, pid: int, cgroup: Cgroup, sock: socket.socket):
+        self.pid = pid
+        self.cgroup = cgroup
+        self.sock = sock
+        self.started = False
+        self.reaped = False
+
+    def start(self, spec: LaunchSpec, listener: socket.socket, rd: int, wr: int) -> None:
+        """Hand the spec and the launch's descriptors over: the zygote becomes stage A."""
+        payload = _spec_to_wire(spec)
+        self.started = True  # from here on, launch() owns the process (kill and reap)
+        try:
+            socket.send_fds(
+                self.sock, [_SPEC_LENGTH.pack(len(payload)) + payload],
+                [listener.fileno(), rd, wr],
+            )
+        except OSError as e:
+            raise SandboxError(f"launch sandbox: hand the spec to stage A: {e.strerror}") from None
+        finally:
+            self.sock.close()
+
+    def waiting(self) -> bool:
+        """True while the zygote lives and has not been handed a spec."""
+        if self.started:
+            return False
+        try:
+            pid, _status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            return False
+        if pid != 0:
+            self.reaped = True  # discard() must not signal that pid again
+            return False
+        return True
+
+    def discard(self, also: Cgroup | None = None) -> None:
+        """Kill and reap the zygote (unless a launch took it) and remove its cgroup."""
+        self.sock.close()
+        if self.started:
+            return
+        self.started = True
+        if not self.reaped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            _reap(self.pid, block=True)
+            self.reaped = True
+        for cgroup in (self.cgroup, also):
+            if cgroup is not None:
+                with contextlib.suppress(SandboxError):
+                    cgroups.cleanup(cgroup)
+
+
+#: Length prefix of the spec a zygote receives (JSON, any size: env and extra files).
+_SPEC_LENGTH = struct.Struct("=I")
+
+#: Descriptors a zygote receives with the spec: listener, go-ahead pipe, message pipe.
+_ZYGOTE_FDS = 3
+
+
+def prepare_zygote() -> Zygote:
+    """Make a spare cgroup and park a forked stage A in it (see :class:`Zygote`).
+
+    Blocking for one cgroup move (an RCU grace period): call it when nothing waits, before
+    threads exist. SandboxError if the cgroup cannot be made or joined.
+    """
+    # Spare cgroups of makers that were SIGKILLed (nothing else removes them, and a test
+    # world's teardown kills every process of its namespace): cheap, and nobody waits now.
+    cgroups.cleanup_spares()
+    with open("/proc/self/stat", "rb") as f:
+        own_stat = f.read()
+    start_time = int(own_stat[own_stat.rindex(b")") + 2 :].split()[19])
+    cgroup = cgroups.plan(cgroups.spare_name(os.getpid(), start_time))
+    cgroups.create(cgroup, CgroupLimits())
+    parent_pid = os.getpid()
+    try:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    except OSError as e:
+        with contextlib.suppress(SandboxError):
+            cgroups.cleanup(cgroup)
+        raise SandboxError(f"prepare stage A: socketpair: {e.strerror}") from None
+    if signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the zygote must be waitable
+    seccomp = seccomp_profile.compiled()
+    gc.freeze()
+    try:
+        pid = os.fork()
+        if pid == 0:
+            _zygote_main(theirs, seccomp, parent_pid)
+    except OSError as e:
+        ours.close()
+        theirs.close()
+        with contextlib.suppress(SandboxError):
+            cgroups.cleanup(cgroup)
+        raise SandboxError(f"prepare stage A: fork: {e.strerror}") from None
+    finally:
+        gc.unfreeze()
+    theirs.close()
+    zygote = Zygote(pid, cgroup, ours)
+    try:
+        cgroup.add(pid)
+    except BaseException:
+        zygote.discard()
+        raise
+    return zygote
+
+
+def _zygote_main(sock: socket.socket, seccomp: bytes, parent_pid: int) -> NoReturn:
+    """The zygote: wait for a spec, then run stage A; exit on EOF (discarded)."""
+    try:
+        syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:
+            os._exit(0)  # the parent died before PDEATHSIG was armed
+        _close_fds_except({sock.fileno()})
+        _redirect_stdio()
+        data, fds, _flags, _addr = socket.recv_fds(sock, 65536, _ZYGOTE_FDS)
+        if len(fds) != _ZYGOTE_FDS or len(data) < _SPEC_LENGTH.size:
+            os._exit(0)  # EOF: discarded
+        (length,) = _SPEC_LENGTH.unpack_from(data)
+        payload = bytearray(data[_SPEC_LENGTH.size :])
+        while len(payload) < length:
+            chunk = sock.recv(length - len(payload))
+            if not chunk:
+                os._exit(1)
+            payload += chunk
+        sock.close()
+        spec = _spec_from_wire(bytes(payload))
+        listener = socket.socket(fileno=fds[0])
+    except BaseException:
+        os._exit(1)
+    _stage_a(spec, spec.state_dir / ROOT_DIR, listener, seccomp, fds[1], fds[2])
+
+
+def _spec_to_wire(spec: LaunchSpec) -> bytes:
+    return json.dumps(
+        {
+            "name": spec.name,
+            "rootfs": str(spec.rootfs),
+            "state_dir": str(spec.state_dir),
+            "netns_path": spec.netns_path,
+            "env": dict(spec.env),
+            "workdir": spec.workdir,
+            "user": spec.user,
+            "cpus": spec.cpus,
+            "memory": spec.memory,
+            "pids_max": spec.pids_max,
+            "hosts": [list(h) for h in spec.hosts],
+            "resolv_conf": spec.resolv_conf,
+            "extra_files": {k: v.hex() for k, v in spec.extra_files.items()},
+            "die_with_parent": spec.die_with_parent,
+        }
+    ).encode()
+
+
+def _spec_from_wire(data: bytes) -> LaunchSpec:
+    obj = json.loads(data)
+    return LaunchSpec(
+        name=obj["name"],
+        rootfs=Path(obj["rootfs"]),
+        state_dir=Path(obj["state_dir"]),
+        netns_path=obj["netns_path"],
+        env=obj["env"],
+        workdir=obj["workdir"],
+        user=obj["user"],
+        cpus=obj["cpus"],
+        memory=obj["memory"],
+        pids_max=obj["pids_max"],
+        hosts=[(str(a), str(b)) for a, b in obj["hosts"]],
+        resolv_conf=obj["resolv_conf"],
+        extra_files={k: bytes.fromhex(v) for k, v in obj["extra_files"].items()},
+        die_with_parent=obj["die_with_parent"],
+    )
+
+
 # --- stage A: joins, overlay, namespaces ---------------------------------------------------------
 
 
 def _stage_a(
     spec: LaunchSpec,
     root: Path,
-    cgroup: Cgroup,
     listener: socket.socket,
     seccomp: bytes,
     rd: int,
@@ -776,7 +1010,15 @@ def cleanup_leftovers(state_dir: Path) -> None:
             syscalls.umount2(target, syscalls.MNT_DETACH)
 
 
-__all__ = ["LaunchSpec", "Launched", "cleanup_leftovers", "launch", "stop"]
+__all__ = [
+    "LaunchSpec",
+    "Launched",
+    "Zygote",
+    "cleanup_leftovers",
+    "launch",
+    "prepare_zygote",
+    "stop",
+]
 
 
 # Compile the seccomp filter at import: the fork server imports this module once and forks

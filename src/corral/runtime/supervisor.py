@@ -40,7 +40,7 @@ from corral.runtime import control, leanjson
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from corral.runtime.launcher import Launched
+    from corral.runtime.launcher import Launched, Zygote
 
 #: Environment variable carrying the fd of the pipe the creator waits on for "ready".
 READY_FD_ENV = "CORRAL_READY_FD"
@@ -167,9 +167,17 @@ class NetworkThread:
 class Supervisor:
     """The state of one supervisor run; :meth:`run` is steps 1-7 of the module docstring."""
 
-    def __init__(self, state_dir: str, ready_fd: int) -> None:
+    def __init__(
+        self, state_dir: str, ready_fd: int, released_fd: int = -1, zygote: Zygote | None = None
+    ) -> None:
         self.state_dir = state_dir
         self.ready_fd = ready_fd
+        #: The fork server's pipe (corral.runtime.forkserver): told once the start is over,
+        #: so that the server forks its next spare only then, not beside this launch.
+        self.released_fd = released_fd
+        #: Stage A made ahead of time by the fork server's spare (launcher.Zygote); used up
+        #: by launch(), discarded if the start fails before it.
+        self.zygote = zygote
         self.state: dict[str, object] = {}
         self.network: object | None = None
         self.network_thread: NetworkThread | None = None
@@ -267,7 +275,8 @@ class Supervisor:
             resolv_conf=resolv_conf,
         )
         launch_start = time.monotonic()
-        self.launched = launch(spec)
+        zygote, self.zygote = self.zygote, None
+        self.launched = launch(spec, zygote)
         self.launch_ms = (time.monotonic() - launch_start) * 1000
         if self.network is not None:
             self.network_thread = NetworkThread(self.network)
@@ -326,6 +335,13 @@ class Supervisor:
         finally:
             os.close(self.ready_fd)
             self.ready_fd = -1
+            if self.released_fd >= 0:
+                try:  # noqa: SIM105 - contextlib is not on the lean import path
+                    os.write(self.released_fd, b"r")
+                except OSError:
+                    pass
+                os.close(self.released_fd)
+                self.released_fd = -1
 
     def _init_pid(self) -> int:
         return int(getattr(self.launched, "init_pid", 0) or 0)
@@ -447,6 +463,9 @@ class Supervisor:
     # -- stop -------------------------------------------------------------------------------
     def _release(self) -> None:
         """Undo whatever of steps 3-6 happened; each part is attempted even if one fails."""
+        if self.zygote is not None:  # the start failed before launch()
+            self.zygote.discard()
+            self.zygote = None
         if self.listener is not None:
             self.listener.close()
             self.listener = None
