@@ -27,12 +27,13 @@ from typing import Any
 
 from corral.config import NetworkConfig
 from corral.errors import NetworkError
-from corral.net import firewall, plumbing
+from corral.net import firewall, nflog, plumbing
 from corral.net.addressing import AddressPool, Slot, host_has_ipv6
 from corral.net.audit import AUDIT_FILE, AuditEvent, AuditLog, follow
 from corral.net.gate import Decider, FlowGate, IPAddress
 from corral.net.icmp import IcmpRelay
 from corral.net.ports import Published, PublishedPorts, bind_published
+from corral.net.prefilter import Prefilter, compile_prefilter
 from corral.net.splice import PipePool
 from corral.net.tcp_proxy import CONNECT_TIMEOUT, TcpProxy
 from corral.net.udp_relay import UdpRelay
@@ -238,6 +239,22 @@ class SandboxNetwork:
         self.ports = PublishedPorts(self.gate, slot.guest_ipv4, self._published)
         self._published = []
         self._parts.append(self.ports)
+        prefilter: Prefilter | None = None
+        log_group: int | None = None
+        if isinstance(policy, Policy):
+            # Certain denials are rejected by the kernel before the handshake; their audit
+            # events come back through NFLOG. Without an NFLOG group (another process holds
+            # it) there is no prefilter: the proxy decides everything and audits it.
+            candidate = compile_prefilter(
+                policy.rules, policy.default_egress, policy.host,
+                pools=pools, gateways=gateways, ipv6=slot.ipv6 is not None,
+            )  # fmt: skip
+            log_group = nflog.group_for(slot.number)
+            try:
+                self._parts.append(nflog.RejectAudit(self.gate, candidate, log_group))
+                prefilter = candidate
+            except (OSError, NetworkError):
+                log_group = None
         for part in self._parts:
             part.start()
         firewall.apply(
@@ -252,6 +269,8 @@ class SandboxNetwork:
                 udp_port_v4=self.udp.ports[4],
                 tcp_port_v6=self.tcp.ports.get(6),
                 udp_port_v6=self.udp.ports.get(6),
+                prefilter=prefilter,
+                log_group=log_group,
             )
         )
 

@@ -35,6 +35,7 @@ import subprocess
 from dataclasses import dataclass
 
 from corral.errors import NetworkError
+from corral.net.prefilter import Prefilter, render_chain, render_sets
 
 #: Firewall mark put on diverted packets; the per-sandbox ``ip rule`` selects on it. "cr" in
 #: ASCII, low bits only, so it coexists with software that uses the high bits of the mark.
@@ -77,6 +78,10 @@ class FirewallSpec:
     dns_udp_port_v4: int | None = None
     dns_tcp_port_v6: int | None = None
     dns_udp_port_v6: int | None = None
+    #: Certain denials rejected before the handshake (None: the proxy decides everything).
+    prefilter: Prefilter | None = None
+    #: NFLOG group the prefilter's rejects are copied to (the audit); None: not logged.
+    log_group: int | None = None
 
 
 def _tproxy(family: str, address: str, port: int) -> str:
@@ -98,9 +103,7 @@ def ruleset(spec: FirewallSpec) -> str:
         rules.append(f"icmpv6 type {_ND_TYPES} accept")
     rules += ["icmp type echo-request drop", "icmpv6 type echo-request drop"]
 
-    def divert(
-        family: str, gateway: str, tcp: int, udp: int, dns_tcp: int | None, dns_udp: int | None
-    ) -> None:
+    def dns(family: str, gateway: str, dns_tcp: int | None, dns_udp: int | None) -> None:
         nfproto = "ipv4" if family == "ip" else "ipv6"
         if dns_udp is not None:
             rules.append(
@@ -110,40 +113,44 @@ def ruleset(spec: FirewallSpec) -> str:
             rules.append(
                 f"meta nfproto {nfproto} tcp dport {DNS_PORT} {_tproxy(family, gateway, dns_tcp)}"
             )
+
+    def divert(family: str, gateway: str, tcp: int, udp: int) -> None:
+        nfproto = "ipv4" if family == "ip" else "ipv6"
         rules.append(f"meta nfproto {nfproto} meta l4proto tcp {_tproxy(family, gateway, tcp)}")
         rules.append(f"meta nfproto {nfproto} meta l4proto udp {_tproxy(family, gateway, udp)}")
 
-    divert(
-        "ip",
-        str(spec.gateway_ipv4),
-        spec.tcp_port_v4,
-        spec.udp_port_v4,
-        spec.dns_tcp_port_v4,
-        spec.dns_udp_port_v4,
-    )
+    if v6 and (spec.tcp_port_v6 is None or spec.udp_port_v6 is None):
+        raise ValueError("an IPv6 slot needs IPv6 proxy ports")
+    dns("ip", str(spec.gateway_ipv4), spec.dns_tcp_port_v4, spec.dns_udp_port_v4)
     if v6:
-        if spec.tcp_port_v6 is None or spec.udp_port_v6 is None:
-            raise ValueError("an IPv6 slot needs IPv6 proxy ports")
-        divert(
-            "ip6",
-            str(spec.gateway_ipv6),
-            spec.tcp_port_v6,
-            spec.udp_port_v6,
-            spec.dns_tcp_port_v6,
-            spec.dns_udp_port_v6,
-        )
+        dns("ip6", str(spec.gateway_ipv6), spec.dns_tcp_port_v6, spec.dns_udp_port_v6)
+    if spec.prefilter is not None:
+        # Only packets that open a flow: a connection's later packets never pay for it.
+        rules.append("ct state new meta l4proto { tcp, udp } jump prefilter")
+    divert("ip", str(spec.gateway_ipv4), spec.tcp_port_v4, spec.udp_port_v4)
+    if v6:
+        assert spec.tcp_port_v6 is not None and spec.udp_port_v6 is not None
+        divert("ip6", str(spec.gateway_ipv6), spec.tcp_port_v6, spec.udp_port_v6)
     rules.append("drop")
+    sets = ""
+    prefilter_chain = ""
+    if spec.prefilter is not None:
+        sets = "".join(f"{line}\n" for line in render_sets(spec.prefilter))
+        pf_body = "\n".join(f"    {r}" for r in render_chain(spec.prefilter, spec.log_group))
+        prefilter_chain = f"  chain prefilter {{\n{pf_body}\n  }}\n"
 
     body = "\n".join(f"    {r}" for r in rules)
     return (
         f"add table inet {t}\n"
         f"delete table inet {t}\n"
         f"table inet {t} {{\n"
+        f"{sets}"
         f"  chain prerouting {{\n"
         f"    type filter hook prerouting priority {PREROUTING_PRIORITY}; policy accept;\n"
         f'    iifname "{link}" jump from_sandbox\n'
         f"  }}\n"
         f"  chain from_sandbox {{\n{body}\n  }}\n"
+        f"{prefilter_chain}"
         f"  chain input {{\n"
         f"    type filter hook input priority 0; policy accept;\n"
         f'    iifname "{link}" meta mark & {DIVERT_MARK_MASK:#x} == {DIVERT_MARK:#x} accept\n'

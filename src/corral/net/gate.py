@@ -178,6 +178,12 @@ class FlowGate:
             self._record("egress", protocol, source, str(destination), port, verdict)
         return verdict
 
+    def record_egress(
+        self, protocol: str, source: str, destination: str, port: int | None, verdict: Verdict
+    ) -> None:
+        """Audit an egress decision made elsewhere (the kernel prefilter's rejects)."""
+        self._record("egress", protocol, source, destination, port, verdict)
+
     def _is_other_sandbox(self, addr: IPAddress) -> bool:
         """In this sandbox's pools, or in a slot leased to any sandbox (other pools too)."""
         if any(addr in pool for pool in self.pools):
