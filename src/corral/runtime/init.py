@@ -101,9 +101,9 @@ def serve(listener: socket.socket, config: InitConfig, ready_fd: int = -1) -> No
 
     The init does not accept connections itself: it keeps one *spare* worker forked ahead,
     blocked in accept(), and forks the next spare when that one reports (through a pipe)
-    that it took a connection. So a request never waits for a fork of this process.
-    ``ready_fd`` (the launcher's pipe) gets ``{"t": "ready"}`` once the first spare exists,
-    so the first request after launch() does not wait for a fork either.
+    that it took a connection. So a request never waits for a fork of this process (except,
+    briefly, the very first: ``ready_fd``, the launcher's pipe, gets ``{"t": "ready"}`` just
+    before the first spare is forked, which overlaps the rest of the create).
     """
     sys.path[:] = []
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -124,13 +124,15 @@ def serve(listener: socket.socket, config: InitConfig, ready_fd: int = -1) -> No
     sel = selectors.DefaultSelector()
     sel.register(wake_r, selectors.EVENT_READ)
     sel.register(taken_r, selectors.EVENT_READ)
-    inherited = (wake_r, wake_w, taken_r) + ((ready_fd,) if ready_fd >= 0 else ())
-    spare = _fork_spare(listener, config, taken_w, inherited)
     if ready_fd >= 0:
+        # Before the first spare is forked: that fork (a copy of a large process) then runs
+        # while the supervisor and the SDK finish the create, and a first connection waits
+        # in the listener's backlog for it at worst.
         with contextlib.suppress(OSError):
             os.write(ready_fd, b'{"t": "ready"}\n')
         os.close(ready_fd)
     inherited = (wake_r, wake_w, taken_r)
+    spare = 0  # forked by the loop below
     term_deadline = 0.0
     while True:
         if spare in _reap_all():

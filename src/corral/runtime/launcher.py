@@ -64,7 +64,7 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
@@ -176,12 +176,21 @@ def _step(what: str, path: str | Path, e: OSError) -> _Fail:
 # --- the supervisor's side ----------------------------------------------------------------------
 
 
-def launch(spec: LaunchSpec, zygote: Zygote | None = None) -> Launched:
+def launch(
+    spec: LaunchSpec,
+    zygote: Zygote | None = None,
+    cgroup_done: Callable[[], object] | None = None,
+) -> Launched:
     """Start the sandbox; returns when its init serves the channel. Call before threads exist.
 
     ``zygote`` (from :func:`prepare_zygote`, made ahead of time) becomes stage A, already in
     a cgroup: no process is moved into a cgroup on this path. It is used up either way (a
     failed launch discards it); without one, stage A is forked here and moved.
+
+    ``cgroup_done`` is called once this launch needs the kernel's cgroup lock no more (its
+    cgroup is made or adopted and, with a zygote, nothing is moved later): from then on,
+    another process may move one into a cgroup (which holds that lock for a grace period)
+    without delaying this launch.
     """
     try:
         _validate(spec)
@@ -200,6 +209,8 @@ def launch(spec: LaunchSpec, zygote: Zygote | None = None) -> Launched:
         cgroup = final
         (state / CGROUP_RECORD).write_text(cgroup.to_json())
         cgroups.create(cgroup, limits)
+    if cgroup_done is not None and zygote is not None:
+        cgroup_done()
 
     listener: socket.socket | None = None
     early_move: _CgroupMove | None = None
@@ -256,6 +267,8 @@ def launch(spec: LaunchSpec, zygote: Zygote | None = None) -> Launched:
             # creates its cgroup namespace and forks its first child only after "go"). A
             # zygote's init was forked inside the cgroup: nothing to move.
             cgroup.add(pid_b)
+        if cgroup_done is not None and early_move is not None:
+            cgroup_done()
         with contextlib.suppress(SandboxError):  # needs CAP_SYS_RESOURCE; best effort
             _write_proc(pid_b, "oom_score_adj", str(INIT_OOM_SCORE_ADJ))
         _tell(to_child_w, b"g", messages)
@@ -585,6 +598,10 @@ def _zygote_main(sock: socket.socket, seccomp: bytes, parent_pid: int) -> NoRetu
             payload += chunk
         sock.close()
         spec = _spec_from_wire(bytes(payload))
+        if os.getpriority(os.PRIO_PROCESS, 0) != 0:
+            # Made by a spare that waited at a low priority (corral.runtime.forkserver):
+            # the sandbox runs at the default one.
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
         listener = socket.socket(fileno=fds[0])
     except BaseException:
         os._exit(1)

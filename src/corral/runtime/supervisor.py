@@ -276,7 +276,7 @@ class Supervisor:
         )
         launch_start = time.monotonic()
         zygote, self.zygote = self.zygote, None
-        self.launched = launch(spec, zygote)
+        self.launched = launch(spec, zygote, cgroup_done=self._release_fork_server)
         self.launch_ms = (time.monotonic() - launch_start) * 1000
         if self.network is not None:
             self.network_thread = NetworkThread(self.network)
@@ -335,13 +335,22 @@ class Supervisor:
         finally:
             os.close(self.ready_fd)
             self.ready_fd = -1
-            if self.released_fd >= 0:
-                try:  # noqa: SIM105 - contextlib is not on the lean import path
-                    os.write(self.released_fd, b"r")
-                except OSError:
-                    pass
-                os.close(self.released_fd)
-                self.released_fd = -1
+            self._release_fork_server()
+
+    def _release_fork_server(self) -> None:
+        """Tell the fork server it may fork its next spare now (once; see forkserver.serve).
+
+        Called when the launch is past its cgroup steps: the next spare moves its zygote
+        into a cgroup, which holds the kernel's cgroup lock for an RCU grace period, and this
+        launch's own cgroup steps (and this sandbox's rmdir at stop) must not wait for that.
+        """
+        if self.released_fd >= 0:
+            try:  # noqa: SIM105 - contextlib is not on the lean import path
+                os.write(self.released_fd, b"r")
+            except OSError:
+                pass
+            os.close(self.released_fd)
+            self.released_fd = -1
 
     def _init_pid(self) -> int:
         return int(getattr(self.launched, "init_pid", 0) or 0)
