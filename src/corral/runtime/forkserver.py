@@ -53,12 +53,6 @@ RELEASED = b"r"
 #: every launch then makes its cgroup and moves its stage A itself (for comparison).
 ZYGOTE_ENV = "CORRAL_ZYGOTE"
 
-#: Nice value of the fork server and its waiting spares (see _lower_priority).
-SPARE_NICE = 10
-
-#: linux/capability.h: lowering a nice value again needs it.
-_CAP_SYS_NICE = 23
-
 #: File descriptors attached to a request (ready pipe, netns).
 REQUEST_FDS = 2
 
@@ -91,7 +85,6 @@ def serve(sock: socket.socket) -> int:
 
     # Supervisors are reaped by the kernel: this process never waits for them.
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
-    _lower_priority()
     gc.collect()
     gc.freeze()  # the imported modules stay shared, unwritten, with every supervisor
     taken_r, taken_w = os.pipe2(os.O_CLOEXEC)
@@ -145,33 +138,6 @@ def serve(sock: socket.socket) -> int:
                 fork_by = 0.0  # a request is waiting and no spare reads it: fork now
 
 
-def _lower_priority() -> None:
-    """Run the fork server and its waiting spares at SPARE_NICE, where the priority can be
-    restored (CAP_SYS_NICE): a spare is forked, and prepares its zygote, while a launch
-    runs, and on this 2-core machine that took 3-4 ms from each launch at equal priority.
-    A spare that takes a request (and the zygote, at its spec) is back at nice 0 at once."""
-    if _has_capability(_CAP_SYS_NICE):
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, 0, SPARE_NICE)
-
-
-def _restore_priority() -> None:
-    with contextlib.suppress(OSError):
-        if os.getpriority(os.PRIO_PROCESS, 0) != 0:
-            os.setpriority(os.PRIO_PROCESS, 0, 0)
-
-
-def _has_capability(bit: int) -> bool:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) & (1 << bit))
-    except (OSError, ValueError):
-        pass
-    return False
-
-
 def _wait_gone(pid: int, timeout: float) -> None:
     import select
 
@@ -222,7 +188,6 @@ def _serve_as_spare(sock: socket.socket, taken_w: int) -> None:
             continue
         break
     ready_fd, netns_fd = fds
-    _restore_priority()
     os.write(taken_w, TAKEN)
     sock.send(leanjson.dumps({"pid": os.getpid()}).encode())
     _become_supervisor(sock, state_dir, env, ready_fd, netns_fd, setns, taken_w, zygote)

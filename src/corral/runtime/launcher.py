@@ -598,10 +598,6 @@ def _zygote_main(sock: socket.socket, seccomp: bytes, parent_pid: int) -> NoRetu
             payload += chunk
         sock.close()
         spec = _spec_from_wire(bytes(payload))
-        if os.getpriority(os.PRIO_PROCESS, 0) != 0:
-            # Made by a spare that waited at a low priority (corral.runtime.forkserver):
-            # the sandbox runs at the default one.
-            os.setpriority(os.PRIO_PROCESS, 0, 0)
         listener = socket.socket(fileno=fds[0])
     except BaseException:
         os._exit(1)
