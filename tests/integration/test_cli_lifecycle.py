@@ -191,3 +191,12 @@ def test_run_pulls_from_a_registry_and_uses_the_image_config(
         cwd=str(ROOT),
     )
     assert (res.returncode, res.stdout) == (0, b"pulled-and-ran\n"), res.stderr
+
+
+def test_memory_limit_hit_is_one_sentence_and_exit_137(image: str) -> None:
+    res = corral_cli(
+        "run", "--net", "none", "--memory", "64m", image, "--",
+        "dd", "if=/dev/zero", "of=/dev/null", "bs=200M", "count=1",
+    )  # fmt: skip
+    assert res.returncode == 137
+    assert res.stderr.decode().strip().splitlines()[-1].endswith("hit its memory limit")

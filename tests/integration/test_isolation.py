@@ -234,17 +234,6 @@ def test_cpu_quota_throttles(tmp_path: Path) -> None:
     assert int(stats["nr_throttled"]) > 0
 
 
-def test_memory_limit_oom_kills_only_the_sandboxed_process(tmp_path: Path) -> None:
-    with launched(tmp_path / "sb", name="oom", memory=64 << 20) as s:
-        assert s.cgroup.oom_kills() == 0
-        code, _, _ = run(sh(s, "dd if=/dev/zero of=/dev/null bs=200M count=1"))
-        assert code == 128 + signal.SIGKILL
-        # The sandbox (its init) survives and still runs commands.
-        assert run(sh(s, "echo alive"))[1] == "alive\n"
-        assert s.alive()
-        assert s.cgroup.oom_kills() >= 1
-
-
 def test_fork_bomb_is_stopped_by_the_pids_limit(tmp_path: Path) -> None:
     with launched(tmp_path / "sb", name="bomb", pids_max=64) as s:
         code, _, _ = run(sh(s, "bomb() { bomb | bomb & }; bomb; sleep 1", timeout=3))

@@ -532,3 +532,20 @@ def test_a_cancelled_create_leaves_nothing(image: str, delay: float) -> None:
         time.sleep(0.02)
     assert not state.sandbox_dir(name).exists()
     assert cgroup_dirs(name) == []
+
+
+def test_memory_limit_hit_oom_kills_only_the_command_and_says_so(image: str) -> None:
+    """A command over the memory limit is OOM-killed (137, ``oom_killed``); the sandbox lives on.
+
+    Through the SDK the init is a fork of the small fork-server zygote, as in production
+    (a launcher-level test would fork the init from the large test runner instead).
+    """
+    name = unique("oom")
+    with corral.sync.Sandbox.create(name, image=image, network=NONE, memory="64m") as sb:
+        res = sb.exec("dd", ["if=/dev/zero", "of=/dev/null", "bs=200M", "count=1"])
+        assert res.exit_code == 137 and res.oom_killed, res.stderr_text
+        ok = sb.exec("echo", ["alive"])
+        assert ok.stdout_text == "alive\n" and not ok.oom_killed
+        killed = sb.exec("sh", ["-c", "kill -9 $$"])
+        assert killed.exit_code == 137 and not killed.oom_killed  # a plain SIGKILL is not OOM
+        assert sb.status == "running"

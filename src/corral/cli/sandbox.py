@@ -135,9 +135,7 @@ def build_network(
         changes["dns"] = dataclasses.replace(base_dns, nameservers=tuple(dns_nameservers))
     if tls or tls_bypass:
         base_tls = config.tls or TLSConfig()
-        changes["tls"] = dataclasses.replace(
-            base_tls, bypass=(*base_tls.bypass, *tls_bypass)
-        )
+        changes["tls"] = dataclasses.replace(base_tls, bypass=(*base_tls.bypass, *tls_bypass))
     if changes:
         try:
             config = dataclasses.replace(config, **changes)
@@ -313,6 +311,11 @@ async def _stream_command(
     code: int = await stream.wait()
     if stream.timed_out:
         click.echo(f"corral: {argv[0]!r} timed out after {timeout:g} s and was killed", err=True)
+    elif stream.oom_killed:
+        click.echo(
+            f"corral: {argv[0]!r} was killed: sandbox {sandbox.name!r} hit its memory limit",
+            err=True,
+        )
     return code
 
 
@@ -326,8 +329,14 @@ async def _stream_command(
 @click.option("--timeout", type=float, help="Kill the command after this many seconds.")
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def run(image: str, command: tuple[str, ...], keep: bool, interactive: bool,
-        timeout: float | None, **opts: Any) -> None:
+def run(
+    image: str,
+    command: tuple[str, ...],
+    keep: bool,
+    interactive: bool,
+    timeout: float | None,
+    **opts: Any,
+) -> None:
     """Create a sandbox from IMAGE, run COMMAND in it, remove it; exit with COMMAND's code.
 
     Without COMMAND the image's Entrypoint and Cmd run. Put COMMAND after `--`.
@@ -341,9 +350,7 @@ def run(image: str, command: tuple[str, ...], keep: bool, interactive: bool,
                 raise ConfigError(
                     "COMMAND", f"the image {image!r} has no Entrypoint or Cmd; give a command"
                 )
-            return await _stream_command(
-                sandbox, argv, timeout=timeout, interactive=interactive
-            )
+            return await _stream_command(sandbox, argv, timeout=timeout, interactive=interactive)
         finally:
             if keep:
                 click.echo(f"corral: kept sandbox {sandbox.name!r}", err=True)
@@ -421,8 +428,12 @@ def ls(quiet: bool, as_json: bool) -> None:
             st = sb.state
             click.echo(
                 json.dumps(
-                    {"name": sb.name, "status": sb.status, "image": sb.image,
-                     "created_at": st.created_at}
+                    {
+                        "name": sb.name,
+                        "status": sb.status,
+                        "image": sb.image,
+                        "created_at": st.created_at,
+                    }
                 )
             )
         return
@@ -495,8 +506,14 @@ def start(names: tuple[str, ...]) -> None:
 
 
 @click.command()
-@click.option("-t", "--timeout", type=float, default=5.0, show_default=True,
-              help="Seconds of grace before the sandbox's processes are killed.")
+@click.option(
+    "-t",
+    "--timeout",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="Seconds of grace before the sandbox's processes are killed.",
+)
 @click.argument("names", nargs=-1, required=True)
 def stop(timeout: float, names: tuple[str, ...]) -> None:
     """Stop sandboxes (their state stays until `corral rm`)."""

@@ -161,6 +161,10 @@ def _resolve_secrets(
     return tuple(resolved)
 
 
+#: Exit code of a command killed by SIGKILL (128 + 9), which is what the OOM killer sends.
+OOM_EXIT_CODE = 137
+
+
 @dataclasses.dataclass(frozen=True)
 class ExecResult:
     """The outcome of :meth:`Sandbox.exec`."""
@@ -168,6 +172,9 @@ class ExecResult:
     exit_code: int
     stdout: bytes
     stderr: bytes
+    #: True when the command was SIGKILLed (exit 137) by the OOM killer because the sandbox
+    #: hit its memory limit.
+    oom_killed: bool = False
 
     @property
     def stdout_text(self) -> str:
@@ -188,9 +195,14 @@ class ExecStream:
     ``stream`` is ``"stdout"`` or ``"stderr"``. Chunks arrive as the command writes them.
     """
 
-    def __init__(self, process: ExecProcess, argv: Sequence[str]) -> None:
+    def __init__(
+        self, process: ExecProcess, argv: Sequence[str], oom_kills: Callable[[], int] | None = None
+    ) -> None:
         self._process = process
         self.argv = list(argv)
+        self._oom_kills = oom_kills
+        self._oom_before = oom_kills() if oom_kills is not None else 0
+        self._oom_killed = False
 
     def __aiter__(self) -> AsyncIterator[tuple[str, bytes]]:
         return self._chunks()
@@ -201,7 +213,20 @@ class ExecStream:
 
     async def wait(self) -> int:
         """The command's exit code (128 + N when killed by signal N)."""
-        return await self._process.wait()
+        code = await self._process.wait()
+        if code == OOM_EXIT_CODE and self._oom_kills is not None:
+            self._oom_killed = self._oom_kills() > self._oom_before
+        return code
+
+    @property
+    def oom_killed(self) -> bool:
+        """After :meth:`wait`: the command was killed because the memory limit was hit.
+
+        Told by the sandbox's cgroup OOM-kill count growing while the command ran; with
+        several commands running at once, one SIGKILLed by other means at the same moment
+        could be reported too.
+        """
+        return self._oom_killed
 
     @property
     def timed_out(self) -> bool:
@@ -508,7 +533,19 @@ class Sandbox:
         process = await client.exec(
             argv, env=_check_env(env) or None, cwd=cwd, stdin=payload, timeout=timeout
         )
-        return ExecStream(process, argv)
+        return ExecStream(process, argv, self._oom_kills)
+
+    def _oom_kills(self) -> int:
+        """OOM kills in the sandbox's cgroup so far (0 when it cannot be read)."""
+        # Imported here: the launcher's modules are not on the SDK's import path otherwise.
+        from corral.runtime.cgroups import Cgroup
+        from corral.runtime.launcher import CGROUP_RECORD
+
+        try:
+            record = (self._directory / CGROUP_RECORD).read_text()
+            return Cgroup.from_json(record).oom_kills()
+        except (OSError, ValueError, KeyError):
+            return 0
 
     async def exec(
         self,
@@ -527,7 +564,7 @@ class Sandbox:
         async for which, data in stream:
             (err if which == "stderr" else out).append(data)
         code = await stream.wait()
-        return ExecResult(code, b"".join(out), b"".join(err))
+        return ExecResult(code, b"".join(out), b"".join(err), oom_killed=stream.oom_killed)
 
     # -- logs -------------------------------------------------------------------------------
     async def logs(self, *, follow: bool = False) -> AsyncIterator[Any]:
@@ -775,7 +812,9 @@ def _start(new_state: state.SandboxState) -> state.SandboxState:
     return new_state
 
 
-def _with_runtime(sandbox_state: state.SandboxState, ready: dict[str, object]) -> state.SandboxState:
+def _with_runtime(
+    sandbox_state: state.SandboxState, ready: dict[str, object]
+) -> state.SandboxState:
     """The state with the runtime fields of a supervisor's ready message."""
     return dataclasses.replace(
         sandbox_state,
