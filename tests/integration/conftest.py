@@ -31,4 +31,9 @@ def world() -> Iterator[world_mod.World]:
     try:
         yield w
     finally:
+        # The fork server and its spare live in the host netns; stop them properly before the
+        # teardown SIGKILLs what is left there (a killed spare would leave an empty cgroup).
+        from corral.sdk import lifecycle
+
+        lifecycle.close_fork_server()
         world_mod.destroy(w)
