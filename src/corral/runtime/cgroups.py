@@ -373,11 +373,36 @@ def adopt(spare: Cgroup, target: Cgroup, limits: CgroupLimits) -> None:
         _limit_v1(target, limits)
 
 
+#: How deep below each hierarchy's root (``memory/process_api/<id>/``) gc looks for abandoned spare cgroups. Cgroups are
+#: made below the creating process's own cgroup (``/process_api/<id>/`` here), which differs
+#: between processes, so a spare abandoned by one process is not below another's.
+SPARE_SEARCH_DEPTH = 4
+
+
 def spare_parents(root: Path = CGROUP_ROOT, proc_self_cgroup: str | None = None) -> list[Path]:
-    """The directories :func:`plan` puts cgroups in (for this process): where gc looks for
-    abandoned spare cgroups."""
+    """Where gc looks for abandoned spare cgroups: the directories :func:`plan` puts cgroups
+    in for this process, then every directory down to SPARE_SEARCH_DEPTH that holds one."""
     probe = plan("probe", root, proc_self_cgroup)
-    return [p.parent for p in probe.paths]
+    parents = [p.parent for p in probe.paths]
+    for parent in _dirs_holding_spares(root, SPARE_SEARCH_DEPTH + 1):
+        if parent not in parents:
+            parents.append(parent)
+    return parents
+
+
+def _dirs_holding_spares(top: Path, depth: int) -> list[Path]:
+    found: list[Path] = []
+    try:
+        entries = [e for e in os.scandir(top) if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return found
+    if any(e.name.startswith(SPARE_PREFIX) for e in entries):
+        found.append(top)
+    if depth > 1:
+        for e in entries:
+            if not e.name.startswith("corral-"):
+                found.extend(_dirs_holding_spares(Path(e.path), depth - 1))
+    return found
 
 
 def abandoned_spares(

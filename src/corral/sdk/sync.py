@@ -88,6 +88,10 @@ class ExecStream:
     def timed_out(self) -> bool:
         return self._stream.timed_out
 
+    @property
+    def oom_killed(self) -> bool:
+        return self._stream.oom_killed
+
 
 async def _anext(iterator: Any) -> Any:
     return await iterator.__anext__()
