@@ -244,3 +244,19 @@ def test_abandoned_spares_are_those_whose_maker_is_dead(tmp_path: Path) -> None:
         "pids/corral-spare-10-1",
         "unified/corral-spare-10-1",
     ]
+
+
+def test_gc_finds_spares_below_another_process_cgroup(tmp_path: Path) -> None:
+    """Spares are made below their maker's cgroup (``/process_api/<id>``); gc looks everywhere."""
+    root = _v1_tree(tmp_path / "cg", hybrid=True)
+    other_self = HYBRID_SELF.replace("/process_api/abc", "/process_api/xyz")
+    cgroups.create(cgroups.plan(cgroups.spare_name(10, 1), root, other_self), CgroupLimits())
+    dead = lambda pid, start: False  # noqa: E731
+    mine = cgroups.abandoned_spares(root, HYBRID_SELF, alive=dead)
+    assert "memory/process_api/xyz/corral-spare-10-1" not in [
+        str(p.relative_to(root)) for p in mine
+    ]
+    everywhere = cgroups.abandoned_spares(root, HYBRID_SELF, alive=dead, everywhere=True)
+    assert "memory/process_api/xyz/corral-spare-10-1" in [
+        str(p.relative_to(root)) for p in everywhere
+    ]

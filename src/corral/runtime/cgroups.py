@@ -121,9 +121,7 @@ class Cgroup:
                     break
                 except OSError as e:
                     if e.errno != errno.EBUSY or time.monotonic() > deadline:
-                        raise SandboxError(
-                            f"remove cgroup {str(path)!r}: {e.strerror}"
-                        ) from None
+                        raise SandboxError(f"remove cgroup {str(path)!r}: {e.strerror}") from None
                     time.sleep(0.005)
 
     def oom_kills(self) -> int:
@@ -268,8 +266,11 @@ def _create_v2(path: Path, limits: CgroupLimits, made: list[Path]) -> None:
         enabled = (level / "cgroup.subtree_control").read_text().split()
         missing = [c for c in wanted if c in available and c not in enabled]
         if missing:
-            _write(level / "cgroup.subtree_control", " ".join(f"+{c}" for c in missing),
-                   "enable cgroup controllers")
+            _write(
+                level / "cgroup.subtree_control",
+                " ".join(f"+{c}" for c in missing),
+                "enable cgroup controllers",
+            )
     _mkdir(path, made)
     _limit_v2(path, limits)
 
@@ -379,11 +380,17 @@ def adopt(spare: Cgroup, target: Cgroup, limits: CgroupLimits) -> None:
 SPARE_SEARCH_DEPTH = 4
 
 
-def spare_parents(root: Path = CGROUP_ROOT, proc_self_cgroup: str | None = None) -> list[Path]:
-    """Where gc looks for abandoned spare cgroups: the directories :func:`plan` puts cgroups
-    in for this process, then every directory down to SPARE_SEARCH_DEPTH that holds one."""
+def spare_parents(
+    root: Path = CGROUP_ROOT, proc_self_cgroup: str | None = None, everywhere: bool = False
+) -> list[Path]:
+    """Where to look for abandoned spare cgroups: the directories :func:`plan` puts cgroups
+    in for this process and, ``everywhere`` (gc), every directory down to SPARE_SEARCH_DEPTH
+    that holds one. The full search costs milliseconds with many sandboxes: only gc does it,
+    not every spare as it starts."""
     probe = plan("probe", root, proc_self_cgroup)
     parents = [p.parent for p in probe.paths]
+    if not everywhere:
+        return parents
     for parent in _dirs_holding_spares(root, SPARE_SEARCH_DEPTH + 1):
         if parent not in parents:
             parents.append(parent)
@@ -409,12 +416,13 @@ def abandoned_spares(
     root: Path = CGROUP_ROOT,
     proc_self_cgroup: str | None = None,
     alive: Callable[[int, int], bool] | None = None,
+    everywhere: bool = False,
 ) -> list[Path]:
     """Spare cgroup directories whose maker is dead (``alive(pid, start)`` is False)."""
     if alive is None:
         alive = _process_alive
     found = []
-    for parent in spare_parents(root, proc_self_cgroup):
+    for parent in spare_parents(root, proc_self_cgroup, everywhere):
         try:
             entries = sorted(parent.iterdir())
         except OSError:
@@ -436,11 +444,11 @@ def _process_alive(pid: int, start_time: int) -> bool:
     return fields[0] != b"Z" and int(fields[19]) == start_time
 
 
-def cleanup_spares(root: Path = CGROUP_ROOT) -> list[Path]:
+def cleanup_spares(root: Path = CGROUP_ROOT, everywhere: bool = False) -> list[Path]:
     """Kill what is in every abandoned spare cgroup and remove it; returns what went."""
     removed: list[Path] = []
     try:
-        abandoned = abandoned_spares(root)
+        abandoned = abandoned_spares(root, everywhere=everywhere)
     except SandboxError:
         return removed  # no cgroups here we could have made
     for path in abandoned:

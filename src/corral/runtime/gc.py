@@ -185,5 +185,5 @@ def collect(names: list[str] | None = None, *, keep_state: bool = False) -> list
 
         # Not reported: spare cgroups belong to no sandbox (nor to any CORRAL_HOME), they
         # are start-up machinery of SDK processes that were SIGKILLed.
-        cgroups.cleanup_spares()
+        cgroups.cleanup_spares(everywhere=True)
     return report
