@@ -250,6 +250,7 @@ def test_gc_finds_spares_below_another_process_cgroup(tmp_path: Path) -> None:
     """Spares are made below their maker's cgroup (``/process_api/<id>``); gc looks everywhere."""
     root = _v1_tree(tmp_path / "cg", hybrid=True)
     other_self = HYBRID_SELF.replace("/process_api/abc", "/process_api/xyz")
+    (root / "memory/process_api/xyz").mkdir(parents=True)
     cgroups.create(cgroups.plan(cgroups.spare_name(10, 1), root, other_self), CgroupLimits())
     dead = lambda pid, start: False  # noqa: E731
     mine = cgroups.abandoned_spares(root, HYBRID_SELF, alive=dead)
