@@ -30,6 +30,7 @@ import time
 from collections import OrderedDict
 
 from corral.net.gate import FlowGate, IPAddress
+from corral.net.icmp import checksum
 from corral.net.tcp_proxy import IP_TRANSPARENT, IPV6_TRANSPARENT, transparent_listener
 
 _log = logging.getLogger(__name__)
@@ -72,15 +73,6 @@ def parse_origdst(level: int, kind: int, data: bytes) -> tuple[IPAddress, int] |
     return None
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return int(~total & 0xFFFF)
-
-
 def build_udp_packet(
     src: IPAddress, sport: int, dst: IPAddress, dport: int, payload: bytes
 ) -> bytes:
@@ -91,14 +83,14 @@ def build_udp_packet(
     else:
         pseudo = src.packed + dst.packed + struct.pack("!I3xB", length, socket.IPPROTO_UDP)
     udp = struct.pack("!HHHH", sport, dport, length, 0) + payload
-    csum = _checksum(pseudo + udp) or 0xFFFF  # 0 means "no checksum" in UDP
+    csum = checksum(pseudo + udp) or 0xFFFF  # 0 means "no checksum" in UDP
     udp = udp[:6] + struct.pack("!H", csum) + udp[8:]
     if src.version == 4:
         header = struct.pack(
             "!BBHHHBBH4s4s", 0x45, 0, 20 + length, 0, 0x4000, 64, socket.IPPROTO_UDP, 0,
             src.packed, dst.packed,
         )  # fmt: skip
-        header = header[:10] + struct.pack("!H", _checksum(header)) + header[12:]
+        header = header[:10] + struct.pack("!H", checksum(header)) + header[12:]
         return header + udp
     header = struct.pack(
         "!IHBB16s16s", 6 << 28, length, socket.IPPROTO_UDP, 64, src.packed, dst.packed

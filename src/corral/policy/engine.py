@@ -214,6 +214,15 @@ class Policy:
         """The address's group, with this policy's host addresses."""
         return classify_int(int(address), type(address) is _V4, self.host)
 
+    def _classified(self, address: IPAddress) -> tuple[int, bool, Group | None]:
+        """The address as the indexes key it (IPv4-mapped IPv6 as its IPv4), and its group."""
+        ip = int(address)
+        is_v4 = type(address) is _V4
+        if not is_v4 and ip >> 32 == _MAPPED_PREFIX:
+            ip &= _V4_ALL_ONES
+            is_v4 = True
+        return ip, is_v4, classify_int(ip, is_v4, self.host)
+
     def decide(self, flow: Flow) -> Decision:
         """First-match-wins over the rules of the flow's direction; else that direction's
         default. An address in no group is denied whatever the rules say."""
@@ -224,12 +233,7 @@ class Policy:
                 f"flow direction must be egress or ingress, not {flow.direction!r}"
             ) from None
         address = flow.address
-        ip = int(address)
-        is_v4 = type(address) is _V4
-        if not is_v4 and ip >> 32 == _MAPPED_PREFIX:
-            ip &= _V4_ALL_ONES
-            is_v4 = True
-        group = classify_int(ip, is_v4, self.host)
+        ip, is_v4, group = self._classified(address)
         if group is None:
             return Decision(
                 PolicyAction.DENY,
@@ -335,12 +339,7 @@ class Policy:
         and ports it names; a deny rule counts only when it names no protocol and no port
         (a deny of one port does not deny the address). An address in no group: never.
         """
-        ip = int(address)
-        is_v4 = type(address) is _V4
-        if not is_v4 and ip >> 32 == _MAPPED_PREFIX:
-            ip &= _V4_ALL_ONES
-            is_v4 = True
-        group = classify_int(ip, is_v4, self.host)
+        ip, is_v4, group = self._classified(address)
         if group is None:
             return False
         best = self._rebind.lookup(ip, is_v4, group)
