@@ -95,18 +95,9 @@ class TestCA:
 
     @classmethod
     def create(cls, directory: Path, name: str = "corral test CA") -> TestCA:
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = datetime.datetime.now(datetime.UTC)
+        key, builder = _self_signed(name)
         cert = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
                     digital_signature=True,
@@ -160,12 +151,14 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def _token_signer(directory: Path) -> tuple[Path, Path]:
-    """A self-signed ES256 signing certificate (no EKU: Go verifies it as its own root)."""
+def _self_signed(
+    common_name: str,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.CertificateBuilder]:
+    """A P-256 key and a self-issued certificate builder valid from an hour ago for two days."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ISSUER)])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
@@ -173,8 +166,14 @@ def _token_signer(directory: Path) -> tuple[Path, Path]:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(hours=1))
         .not_valid_after(now + datetime.timedelta(days=2))
-        .sign(key, hashes.SHA256())
     )
+    return key, builder
+
+
+def _token_signer(directory: Path) -> tuple[Path, Path]:
+    """A self-signed ES256 signing certificate (no EKU: Go verifies it as its own root)."""
+    key, builder = _self_signed(ISSUER)
+    cert = builder.sign(key, hashes.SHA256())
     cert_path, key_path = directory / "token-signer.crt", directory / "token-signer.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(_key_pem(key))

@@ -28,7 +28,7 @@ EXAMPLES = {
     "reference: preset none": NetworkPolicy.none(),
     "reference: preset allow-all": NetworkPolicy.allow_all(),
     "reference: preset non-local": NetworkPolicy.non_local(),
-    "reference: typical custom firewall": NetworkConfig(
+    "reference and SPEC section 1: typical custom firewall": NetworkConfig(
         default_egress="deny",
         default_ingress="allow",
         rules=[
@@ -66,19 +66,6 @@ EXAMPLES = {
             PortBinding(bind="0.0.0.0", host_port=8001, guest_port=8001),
             PortBinding(bind="127.0.0.1", host_port=5353, guest_port=53, protocol="udp"),
         ]
-    ),
-    "spec: custom first-match-wins": NetworkConfig(
-        default_egress="deny",
-        default_ingress="allow",
-        rules=[
-            PolicyRule(
-                action="allow",
-                direction="egress",
-                destination="api.example.com",
-                protocol="tcp",
-                port="443",
-            )
-        ],
     ),
     "everything at once": NetworkConfig(
         policy="public-only",

@@ -118,37 +118,36 @@ class ImageStore:
         return self.root / "images" / _hex(digest)
 
     @contextlib.contextmanager
-    def _lock(self, name: str) -> Iterator[None]:
+    def _flock(self, name: str, operation: int) -> Iterator[bool]:
+        """Holds ``locks/<name>.lock`` with ``operation``; yields False when a non-blocking
+        request (LOCK_NB) finds it taken."""
         fd = os.open(self.root / "locks" / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
-
-    @contextlib.contextmanager
-    def busy(self) -> Iterator[None]:
-        """Held (shared) by every operation that writes to tmp/, so clean_debris skips them."""
-        fd = os.open(self.root / "locks" / "store.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-            yield
-        finally:
-            os.close(fd)
-
-    @contextlib.contextmanager
-    def _idle(self) -> Iterator[bool]:
-        """Yields True while holding the store exclusively (no pull/import/remove running)."""
-        fd = os.open(self.root / "locks" / "store.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, operation)
             except BlockingIOError:
                 yield False
                 return
             yield True
         finally:
             os.close(fd)
+
+    @contextlib.contextmanager
+    def _lock(self, name: str) -> Iterator[None]:
+        with self._flock(name, fcntl.LOCK_EX):
+            yield
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        """Held (shared) by every operation that writes to tmp/, so clean_debris skips them."""
+        with self._flock("store", fcntl.LOCK_SH):
+            yield
+
+    @contextlib.contextmanager
+    def _idle(self) -> Iterator[bool]:
+        """Yields True while holding the store exclusively (no pull/import/remove running)."""
+        with self._flock("store", fcntl.LOCK_EX | fcntl.LOCK_NB) as held:
+            yield held
 
     def clean_debris(self) -> int:
         """Delete what crashed pulls left in tmp/, unless an operation is running right now.
