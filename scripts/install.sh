@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   python3 python3-venv python3-pip         # the interpreter corral runs on
-  iproute2 nftables                        # netns, veth, routes; the firewall
+  iproute2 nftables libnftables1           # netns, veth, routes; the firewall (in-process)
   libseccomp2                              # seccomp filters (through pyseccomp)
   ca-certificates openssl                  # host roots; test CA tooling
   busybox-static                           # test images: a small busybox image

@@ -25,16 +25,17 @@ sockets carry :data:`PUBLISHED_MARK`) and neighbour discovery. Anything else a h
 another sandbox's proxy included — sends to the guest is dropped: sandboxes reach each other
 only through published ports, whatever pools they were given.
 
-:func:`ruleset` is pure (unit-tested); :func:`apply` and :func:`remove` run ``nft``.
+:func:`ruleset` is pure (unit-tested); :func:`apply` and :func:`remove` hand it to libnftables
+in-process (:mod:`corral.net.nftables`), one atomic transaction each.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import subprocess
 from dataclasses import dataclass
 
 from corral.errors import NetworkError
+from corral.net import nftables
 from corral.net.prefilter import Prefilter, render_chain, render_sets
 
 #: Firewall mark put on diverted packets; the per-sandbox ``ip rule`` selects on it. "cr" in
@@ -174,27 +175,24 @@ def ruleset(spec: FirewallSpec) -> str:
     )
 
 
-def _nft(text: str, what: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["nft", "-f", "-"], input=text, capture_output=True, text=True, check=False
-    )
+def _nft(text: str, what: str) -> None:
+    """One atomic transaction through libnftables in-process (no ``nft`` process)."""
+    try:
+        nftables.run(text)
+    except NetworkError as exc:
+        raise NetworkError(f"{what} failed: {exc}") from None
 
 
 def apply(spec: FirewallSpec) -> None:
     """Create (or atomically replace) the sandbox's table."""
-    res = _nft(ruleset(spec), "apply")
-    if res.returncode != 0:
-        raise NetworkError(f"applying nftables table {spec.table} failed: {res.stderr.strip()}")
+    _nft(ruleset(spec), f"applying nftables table {spec.table}")
 
 
 def remove(table: str) -> None:
     """Delete the sandbox's table; no error when it is already gone."""
     # "add" first makes the delete succeed whether or not the table existed, in one transaction.
-    res = _nft(f"add table inet {table}\ndelete table inet {table}\n", "remove")
-    if res.returncode != 0:
-        raise NetworkError(f"removing nftables table {table} failed: {res.stderr.strip()}")
+    _nft(f"add table inet {table}\ndelete table inet {table}\n", f"removing nftables table {table}")
 
 
 def exists(table: str) -> bool:
-    res = subprocess.run(["nft", "list", "table", "inet", table], capture_output=True, check=False)
-    return res.returncode == 0
+    return table in nftables.table_names("inet")

@@ -1,0 +1,80 @@
+"""The libnftables binding: what can be checked without touching the kernel's ruleset.
+
+nft's parser runs before anything is sent to the kernel, so a syntax error is reported with
+nft's own text and nothing is applied; the kernel-facing behaviour (atomic transactions,
+threads, fork, network namespaces) is in tests/integration/test_net_nftables.py.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from corral.errors import NetworkError
+from corral.net import nftables
+
+
+def test_the_library_is_loaded_by_its_soname() -> None:
+    assert nftables.LIBRARY == "libnftables.so.1"
+    assert nftables.available()
+
+
+def test_a_syntax_error_carries_nfts_text_naming_the_token() -> None:
+    with pytest.raises(NetworkError) as info:
+        nftables.run("add tabel inet corral-unit-test")
+    message = str(info.value)
+    assert message.startswith("nftables: Error: syntax error")
+    assert "add tabel inet corral-unit-test" in message
+
+
+def test_an_error_in_multi_line_input_names_its_line_and_quotes_it() -> None:
+    # libnftables quotes the first line of a buffer under any error; run() avoids that.
+    with pytest.raises(NetworkError) as info:
+        nftables.run(
+            "add table inet corral-unit-test\n"
+            "add rule inet corral-unit-test c tcp dport frobnicate accept\n"
+        )
+    message = str(info.value)
+    assert message.startswith("nftables: line 2, columns 44-53: Error:")
+    assert "add rule inet corral-unit-test c tcp dport frobnicate accept" in message
+    assert "/proc/self/fd" not in message
+
+
+def test_a_nul_byte_is_refused_before_the_library_sees_it() -> None:
+    with pytest.raises(NetworkError, match="NUL byte"):
+        nftables.run("list tables\0flush ruleset")
+
+
+def test_errors_do_not_leak_into_the_next_call() -> None:
+    with pytest.raises(NetworkError):
+        nftables.run("this is not nft")
+    with pytest.raises(NetworkError) as info:
+        nftables.run("neither is this")
+    assert "this is not nft" not in str(info.value)
+
+
+def test_importing_and_using_the_binding_starts_no_process() -> None:
+    # An audit hook sees every process start of the interpreter (subprocess, os.exec*,
+    # os.posix_spawn, os.system), including ctypes.util.find_library's ldconfig.
+    script = (
+        "import sys\n"
+        "events = []\n"
+        "def hook(event, args):\n"
+        "    if event in ('subprocess.Popen', 'os.exec', 'os.posix_spawn', 'os.system',\n"
+        "                 'os.spawn', 'os.fork'):\n"
+        "        events.append(event)\n"
+        "sys.addaudithook(hook)\n"
+        "from corral.errors import NetworkError\n"
+        "from corral.net import firewall, nftables\n"
+        "try:\n"
+        "    nftables.run('not nft')\n"
+        "except NetworkError:\n"
+        "    pass\n"
+        "print(events)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
