@@ -19,6 +19,7 @@ import pytest
 import corral.sync
 from corral import NetworkPolicy, Sandbox
 from corral.errors import ConfigError, SandboxError, SandboxExists, SandboxNotFound
+from corral.kernel import procfs
 from corral.runtime import cgroups, gc, state
 from corral.sdk import lifecycle
 from tests.integration.lifecycle_support import (  # noqa: F401 - fixtures
@@ -264,12 +265,8 @@ def _spares_of(server_pid: int) -> dict[int, list[Path]]:
             owner = cgroups.parse_spare_name(entry.name)
             if owner is None:
                 continue
-            try:
-                with open(f"/proc/{owner[0]}/stat", "rb") as f:
-                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
-            except OSError:
-                continue
-            if ppid == server_pid:
+            stat = procfs.read_stat(owner[0])
+            if stat is not None and stat.ppid == server_pid:
                 found.setdefault(owner[0], []).append(entry)
     return found
 

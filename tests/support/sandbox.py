@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from corral.kernel import mountinfo
 from corral.runtime import launcher
 from corral.runtime.channel import ChannelClient, ExecProcess
 from tests.support.rootfs import busybox_rootfs
@@ -36,9 +37,7 @@ def spec_for(state_dir: Path, name: str = "sbx", **overrides: Any) -> launcher.L
 
 
 def host_mounts_under(path: Path) -> list[str]:
-    prefix = str(path.resolve())
-    with open("/proc/self/mountinfo") as f:
-        return [line.split()[4] for line in f if line.split()[4].startswith(prefix)]
+    return mountinfo.mounts_under(path)
 
 
 def assert_no_debris(sb: launcher.Launched) -> None:

@@ -14,7 +14,6 @@ delete every piece without any state but the sandbox id:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import ipaddress
 import json
@@ -25,6 +24,7 @@ import threading
 from dataclasses import dataclass
 
 from corral.errors import NetworkError
+from corral.kernel import netns as kernel_netns
 from corral.net.addressing import Slot
 from corral.net.firewall import DIVERT_MARK, DIVERT_MARK_MASK
 
@@ -41,11 +41,8 @@ RULE_PRIORITY = 10000
 #: Groups allowed to open unprivileged ICMP echo sockets inside the sandbox: all of them.
 PING_GROUP_RANGE = "0 2147483647"
 
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
 #: Where iproute2 keeps named network namespaces.
-NETNS_DIR = "/run/netns"
+NETNS_DIR = kernel_netns.NETNS_DIR
 
 _SAFE_ID = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 
@@ -146,13 +143,7 @@ def sysctl_in(netns_path: str, key: str, value: str) -> None:
 
     def write() -> None:
         try:
-            fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, os.strerror(err))
-            finally:
-                os.close(fd)
+            kernel_netns.join_path(netns_path)
             _sysctl(key, value, missing_ok=False)
         except BaseException as exc:
             error.append(exc)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from corral.errors import SandboxError
+from corral.kernel import procfs
 
 #: Where the cgroup filesystems are mounted on every mainstream distribution.
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -436,12 +437,9 @@ def abandoned_spares(
 
 def _process_alive(pid: int, start_time: int) -> bool:
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
+        return procfs.live_start_time(pid) == start_time
     except OSError:
-        return False
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    return fields[0] != b"Z" and int(fields[19]) == start_time
+        return False  # unreadable: not one of ours (ours run as the same user)
 
 
 def cleanup_spares(root: Path = CGROUP_ROOT, everywhere: bool = False) -> list[Path]:

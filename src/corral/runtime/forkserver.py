@@ -27,6 +27,7 @@ import socket
 import sys
 import time
 
+from corral.kernel import netns
 from corral.runtime import leanjson
 from corral.runtime.supervisor import FORK_SERVER_ARG
 
@@ -55,8 +56,6 @@ ZYGOTE_ENV = "CORRAL_ZYGOTE"
 
 #: File descriptors attached to a request (ready pipe, netns).
 REQUEST_FDS = 2
-
-_CLONE_NEWNET = 0x40000000
 
 
 def serve(sock: socket.socket) -> int:
@@ -158,8 +157,6 @@ def _serve_as_spare(sock: socket.socket, taken_w: int) -> None:
     returns (exits on EOF or becomes a supervisor that exits with os._exit)."""
     import signal
 
-    from corral.runtime.syscalls import setns
-
     # Supervisors wait for their children (the fork server lets the kernel reap its own).
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     zygote = _prepare_zygote()
@@ -190,7 +187,7 @@ def _serve_as_spare(sock: socket.socket, taken_w: int) -> None:
     ready_fd, netns_fd = fds
     os.write(taken_w, TAKEN)
     sock.send(leanjson.dumps({"pid": os.getpid()}).encode())
-    _become_supervisor(sock, state_dir, env, ready_fd, netns_fd, setns, taken_w, zygote)
+    _become_supervisor(sock, state_dir, env, ready_fd, netns_fd, taken_w, zygote)
 
 
 def _become_supervisor(
@@ -199,7 +196,6 @@ def _become_supervisor(
     env: dict[str, object],
     ready_fd: int,
     netns_fd: int,
-    setns: object,
     released_fd: int,
     zygote: Zygote | None,
 ) -> None:
@@ -214,7 +210,7 @@ def _become_supervisor(
         sock.close()
         os.setsid()
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        setns(netns_fd, _CLONE_NEWNET)  # type: ignore[operator]
+        netns.join(netns_fd)
         os.close(netns_fd)
         os.environ.clear()
         os.environ.update({str(k): str(v) for k, v in env.items()})
@@ -289,13 +285,13 @@ class ForkServerClient:
         request = leanjson.dumps({"state_dir": state_dir, "env": dict(os.environ)}).encode()
         if len(request) > MAX_REQUEST:
             raise RuntimeError("environment too large for the fork server")
-        netns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        caller_netns = netns.open_current()
         try:
             with self._lock:
-                socket.send_fds(self._sock, [request], [ready_fd, netns])
+                socket.send_fds(self._sock, [request], [ready_fd, caller_netns])
                 reply = self._sock.recv(4096)
         finally:
-            os.close(netns)
+            os.close(caller_netns)
         if not reply:
             raise RuntimeError("the fork server exited")
         answer = leanjson.loads(reply.decode())

@@ -10,7 +10,6 @@ Every step runs under the sandbox name's lock, so gc never races a ``create`` of
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import shutil
@@ -18,33 +17,17 @@ import threading
 from pathlib import Path
 
 from corral.errors import SandboxError
+from corral.kernel import libc
+from corral.kernel.mountinfo import mounts_under
 from corral.runtime import paths, state
-
-#: umount2 flag: detach now, finish when the mount is no longer busy (a crashed sandbox's
-#: process may still hold it for a moment while being killed).
-_MNT_DETACH = 2
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def mounts_under(directory: Path) -> list[str]:
-    """Mount points at or below ``directory`` in our mount namespace, deepest first."""
-    prefix = str(directory.resolve())
-    found: list[str] = []
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                point = line.split()[4].encode().decode("unicode_escape")
-                if point == prefix or point.startswith(prefix + "/"):
-                    found.append(point)
-    except FileNotFoundError:
-        return []
-    return sorted(found, key=len, reverse=True)
 
 
 def unmount(point: str) -> None:
-    if _libc.umount2(point.encode(), _MNT_DETACH) != 0:
-        err = ctypes.get_errno()
-        raise SandboxError(f"gc: cannot unmount {point}: {os.strerror(err)}")
+    """Detach ``point`` (a crashed sandbox's process may hold it a moment longer)."""
+    try:
+        libc.umount2(point, libc.MNT_DETACH)
+    except OSError as e:
+        raise SandboxError(f"gc: cannot unmount {point}: {e.strerror}") from None
 
 
 def release_leftovers(name: str, directory: Path) -> list[str]:

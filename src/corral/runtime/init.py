@@ -36,6 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from corral.kernel import procfs
 from corral.runtime import syscalls
 from corral.runtime.channel_wire import (
     EXIT_TIMED_OUT,
@@ -718,11 +719,10 @@ def _live_group_members(pgid: int) -> bool:
         if not name.isdigit():
             continue
         try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
+            stat = procfs.read_stat(name)
+        except (OSError, ValueError):
             continue
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
+        if stat is not None and stat.pgrp == pgid and stat.alive:
             return True
     return False
 

@@ -70,6 +70,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from corral.errors import SandboxError
+from corral.kernel import mountinfo, netns, procfs
 from corral.runtime import capabilities, cgroups, init, seccomp_profile, syscalls
 from corral.runtime.cgroups import Cgroup, CgroupLimits
 from corral.runtime.channel_wire import short_unix_path
@@ -540,10 +541,7 @@ def prepare_zygote() -> Zygote:
     # Spare cgroups of makers that were SIGKILLed (nothing else removes them, and a test
     # world's teardown kills every process of its namespace): cheap, and nobody waits now.
     cgroups.cleanup_spares()
-    with open("/proc/self/stat", "rb") as f:
-        own_stat = f.read()
-    start_time = int(own_stat[own_stat.rindex(b")") + 2 :].split()[19])
-    cgroup = cgroups.plan(cgroups.spare_name(os.getpid(), start_time))
+    cgroup = cgroups.plan(cgroups.spare_name(os.getpid(), procfs.own_start_time()))
     cgroups.create(cgroup, CgroupLimits())
     parent_pid = os.getpid()
     try:
@@ -660,11 +658,7 @@ def _stage_a(
     try:
         if spec.netns_path is not None:
             try:
-                fd = os.open(spec.netns_path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    syscalls.setns(fd, syscalls.CLONE_NEWNET)
-                finally:
-                    os.close(fd)
+                netns.join_path(spec.netns_path)
             except OSError as e:
                 raise _step("join network namespace", spec.netns_path, e) from None
 
@@ -1011,14 +1005,7 @@ def cleanup_leftovers(state_dir: Path) -> None:
         record.unlink()
     with contextlib.suppress(FileNotFoundError):
         (state_dir / CHANNEL_SOCKET).unlink()
-    prefix = str(state_dir.resolve()) + "/"
-    mounts = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            target = line.split()[4].replace("\\040", " ")
-            if (target + "/").startswith(prefix):
-                mounts.append(target)
-    for target in sorted(mounts, key=len, reverse=True):
+    for target in mountinfo.mounts_under(state_dir):
         with contextlib.suppress(OSError):
             syscalls.umount2(target, syscalls.MNT_DETACH)
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.errors import ConfigError, SandboxError, SandboxExists, SandboxNotFound
+from corral.kernel import procfs
 from corral.runtime import paths
 
 #: Sandbox names: they become directory names, hostnames and cgroup/netns name parts, so they
@@ -193,18 +194,9 @@ def claim(name: str) -> Path:
 # -- liveness -------------------------------------------------------------------------------
 
 
-def process_start_time(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot, None if no such process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    if fields[0] == b"Z":  # a zombie has finished; only its exit status remains
-        return None
-    return int(fields[19])
+#: Start time of a running ``pid`` in clock ticks since boot; None if there is no such
+#: process or it is a zombie (it has finished; only its exit status remains).
+process_start_time = procfs.live_start_time
 
 
 def read_supervisor_pid(directory: Path) -> tuple[int, int] | None:

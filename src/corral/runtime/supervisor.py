@@ -36,6 +36,7 @@ import sys
 import time
 
 from corral.errors import CorralError
+from corral.kernel import procfs
 from corral.runtime import control, leanjson
 
 TYPE_CHECKING = False
@@ -90,12 +91,6 @@ def _write_file(path: str, text: str, mode: int = 0o600) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-
-
-def _own_start_time() -> int:
-    with open("/proc/self/stat", "rb") as f:
-        stat = f.read()
-    return int(stat[stat.rindex(b")") + 2 :].split()[19])
 
 
 def _log(message: str) -> None:
@@ -194,7 +189,7 @@ class Supervisor:
     def run(self) -> int:
         started = time.monotonic()
         _write_file(
-            os.path.join(self.state_dir, "supervisor.pid"), f"{os.getpid()} {_own_start_time()}\n"
+            os.path.join(self.state_dir, "supervisor.pid"), f"{os.getpid()} {procfs.own_start_time()}\n"
         )
         self._install_signals()
         try:

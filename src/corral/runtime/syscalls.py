@@ -3,6 +3,10 @@
 Thin ctypes wrappers over libc (or ``syscall(2)`` for calls glibc does not wrap), each raising
 ``OSError`` with errno so that the launcher can turn it into one sentence naming its step.
 Numbers are for x86_64, the only architecture corral's namespace backend supports today.
+
+libc itself is loaded once, in :mod:`corral.kernel.libc`, which also has the calls that the
+data path shares with the runtime (``setns``, ``umount2``; re-exported here with
+``CLONE_NEWNET`` and ``MNT_DETACH`` so the launcher reads as one list of calls).
 """
 
 from __future__ import annotations
@@ -10,19 +14,12 @@ from __future__ import annotations
 import ctypes
 import os
 
-
-def _load_libc() -> ctypes.CDLL:
-    # The glibc soname directly: ctypes.util.find_library runs ldconfig in a subprocess,
-    # about 10 ms of every supervisor's start-up.
-    try:
-        return ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:  # pragma: no cover - not glibc
-        from ctypes.util import find_library
-
-        return ctypes.CDLL(find_library("c"), use_errno=True)
-
-
-_libc = _load_libc()
+from corral.kernel.libc import MNT_DETACH as MNT_DETACH
+from corral.kernel.libc import check as _check
+from corral.kernel.libc import libc as _libc
+from corral.kernel.libc import setns as setns
+from corral.kernel.libc import umount2 as umount2
+from corral.kernel.netns import CLONE_NEWNET as CLONE_NEWNET
 
 # clone(2)/unshare(2) flags.
 CLONE_NEWNS = 0x00020000
@@ -31,7 +28,6 @@ CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
-CLONE_NEWNET = 0x40000000
 
 # mount(2) flags.
 MS_RDONLY = 1
@@ -42,7 +38,6 @@ MS_REMOUNT = 32
 MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
-MNT_DETACH = 2
 
 # prctl(2) options.
 PR_SET_PDEATHSIG = 1
@@ -68,19 +63,8 @@ MOVE_MOUNT_F_EMPTY_PATH = 0x4
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 
-def _check(result: int, what: str) -> int:
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), what)
-    return result
-
-
 def unshare(flags: int) -> None:
     _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
-
-
-def setns(fd: int, nstype: int = 0) -> None:
-    _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns")
 
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int = 0,
@@ -95,10 +79,6 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int = 0,
         ),
         target,
     )
-
-
-def umount2(target: str, flags: int = 0) -> None:
-    _check(_libc.umount2(target.encode(), ctypes.c_int(flags)), target)
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
@@ -200,3 +180,4 @@ def capget() -> tuple[int, int, int]:
     perm = data[0].permitted | (data[1].permitted << 32)
     inh = data[0].inheritable | (data[1].inheritable << 32)
     return eff, perm, inh
+

@@ -599,8 +599,6 @@ caller_netns: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "corral_caller_netns", default=None
 )
 
-_CLONE_NEWNET = 0x40000000
-
 
 async def in_caller_netns(
     func: Callable[..., T], *args: Any, undo: Callable[[T], object] | None = None
@@ -634,9 +632,9 @@ async def in_caller_netns(
     def body() -> None:
         try:
             if netns_fd is not None:
-                from corral.runtime.syscalls import setns
+                from corral.kernel import netns
 
-                setns(netns_fd, _CLONE_NEWNET)
+                netns.join(netns_fd)
             result = func(*args)
         except BaseException as exc:
             with lock:

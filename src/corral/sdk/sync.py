@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from corral.config import NetworkConfig, PortBinding, SecretEntry
+from corral.kernel import netns
 from corral.runtime import state
 from corral.runtime.channel import FileInfo
 from corral.sdk import sandbox as async_sdk
@@ -33,7 +34,7 @@ _loop_lock = threading.Lock()
 def _run_here(coro: Coroutine[Any, Any, T]) -> T:
     """Like _run, but steps that start or clean up sandboxes run in the calling thread's
     network namespace rather than in the private loop thread's (see in_caller_netns)."""
-    netns_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    netns_fd = netns.open_current()
 
     async def in_callers_namespace() -> T:
         async_sdk.caller_netns.set(netns_fd)  # this task's context only
