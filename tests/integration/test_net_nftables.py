@@ -17,6 +17,8 @@ import json, os, threading
 from corral.errors import NetworkError
 from corral.net import firewall, nftables
 T = "corral-itest"
+def tables():
+    return sorted(line.split()[2] for line in nftables.run("list tables inet").splitlines())
 """
 
 
@@ -46,7 +48,7 @@ def test_a_failing_transaction_applies_none_of_it() -> None:
             failed = None
         except NetworkError as exc:
             failed = str(exc)
-        print(json.dumps([failed, sorted(nftables.table_names())]))
+        print(json.dumps([failed, tables()]))
         """
     )
     assert isinstance(out, list)
@@ -107,7 +109,7 @@ def test_a_forked_child_gets_its_own_context() -> None:
                 os._exit(1)
         _, status = os.waitpid(pid, 0)
         nftables.run(f"add table inet {T}-parent")  # the parent's socket still works
-        print(json.dumps([os.waitstatus_to_exitcode(status), sorted(nftables.table_names())]))
+        print(json.dumps([os.waitstatus_to_exitcode(status), tables()]))
         """
     )
     assert out == [0, ["corral-itest", "corral-itest-child", "corral-itest-parent"]]
@@ -122,9 +124,9 @@ def test_a_thread_in_another_netns_talks_to_that_netns() -> None:
         def other():
             unshare(0x40000000)  # CLONE_NEWNET, this thread only
             nftables.run(f"add table inet {T}-other")
-            seen.append(sorted(nftables.table_names()))
+            seen.append(tables())
         t = threading.Thread(target=other); t.start(); t.join()
-        print(json.dumps([seen, sorted(nftables.table_names())]))
+        print(json.dumps([seen, tables()]))
         """
     )
     assert out == [[["corral-itest-other"]], ["corral-itest-main"]]
@@ -152,3 +154,55 @@ def test_firewall_apply_exists_remove_round_trip() -> None:
         """
     )
     assert out == [False, True, 1, False]
+
+
+def test_elements_are_added_with_timeouts_and_a_re_add_updates_the_timeout() -> None:
+    out = isolated(
+        """
+        import ipaddress
+        nftables.run(
+            f"add table inet {T}\\n"
+            f"add set inet {T} p4 {{ type ipv4_addr; flags timeout; }}\\n"
+            f"add set inet {T} p6 {{ type ipv6_addr; flags timeout; }}\\n"
+        )
+        a, b = ipaddress.ip_address("10.9.8.7"), ipaddress.ip_address("fd42::7")
+        nftables.add_elements(T, "p4", [(a, 30_000)])
+        nftables.add_elements(T, "p6", [(b, 5_000)])
+        nftables.add_elements(T, "p4", [(a, 90_000)])  # refreshed, not duplicated
+        bulk = [(ipaddress.IPv4Address(0x0B000000 + i), 60_000) for i in range(2500)]
+        nftables.add_elements(T, "p4", bulk)  # several messages, one transaction
+        errors = []
+        for name, addr in (("nope", a), ("p4", b)):
+            try:
+                nftables.add_elements(T, name, [(addr, 1000)])
+            except NetworkError as exc:
+                errors.append(str(exc))
+        p4 = nftables.run(f"list set inet {T} p4")
+        p6 = nftables.run(f"list set inet {T} p6")
+        print(json.dumps([p4.count("10.9.8.7"), "10.9.8.7 timeout 1m30s" in p4,
+                          p4.count("expires"), "fd42::7 timeout 5s" in p6, errors]))
+        """
+    )
+    assert isinstance(out, list)
+    assert out[:4] == [1, True, 2501, True]
+    assert out[4] == [
+        "nftables: adding 1 elements to set inet corral-itest nope failed: no such table or set",
+        "nftables: adding 1 elements to set inet corral-itest p4 failed: an element does not "
+        "fit the set (address family, or no timeout flag)",
+    ]
+
+
+def test_table_exists_and_destroy_table_need_no_libnftables_cache() -> None:
+    out = isolated(
+        """
+        steps = [nftables.table_exists(T)]
+        nftables.destroy_table(T)  # absent: no error
+        nftables.run(f"add table inet {T}\\nadd chain inet {T} c\\n")
+        steps.append(nftables.table_exists(T))
+        steps.append(nftables.table_exists(T, "ip"))  # another family's namesake
+        nftables.destroy_table(T)
+        steps.append(nftables.table_exists(T))
+        print(json.dumps([steps, tables()]))
+        """
+    )
+    assert out == [[False, True, False, False], []]

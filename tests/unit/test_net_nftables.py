@@ -78,3 +78,25 @@ def test_importing_and_using_the_binding_starts_no_process() -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_netlink_attributes_are_padded_to_four_bytes_and_length_excludes_padding() -> None:
+    attr = nftables._attr(1, b"corral-x\0")  # 9 bytes of payload
+    assert attr[:4] == (13).to_bytes(2, "little") + (1).to_bytes(2, "little")
+    assert len(attr) == 16 and attr.endswith(b"\0\0\0\0")
+    nest = nftables._nest(3, attr)
+    assert int.from_bytes(nest[2:4], "little") == 3 | 0x8000  # NLA_F_NESTED
+    assert int.from_bytes(nest[:2], "little") == 4 + len(attr)
+
+
+def test_an_nf_tables_message_has_the_subsystem_family_and_big_endian_res_id() -> None:
+    msg = nftables._message(0x10, 1, 0, 7, b"", res_id=10)  # a batch begin
+    length, kind, flags, seq, pid = (
+        int.from_bytes(msg[0:4], "little"),
+        int.from_bytes(msg[4:6], "little"),
+        int.from_bytes(msg[6:8], "little"),
+        int.from_bytes(msg[8:12], "little"),
+        int.from_bytes(msg[12:16], "little"),
+    )
+    assert (length, kind, flags, seq, pid) == (20, 0x10, 1, 7, 0)
+    assert msg[16:20] == bytes([0, 0, 0, 10])  # family, version, res_id in network order

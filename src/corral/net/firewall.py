@@ -189,10 +189,13 @@ def apply(spec: FirewallSpec) -> None:
 
 
 def remove(table: str) -> None:
-    """Delete the sandbox's table; no error when it is already gone."""
-    # "add" first makes the delete succeed whether or not the table existed, in one transaction.
-    _nft(f"add table inet {table}\ndelete table inet {table}\n", f"removing nftables table {table}")
+    """Delete the sandbox's table; no error when it is already gone. One netlink message
+    (libnftables would first dump every table's sets and elements: 4+ ms beside 100 tables)."""
+    try:
+        nftables.destroy_table(table, "inet")
+    except NetworkError as exc:
+        raise NetworkError(f"removing nftables table {table} failed: {exc}") from None
 
 
 def exists(table: str) -> bool:
-    return table in nftables.table_names("inet")
+    return nftables.table_exists(table, "inet")
