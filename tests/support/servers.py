@@ -8,7 +8,8 @@ namespace) listens on every address given:
 - TCP 80: a tiny HTTP/1.1 server (keep-alive) answering ``reached <addr>:<port>``;
 - TCP 81: accepts, then resets the connection;
 - TCP 82: accepts and never says anything (an upstream that hangs);
-- TCP 83: a listener that never accepts (backlog 1: further SYNs go unanswered).
+- TCP 83: a listener that never accepts (backlog 1: further SYNs go unanswered);
+- TCP 84: a server-first protocol (an SSH-style banner on accept, then echo).
 
 It prints ``ready`` once every socket is bound, so the caller knows it can start. Sockets use
 SO_REUSEPORT, so two test modules' server sets on the same address do not collide.
@@ -35,6 +36,8 @@ HTTP_PORT = 80
 RESET_PORT = 81
 HANG_PORT = 82
 NEVER_ACCEPT_PORT = 83
+BANNER_PORT = 84
+BANNER = b"SSH-2.0-corral-test\r\n"
 
 
 # -- the server process ------------------------------------------------------------------------
@@ -82,6 +85,11 @@ async def _reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
     writer.transport.abort()
 
 
+async def _banner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(BANNER)
+    await _tcp_echo(reader, writer)
+
+
 async def _hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     await asyncio.sleep(3600)  # never a byte, never a FIN: the client must give up
     writer.close()
@@ -104,6 +112,7 @@ async def _serve(addresses: Sequence[str]) -> None:
             (HTTP_PORT, _http),
             (RESET_PORT, _reset),
             (HANG_PORT, _hang),
+            (BANNER_PORT, _banner),
         ):
             keep.append(
                 await asyncio.start_server(handler, addr, port, reuse_address=True, reuse_port=True)

@@ -59,13 +59,21 @@ def test_allowed_gateway_is_delivered_to_loopback(tmp_path: Path) -> None:
     assert g.egress("tcp", "x", HOST, 22).target == HOST  # other host addresses: as they are
 
 
-def test_public_only_denies_host_but_never_opens_port_53_of_the_host(tmp_path: Path) -> None:
+def test_port_53_of_any_address_is_the_dns_interceptors_and_never_dialled(tmp_path: Path) -> None:
     g = gate(tmp_path, NetworkPolicy.public_only())
     assert not g.egress("tcp", "x", GW4, 22).allowed
-    for addr in (GW4, GW6, HOST):
-        v = g.egress("udp", "x", addr, 53)
-        assert not v.allowed and "DNS interceptor" in v.reason
-    assert g.egress("udp", "x", ip("203.0.113.10"), 53).allowed
+    for addr in (GW4, GW6, HOST, ip("203.0.113.10"), ip("8.8.8.8"), ip("::ffff:1.1.1.1")):
+        for proto in ("udp", "tcp"):
+            v = g.egress(proto, "x", addr, 53)
+            assert v.handled_by == "dns-interceptor" and "DNS interceptor" in v.reason
+            assert v.target is None  # the host's own resolver is never reached
+
+
+def test_dns_over_tls_is_refused_without_interception(tmp_path: Path) -> None:
+    g = gate(tmp_path, NetworkPolicy.allow_all())
+    v = g.egress("tcp", "x", ip("203.0.113.10"), 853)
+    assert not v.allowed and "853" in v.reason
+    assert g.egress("udp", "x", ip("203.0.113.10"), 853).allowed
 
 
 def test_decisions_carry_the_rule_index(tmp_path: Path) -> None:
@@ -178,4 +186,5 @@ def test_slots_leased_from_other_pools_are_other_sandboxes(tmp_path: Path) -> No
     assert not g.egress("tcp", "s", other.guest_ipv4, 80).allowed
     assert g.egress("tcp", "s", ipaddress.ip_address("10.98.1.2"), 80).allowed
     pool.release("other")
+    g._leases_at -= 2  # the lease snapshot is refreshed at most once a second
     assert g.egress("tcp", "s", other.guest_ipv4, 80).allowed

@@ -35,7 +35,9 @@ from corral.net.prefilter import (
 )
 from corral.policy import Policy
 from corral.policy.groups import HostAddresses, classify_int
-from tests.unit.test_policy_property import ADDRESSES, PORT_POINTS, configs, host_sets
+from corral.policy.pins import PinSet
+from corral.policy.verdict import Revealed
+from tests.unit.test_policy_property import ADDRESSES, NAMES, PORT_POINTS, configs, host_sets
 
 #: Policies drawn; each is checked against FLOWS_PER_POLICY flows, so 400 x 12 = 4,800 cases
 #: (the brief's floor is 2,000).
@@ -52,11 +54,12 @@ _Addr = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def build(
-    config: NetworkConfig, hosts: list[_Addr], tmp_path: Path
+    config: NetworkConfig, hosts: list[_Addr], tmp_path: Path, pins: PinSet | None = None
 ) -> tuple[Policy, FlowGate, Prefilter]:
     host_addresses = [*hosts, GW4, GW6]
     policy = Policy.compile(config, host_addresses=host_addresses)
     gate = FlowGate(
+        pins=pins,
         sandbox="sb",
         policy=policy,
         gateways=[GW4, GW6],
@@ -93,9 +96,16 @@ def audit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_prefilter_rejects_only_what_the_gate_denies(
     config: NetworkConfig, hosts: list[_Addr], seed: int, audit_dir: Path
 ) -> None:
-    policy, gate, pf = build(config, hosts, audit_dir)
     rnd = random.Random(seed)
-    names = any(r.target.is_name for r in policy.rules)
+    # Some addresses are pinned to names (as the DNS interceptor would): the kernel's
+    # pinned sets hold exactly those addresses.
+    pins = PinSet()
+    pinned: set[_Addr] = set()
+    for text in rnd.sample([*ADDRESSES, *EXTRA], 4):
+        address = ipaddress.ip_address(text)
+        pins.add(rnd.sample(NAMES, rnd.choice([1, 2])), [address], 300)
+        pinned.add(address)
+    policy, gate, pf = build(config, hosts, audit_dir, pins)
     for _ in range(FLOWS_PER_POLICY):
         text = rnd.choice([*ADDRESSES, *EXTRA, "random4", "random6"])
         if text == "random4":
@@ -106,19 +116,21 @@ def test_prefilter_rejects_only_what_the_gate_denies(
             address = ipaddress.ip_address(text)
         protocol = rnd.choice(PROTOCOLS)
         port = rnd.choice([*PORT_POINTS, rnd.randint(1, 65535)])
+        if port == 53:
+            continue  # diverted to the DNS interceptor before the prefilter
         verdict = gate.egress(protocol, "guest", address, port, audit=False)
-        rejected = evaluate(pf, protocol, address, port)
+        rejected = evaluate(pf, protocol, address, port, pinned)
         if rejected:
-            assert not verdict.allowed, (
-                address,
-                protocol,
-                port,
-                match(pf, protocol, address, port),
-            )
-        if pf.complete and not delegated(address) and port != 53:
-            # Port 53 of the host is the gate's own denial, which the prefilter leaves to it.
+            assert not verdict.allowed, (address, protocol, port, match(pf, protocol, address, port, pinned))
+            # Nor can any name the connection reveals turn it into an allow.
+            for name in (None, *NAMES):
+                final = gate.egress(
+                    protocol, "guest", address, port, audit=False, revealed=Revealed(name)
+                )
+                assert not final.allowed, (address, protocol, port, name, final)
+        if pf.complete and not delegated(address) and address not in pinned:
             assert rejected == (not verdict.allowed), (address, protocol, port, verdict)
-        if not names and len(pf.checks) < MAX_CHECKS:
+        if len(pf.checks) < MAX_CHECKS:
             assert pf.complete
 
 
@@ -153,23 +165,46 @@ def test_group_sets_are_classify_groups() -> None:
         assert found == [expected], (address, found, expected)
 
 
-def test_domain_rule_stops_the_prefilter(tmp_path: Path) -> None:
+def test_domain_rules_pass_pinned_addresses_and_decide_the_rest(tmp_path: Path) -> None:
     config = NetworkConfig(
         policy="none",
         rules=[
             PolicyRule(action="deny", destination="10.0.0.0/8", protocol="tcp", port="22"),
-            PolicyRule(action="allow", destination="example.com"),
+            PolicyRule(action="allow", destination="example.com", protocol="tcp", port="443"),
             PolicyRule(action="deny", destination="203.0.113.0/24"),
         ],
         default_egress="deny",
     )
-    _, gate, pf = build(config, [], tmp_path)
-    assert not pf.complete and not pf.default_reject
+    pins = PinSet()
+    api = ipaddress.ip_address("198.51.100.7")
+    pins.add(["example.com"], [api], 60)
+    _, gate, pf = build(config, [], tmp_path, pins)
+    assert pf.complete and pf.default_reject and pf.uses_pins
     ten = ipaddress.ip_address("10.1.1.1")
     assert evaluate(pf, "tcp", ten, 22)
-    assert not evaluate(pf, "tcp", ten, 23)  # the proxy decides (a name may match)
-    assert not evaluate(pf, "tcp", ipaddress.ip_address("203.0.113.5"), 80)
+    # Never resolved: refused in the kernel, before the handshake.
+    assert evaluate(pf, "tcp", ten, 443)
+    assert evaluate(pf, "tcp", ipaddress.ip_address("198.51.100.8"), 443)
+    # Pinned: the proxy decides with the names (and the revealed one).
+    assert not evaluate(pf, "tcp", api, 443, {api})
+    assert gate.egress("tcp", "g", api, 443).allowed
+    assert evaluate(pf, "tcp", api, 80, {api})  # the rule's port does not admit 80
+    assert evaluate(pf, "tcp", ipaddress.ip_address("203.0.113.5"), 80)
     assert not gate.egress("tcp", "g", ipaddress.ip_address("203.0.113.5"), 80).allowed
+    sets = "\n".join(render_sets(pf))
+    assert "set pf_pinned4 { type ipv4_addr; flags timeout;" in sets
+
+
+def test_dns_over_tls_is_refused_in_the_kernel_unless_intercepted(tmp_path: Path) -> None:
+    policy = Policy.compile(NetworkPolicy.allow_all())
+    pf = compile_prefilter(policy.rules, policy.default_egress, policy.host, pools=[], gateways=[])
+    assert evaluate(pf, "tcp", ipaddress.ip_address("203.0.113.10"), 853)
+    assert not evaluate(pf, "udp", ipaddress.ip_address("203.0.113.10"), 853)
+    pf = compile_prefilter(
+        policy.rules, policy.default_egress, policy.host, pools=[], gateways=[],
+        tls_interception=True,
+    )  # fmt: skip
+    assert not evaluate(pf, "tcp", ipaddress.ip_address("203.0.113.10"), 853)
 
 
 def test_public_only_rejects_private_and_default(tmp_path: Path) -> None:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
+import math
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,17 +29,21 @@ from typing import Any
 
 from corral.config import NetworkConfig
 from corral.errors import NetworkError
-from corral.net import firewall, nflog, plumbing
+from corral.net import firewall, nflog, nftables, plumbing
 from corral.net.addressing import AddressPool, Slot, host_has_ipv6
 from corral.net.audit import AUDIT_FILE, AuditEvent, AuditLog, follow
-from corral.net.gate import Decider, FlowGate, IPAddress
+from corral.net.gate import FlowGate, IPAddress
 from corral.net.icmp import IcmpRelay
 from corral.net.ports import Published, PublishedPorts, bind_published
-from corral.net.prefilter import Prefilter, compile_prefilter
+from corral.net.prefilter import PINNED_SETS, Prefilter, compile_prefilter
 from corral.net.splice import PipePool
 from corral.net.tcp_proxy import CONNECT_TIMEOUT, TcpProxy
 from corral.net.udp_relay import UdpRelay
 from corral.policy import Policy
+from corral.policy.pins import PinSet
+from corral.policy.verdict import unmap
+
+_log = logging.getLogger(__name__)
 
 #: MTU of the veth pair. Every flow of the sandbox ends at corral (TCP is terminated, UDP and
 #: ICMP are re-originated), so the guest's link MTU has nothing to do with the path outside:
@@ -45,6 +51,10 @@ from corral.policy import Policy
 #: Measured here: 1.35 instead of 1.9 CPU-seconds per GB, ~9 instead of ~7 Gbit/s. Below
 #: veth's maximum (65535) with room for the Ethernet header.
 DEFAULT_MTU = 65000
+
+#: Milliseconds a pinned set element outlives its pin: covers the moment between the PinSet's
+#: clock reading and the kernel's, so the kernel set never expires an element first.
+PINNED_SET_SLACK_MS = 1000
 
 #: Names that resolve to the gateway inside the sandbox (SPEC: reaching the host).
 HOST_NAMES = ("host.corral.internal", "host.microsandbox.internal")
@@ -63,7 +73,7 @@ class SandboxNetwork:
         pool: AddressPool,
         published: list[Published],
         mtu: int,
-        policy: Decider | None,
+        policy: Policy | None,
         log_allowed: bool,
         connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
@@ -86,6 +96,10 @@ class SandboxNetwork:
         self.udp: UdpRelay | None = None
         self.icmp: IcmpRelay | None = None
         self.ports: PublishedPorts | None = None
+        #: What the sandbox's own resolver answered: name -> addresses, with TTLs. The DNS
+        #: interceptor fills it, the gate decides domain rules with it.
+        self.pins = PinSet()
+        self._pinned_sets: dict[int, str] | None = None  # family -> nft set, when the prefilter uses pins
 
     # -- step 1 -----------------------------------------------------------------------------
     @classmethod
@@ -96,7 +110,7 @@ class SandboxNetwork:
         state_dir: Path,
         *,
         mtu: int = DEFAULT_MTU,
-        policy: Decider | None = None,
+        policy: Policy | None = None,
         pool: AddressPool | None = None,
         log_allowed: bool = False,
         connect_timeout: float = CONNECT_TIMEOUT,
@@ -226,6 +240,7 @@ class SandboxNetwork:
             audit=self._audit,
             host_addresses=host_addresses,
             leased=self.pool.leased_networks,
+            pins=self.pins,
         )
         pipes = PipePool()
         self.tcp = TcpProxy(
@@ -255,6 +270,8 @@ class SandboxNetwork:
                 prefilter = candidate
             except (OSError, NetworkError):
                 log_group = None
+            if prefilter is not None and prefilter.uses_pins:
+                self._pinned_sets = {v: f"pf_{n}" for v, n in PINNED_SETS.items()}
         for part in self._parts:
             part.start()
         firewall.apply(
@@ -273,6 +290,36 @@ class SandboxNetwork:
                 log_group=log_group,
             )
         )
+
+    def pinned(self, entries: list[tuple[IPAddress, float]]) -> None:
+        """The DNS interceptor pinned (or extended) these addresses, each for the seconds
+        given: put them in the prefilter's pinned sets *before* the answer leaves for the
+        guest, so its first SYN to them reaches the proxy instead of a reject. The element's
+        timeout is never shorter than the pin (re-adding an element updates its timeout on
+        this kernel; see docs/network.md), so the kernel never refuses what the proxy would
+        allow. One in-process libnftables transaction per answer."""
+        sets = self._pinned_sets
+        if sets is None or not entries or self._closed:
+            return
+        by_family: dict[int, list[str]] = {4: [], 6: []}
+        for address, seconds in entries:
+            address = unmap(address)
+            if address.version == 6 and 6 not in sets:
+                continue
+            ms = max(1000, math.ceil(seconds * 1000) + PINNED_SET_SLACK_MS)
+            by_family[address.version].append(f"{address} timeout {ms}ms")
+        commands = "".join(
+            f"add element inet {self.names.table} {sets[v]} {{ {', '.join(items)} }}\n"
+            for v, items in by_family.items()
+            if items and v in sets
+        )
+        if commands:
+            try:
+                nftables.run(commands)
+            except NetworkError as exc:
+                # The proxy still decides these flows correctly: it resets after the
+                # handshake what the kernel would have refused before it.
+                _log.warning("pinning %d addresses in nftables failed: %s", len(entries), exc)
 
     # -- step 3 -----------------------------------------------------------------------------
     async def close(self) -> None:

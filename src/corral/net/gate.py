@@ -1,14 +1,14 @@
-"""Where a flow of the data path is decided: one place for the TCP proxy, the UDP relay, the
-ICMP relay and the published ports.
+"""Where a flow of the data path meets its verdict: one place for the TCP proxy, the UDP relay,
+the ICMP relay, the kernel prefilter's audit and the published ports.
 
-The policy engine (:mod:`corral.policy`) answers "may this flow pass, and by which rule?".
-The gate adds what is the data path's own business and holds whatever the policy says:
+The verdict itself is pure and lives in :mod:`corral.policy.verdict` (shared with ``corral
+policy explain``). The gate is the I/O around it:
 
-- an address of another sandbox (anything in this sandbox's pools, or in a slot leased to any
-  sandbox, but this sandbox's own gateway) is always denied, before the policy is asked (SPEC:
-  sandboxes never reach each other directly; the firewall's output chain enforces the same in
-  the kernel);
-- an allowed flow to the sandbox's gateway is delivered to the host's loopback, same port;
+- the sandbox's facts the verdict needs (gateways, other sandboxes' networks, the pin set)
+  are held here; the leased slots of other sandboxes are a snapshot refreshed at most every
+  :data:`LEASES_REFRESH_SECONDS` (not a lease-file stat per flow; the firewall's output
+  chain of every sandbox drops what the host sends to it anyway, so a slot leased a moment
+  ago is enforced by the kernel meanwhile);
 - ``max_connections`` counts TCP connections plus UDP flows from the sandbox, exactly: a
   slot is taken before the upstream is dialled and given back when the flow ends;
 - every denial (and every allow when asked) becomes an audit event.
@@ -19,63 +19,31 @@ from __future__ import annotations
 import ipaddress
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
 
-from corral.config import PolicyDirection, PolicyProtocol
+from corral.config import PolicyProtocol
 from corral.net.audit import AuditLog
-from corral.policy import Flow
+from corral.policy import Policy
+from corral.policy import verdict as verdicts
+from corral.policy.pins import PinSet
+from corral.policy.verdict import FlowVerdict, Revealed, SandboxView, unmap
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-LOOPBACK_V4 = ipaddress.IPv4Address("127.0.0.1")
-LOOPBACK_V6 = ipaddress.IPv6Address("::1")
 
 #: Audit events for "over max_connections" per second at most: a guest opening thousands of
 #: UDP flows must not turn the audit file into its own denial of service. The events that are
 #: suppressed are counted and reported in the next one.
 LIMIT_EVENTS_PER_SECOND = 10
 
-#: DNS: the preset rule "allow egress host udp,tcp 53" exists to reach the sandbox's own
-#: resolver (the DNS interceptor, a later piece). Until that interceptor answers on the
-#: gateway, port 53 of the gateway and of every host address is refused, so the rule never
-#: opens the host's own DNS service to the sandbox. Port 53 of other destinations is decided like any other flow.
-DNS_PORT = 53
-_NO_RESOLVER = "port 53 of the host is reserved for corral's DNS interceptor (not running yet)"
+#: How stale the snapshot of other sandboxes' leased slots may get (see the module docstring).
+LEASES_REFRESH_SECONDS = 1.0
 
-_EGRESS = PolicyDirection.EGRESS
-_INGRESS = PolicyDirection.INGRESS
 _PROTOCOLS = {p.value: p for p in PolicyProtocol}
 
+#: The gate's answer (kept under its old name for the proxies).
+Verdict = FlowVerdict
 
-class Decision(Protocol):
-    @property
-    def action(self) -> Any: ...
-    @property
-    def rule(self) -> int | None: ...
-    @property
-    def reason(self) -> str: ...
-
-
-class Decider(Protocol):
-    def decide(self, flow: Any) -> Decision: ...
-
-
-def unmap(addr: IPAddress) -> IPAddress:
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """The gate's answer: pass to ``target`` (address to dial), or not."""
-
-    allowed: bool
-    target: IPAddress | None
-    rule: int | None
-    reason: str
+__all__ = ["FlowGate", "FlowVerdict", "IPAddress", "Revealed", "Verdict", "unmap"]
 
 
 class FlowGate:
@@ -85,30 +53,44 @@ class FlowGate:
         self,
         *,
         sandbox: str,
-        policy: Decider,
+        policy: Policy,
         gateways: list[IPAddress],
         pools: list[IPNetwork],
         max_connections: int,
         audit: AuditLog,
         host_addresses: list[IPAddress] | None = None,
         leased: Callable[[], list[IPNetwork]] | None = None,
-        flow_type: Any = None,
+        pins: PinSet | None = None,
+        tls_interception: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if flow_type is None:
-            flow_type = Flow
         self.sandbox = sandbox
         self.policy = policy
         self.gateways = frozenset(gateways)
         self.host_addresses = frozenset(unmap(a) for a in host_addresses or ()) | self.gateways
-        self.pools = pools
+        self.pools = list(pools)
         self.leased = leased
+        self.pins = pins if pins is not None else PinSet()
+        self.tls_interception = tls_interception
         self.max_connections = max_connections
         self.active = 0
         self.audit = audit
-        self._flow = flow_type
+        self._clock = clock
+        self._leases_at = float("-inf")
+        self.view = SandboxView(self.gateways, tuple(self.pools), tls_interception)
         self._limit_window = 0.0
         self._limit_events = 0
         self._limit_suppressed = 0
+
+    def _current_view(self) -> SandboxView:
+        if self.leased is not None:
+            now = self._clock()
+            if now - self._leases_at >= LEASES_REFRESH_SECONDS:
+                self._leases_at = now
+                others = tuple(dict.fromkeys([*self.pools, *self.leased()]))
+                if others != self.view.others:
+                    self.view = SandboxView(self.gateways, others, self.tls_interception)
+        return self.view
 
     # -- counting ---------------------------------------------------------------------------
     def try_acquire(self, protocol: str, source: str, destination: IPAddress, port: int) -> bool:
@@ -149,70 +131,36 @@ class FlowGate:
         port: int | None,
         *,
         audit: bool = True,
-    ) -> Verdict:
-        """Decide a flow from the sandbox to ``destination`` (as the guest addressed it)."""
-        addr = unmap(destination)
-        if addr not in self.gateways and self._is_other_sandbox(addr):
-            verdict = Verdict(False, None, None, "another sandbox's address is never reachable")
-        elif port == DNS_PORT and addr in self.host_addresses:
-            verdict = Verdict(False, None, None, _NO_RESOLVER)
-        else:
-            flow = self._flow(
-                direction=_EGRESS,
-                protocol=_PROTOCOLS[protocol],
-                address=addr,
-                port=port,
-                names=frozenset(),
-                sni=None,
-            )
-            d = self.policy.decide(flow)
-            allowed = str(d.action) == "allow"
-            target: IPAddress | None = None
-            if allowed:
-                if addr in self.gateways:
-                    target = LOOPBACK_V4 if addr.version == 4 else LOOPBACK_V6
-                else:
-                    target = addr
-            verdict = Verdict(allowed, target, d.rule, d.reason)
-        if audit:
-            self._record("egress", protocol, source, str(destination), port, verdict)
-        return verdict
+        revealed: Revealed | None = None,
+    ) -> FlowVerdict:
+        """Decide a flow from the sandbox to ``destination`` (as the guest addressed it),
+        with the names the sandbox's resolver pinned to it; ``revealed``: see
+        :func:`corral.policy.verdict.egress`. A verdict that waits for a name is not
+        audited (the final one is)."""
+        v = verdicts.egress(
+            self.policy,
+            self._current_view(),
+            _PROTOCOLS[protocol],
+            destination,
+            port,
+            names=self.pins.names_for(unmap(destination)),
+            revealed=revealed,
+        )
+        if audit and not v.wait_for_name:
+            self._record("egress", protocol, source, str(destination), port, v)
+        return v
 
     def record_egress(
-        self, protocol: str, source: str, destination: str, port: int | None, verdict: Verdict
+        self, protocol: str, source: str, destination: str, port: int | None, verdict: FlowVerdict
     ) -> None:
         """Audit an egress decision made elsewhere (the kernel prefilter's rejects)."""
         self._record("egress", protocol, source, destination, port, verdict)
 
-    def _is_other_sandbox(self, addr: IPAddress) -> bool:
-        """In this sandbox's pools, or in a slot leased to any sandbox (other pools too)."""
-        if any(addr in pool for pool in self.pools):
-            return True
-        return self.leased is not None and any(addr in net for net in self.leased())
-
-    def ingress(self, protocol: str, peer: IPAddress, guest: str, guest_port: int) -> Verdict:
+    def ingress(self, protocol: str, peer: IPAddress, guest: str, guest_port: int) -> FlowVerdict:
         """Decide an inbound connection or UDP peer on a published port."""
-        flow = self._flow(
-            direction=_INGRESS,
-            protocol=_PROTOCOLS[protocol],
-            address=unmap(peer),
-            port=guest_port,
-            names=frozenset(),
-            sni=None,
-        )
-        d = self.policy.decide(flow)
-        verdict = Verdict(str(d.action) == "allow", None, d.rule, d.reason)
-        self.audit.record(
-            direction="ingress",
-            protocol=protocol,
-            source=str(peer),
-            destination=guest,
-            port=guest_port,
-            action="allow" if verdict.allowed else "deny",
-            rule=verdict.rule,
-            reason=verdict.reason,
-        )
-        return verdict
+        v = verdicts.ingress(self.policy, _PROTOCOLS[protocol], peer, guest_port)
+        self._record("ingress", protocol, str(peer), guest, guest_port, v)
+        return v
 
     def _record(
         self,
@@ -221,7 +169,7 @@ class FlowGate:
         source: str,
         destination: str,
         port: int | None,
-        v: Verdict,
+        v: FlowVerdict,
     ) -> None:
         self.audit.record(
             direction=direction,
@@ -229,7 +177,8 @@ class FlowGate:
             source=source,
             destination=destination,
             port=port,
-            action="allow" if v.allowed else "deny",
+            action=v.action,
             rule=v.rule,
             reason=v.reason,
+            names=list(v.names),
         )

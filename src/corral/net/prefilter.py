@@ -15,12 +15,20 @@ them into :class:`Check` s while they decide by address alone (``*``, groups, CI
 - an allow rule becomes "pass": stop prefiltering and divert to the proxy, which decides
   again, fully. The prefilter only ever short-circuits denials, so it can never allow
   anything the gate would deny;
-- at the first rule whose match can depend on names (domain and suffix rules) it stops: that
-  flow and every later one go to the proxy unchanged (``complete`` is False). Otherwise the
-  default egress action closes the list (deny: reject).
+- a rule whose match can depend on names (domain and suffix rules) becomes "pass when the
+  address is pinned": the sandbox's DNS interceptor adds every address it answered with to
+  the nft sets ``pf_pinned4``/``pf_pinned6`` (with the pin's lifetime as the element's
+  timeout) before the answer leaves, so a flow to a pinned address goes to the proxy, which
+  decides with the names. An address no name pinned cannot match an allow domain rule (it
+  needs a pin), and a deny domain rule can only deny it (by a revealed name), so for it the
+  prefilter goes on with the next rules: under a name-allow policy a connection to an
+  address never resolved is refused before the handshake. The default egress action closes
+  the list (deny: reject). ``complete`` is False only when :data:`MAX_CHECKS` cut it short.
 
-Before the rules come the gate's own certain denials: another sandbox's address (the pools,
-less this sandbox's gateway) and the addresses in no group. IPv6 destinations whose group
+Before the rules come the data path's own certain denials (:mod:`corral.policy.verdict`):
+DNS over TLS (TCP 853) while TLS interception is off, another sandbox's address (the pools,
+less this sandbox's gateway) and the addresses in no group. (Port 53 never reaches the
+prefilter: the firewall diverts it to the DNS interceptor first.) IPv6 destinations whose group
 depends on an embedded IPv4 address (``::ffff:0:0/96``, NAT64) are passed to the proxy.
 
 Groups become nft interval sets built here from the policy module's own range table
@@ -36,13 +44,15 @@ for :mod:`corral.net.firewall`. Pure: no I/O.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass
 
 from corral.config import PolicyAction, PolicyDirection, PolicyProtocol, PolicyRule
 from corral.config.values import DestinationKind, Group
+from corral.policy import verdict
 from corral.policy.describe import describe_rule
 from corral.policy.groups import EMBEDDING_V4, RANGES, HostAddresses
+from corral.policy.pins import MAX_PINS
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -58,10 +68,17 @@ MAX_CHECKS = 2000
 PROTOCOLS = ("tcp", "udp")
 _PROTOCOL_OF = {"tcp": PolicyProtocol.TCP, "udp": PolicyProtocol.UDP}
 
+#: Elements per pinned set at most: twice the PinSet's own bound, so the kernel set never
+#: refuses an address the PinSet holds (an element outlives its pin only by the set's GC lag).
+PINNED_SET_SIZE = 2 * MAX_PINS
+
 _MAX = {4: (1 << 32) - 1, 6: (1 << 128) - 1}
 _V6_DELEGATED = (*EMBEDDING_V4, "::ffff:0:0/96")
 
-OTHER_SANDBOX = "another sandbox's address is never reachable"
+OTHER_SANDBOX = verdict.OTHER_SANDBOX
+#: Names of the dynamic sets of pinned addresses, per family.
+PINNED_SETS = {4: "pinned4", 6: "pinned6"}
+PINNED_REASON = "pinned by the sandbox's DNS: the proxy decides with the names"
 NO_GROUP = "the address is in no group (unspecified/broadcast/reserved) and is always denied"
 
 
@@ -94,6 +111,11 @@ class Prefilter:
     sets: dict[str, tuple[int, Intervals]]
     complete: bool
     default_reject: bool
+
+    @property
+    def uses_pins(self) -> bool:
+        """Whether the checks consult the pinned sets (the DNS path must feed them)."""
+        return any(c.addresses in PINNED_SETS.values() for c in self.checks)
 
 
 # -- groups as intervals --------------------------------------------------------------------
@@ -174,6 +196,7 @@ def compile_prefilter(
     gateways: Sequence[IPAddress],
     ipv6: bool = True,
     max_checks: int = MAX_CHECKS,
+    tls_interception: bool = False,
 ) -> Prefilter:
     """The prefilter of an expanded rule list (``Policy.rules``, ``Policy.default_egress``,
     ``Policy.host``); ``pools`` and ``gateways`` as the gate has them."""
@@ -201,6 +224,11 @@ def compile_prefilter(
     checks: list[Check] = [
         Check(6, "delegated6", both, (), False, None, "embedded IPv4: the proxy decides")
     ]
+    if not tls_interception:
+        port = verdict.DOT_PORT
+        checks.append(Check(None, None, ("tcp",), ((port, port),), True, None, verdict.DOT_REFUSED))
+    for version in versions:
+        sets[PINNED_SETS[version]] = (version, ())
     for version in versions:
         checks.append(Check(version, f"pools{version}", both, (), True, None, OTHER_SANDBOX))
         checks.append(Check(version, _set_name(version, None), both, (), True, None, NO_GROUP))
@@ -214,13 +242,18 @@ def compile_prefilter(
         if not protocols:
             continue  # an ICMP-only rule never matches a TCP or UDP flow
         target = rule.target
-        if target.kind in (DestinationKind.DOMAIN, DestinationKind.SUFFIX):
-            complete = False
-            break
         reject = rule.action is PolicyAction.DENY
         reason = f"rule {index} ({describe_rule(rule)}) matched"
         new: list[Check] = []
-        if target.kind is DestinationKind.ANY:
+        if target.kind in (DestinationKind.DOMAIN, DestinationKind.SUFFIX):
+            for version in versions:
+                new.append(
+                    Check(
+                        version, PINNED_SETS[version], protocols, rule.port_ranges, False,
+                        index, PINNED_REASON,
+                    )  # fmt: skip
+                )
+        elif target.kind is DestinationKind.ANY:
             new.append(Check(None, None, protocols, rule.port_ranges, reject, index, reason))
         elif target.kind is DestinationKind.GROUP:
             for version in versions:
@@ -254,12 +287,22 @@ def compile_prefilter(
 # -- the reference reading ----------------------------------------------------------------------
 
 
+_PINNED = frozenset(PINNED_SETS.values())
+
+
 def _in(intervals: Intervals, value: int) -> bool:
     return any(lo <= value <= hi for lo, hi in intervals)
 
 
-def match(prefilter: Prefilter, protocol: str, address: IPAddress, port: int) -> int | None:
-    """Index of the check that decides a packet (as nft would), None when none does."""
+def match(
+    prefilter: Prefilter,
+    protocol: str,
+    address: IPAddress,
+    port: int,
+    pinned: Container[IPAddress] = frozenset(),
+) -> int | None:
+    """Index of the check that decides a packet (as nft would), None when none does;
+    ``pinned``: the addresses in the pinned sets."""
     version, value = address.version, int(address)
     for i, check in enumerate(prefilter.checks):
         if check.version is not None and check.version != version:
@@ -268,7 +311,10 @@ def match(prefilter: Prefilter, protocol: str, address: IPAddress, port: int) ->
             continue
         if check.ports and not any(lo <= port <= hi for lo, hi in check.ports):
             continue
-        if check.addresses is not None:
+        if check.addresses in _PINNED:
+            if address not in pinned:
+                continue
+        elif check.addresses is not None:
             set_version, intervals = prefilter.sets[check.addresses]
             if set_version != version or not _in(intervals, value):
                 continue
@@ -276,10 +322,16 @@ def match(prefilter: Prefilter, protocol: str, address: IPAddress, port: int) ->
     return None
 
 
-def evaluate(prefilter: Prefilter, protocol: str, address: IPAddress, port: int) -> bool:
+def evaluate(
+    prefilter: Prefilter,
+    protocol: str,
+    address: IPAddress,
+    port: int,
+    pinned: Container[IPAddress] = frozenset(),
+) -> bool:
     """True when the kernel rejects this flow (address as on the wire), False when it passes
-    it to the proxy."""
-    i = match(prefilter, protocol, address, port)
+    it to the proxy; ``pinned``: the addresses in the pinned sets."""
+    i = match(prefilter, protocol, address, port, pinned)
     if i is None:
         return prefilter.default_reject
     return prefilter.checks[i].reject
@@ -300,6 +352,11 @@ def render_sets(prefilter: Prefilter) -> list[str]:
         if name.startswith("r"):
             continue  # a rule's own CIDR: matched inline
         kind = "ipv4_addr" if version == 4 else "ipv6_addr"
+        if name in _PINNED:
+            # Fed by the DNS interceptor; elements expire with their pins. The size bounds
+            # the kernel's memory whatever the guest resolves (the PinSet evicts first).
+            out.append(f"  set pf_{name} {{ type {kind}; flags timeout; size {PINNED_SET_SIZE}; }}")
+            continue
         elements = ""
         if intervals:
             elements = (

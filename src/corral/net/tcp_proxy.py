@@ -6,11 +6,24 @@ destination the guest dialled (no SO_ORIGINAL_DST needed). Per connection:
 
 1. the peer must be the guest (the listener's address is a host address: any other local
    process could connect to it directly; it gets a reset);
-2. a ``max_connections`` slot is taken and the flow decided by the :class:`FlowGate`;
-   denied = the guest gets a reset (``ECONNREFUSED``);
-3. the upstream is dialled from the host netns, non-blocking, bounded by
+2. a ``max_connections`` slot is taken and the flow decided by the :class:`FlowGate` with
+   the names the sandbox's resolver pinned to the address; denied = the guest gets a reset;
+3. **the first-bytes stage** (the byte seam), only when the verdict says a name the
+   connection may reveal could change it (``wait_for_name``): the connection is *held*, its
+   first flight read (at most :data:`~corral.net.sniff.MAX_FIRST_FLIGHT` bytes, for at most
+   :data:`~corral.net.sniff.FIRST_FLIGHT_TIMEOUT` seconds) through the sans-I/O
+   :class:`~corral.net.sniff.FirstFlightReader` (TLS SNI, HTTP/1 Host, h2 ``:authority``),
+   and decided again with the revealed name. If the flow is already allowed by its pins the
+   upstream is dialled meanwhile, and an upstream that speaks first (SSH, SMTP banners)
+   ends the hold at once: server-first protocols never wait. A flow whose outcome no name
+   can change is dialled at once and never held;
+4. the upstream is dialled from the host netns, non-blocking, bounded by
    :data:`CONNECT_TIMEOUT`; failure or timeout = reset;
-4. bytes move both ways with splice (:mod:`corral.net.splice`).
+5. the held bytes are written upstream, then bytes move both ways with splice
+   (:mod:`corral.net.splice`).
+
+:meth:`TcpProxy._classified` is the one place where a held connection's fate is chosen
+(splice today; the TLS interceptor and the HTTP deny response plug in there).
 
 Everything runs as event-loop callbacks rather than tasks: at thousands of connections per
 second the cost of a task per connection is what decides the rate.
@@ -25,8 +38,10 @@ import ipaddress
 import logging
 import socket
 
-from corral.net.gate import FlowGate, IPAddress
+from corral.net.gate import FlowGate, FlowVerdict, IPAddress
+from corral.net.sniff import FIRST_FLIGHT_TIMEOUT, MAX_FIRST_FLIGHT, FirstFlightReader
 from corral.net.splice import PipePool, SplicedPair, reset
+from corral.policy.verdict import Revealed
 
 _log = logging.getLogger(__name__)
 
@@ -68,15 +83,44 @@ def transparent_listener(address: IPAddress, kind: int, port: int = 0) -> socket
 
 
 class _Dial:
-    """An accepted guest connection waiting for its upstream to connect."""
+    """An accepted guest connection waiting for its upstream to connect. ``pending``: bytes
+    of the guest's first flight to write upstream before splicing; ``held``: the hold this
+    dial was started early for (it is spliced only once the hold is decided)."""
 
-    __slots__ = ("guest", "proxy", "timer", "upstream")
+    __slots__ = ("connected", "guest", "held", "pending", "proxy", "timer", "upstream")
 
     def __init__(self, proxy: TcpProxy, guest: socket.socket, upstream: socket.socket) -> None:
         self.proxy = proxy
         self.guest = guest
         self.upstream = upstream
         self.timer: asyncio.TimerHandle | None = None
+        self.pending = b""
+        self.held: _Held | None = None
+        self.connected = False
+
+
+class _Held:
+    """A connection held for its first bytes (step 3 of the module docstring)."""
+
+    __slots__ = ("buf", "dial", "dst", "guest", "port", "reader", "source", "timer", "verdict")
+
+    def __init__(
+        self,
+        guest: socket.socket,
+        source: str,
+        dst: IPAddress,
+        port: int,
+        verdict: FlowVerdict,
+    ) -> None:
+        self.guest = guest
+        self.source = source
+        self.dst = dst
+        self.port = port
+        self.verdict = verdict
+        self.reader = FirstFlightReader()
+        self.buf = bytearray()
+        self.timer: asyncio.TimerHandle | None = None
+        self.dial: _Dial | None = None
 
 
 class TcpProxy:
@@ -90,10 +134,12 @@ class TcpProxy:
         *,
         connect_timeout: float = CONNECT_TIMEOUT,
         pipes: PipePool | None = None,
+        first_flight_timeout: float = FIRST_FLIGHT_TIMEOUT,
     ) -> None:
         self.gate = gate
         self.guests = frozenset(guests)
         self.connect_timeout = connect_timeout
+        self.first_flight_timeout = first_flight_timeout
         self.pipes = pipes or PipePool()
         self.listeners = [transparent_listener(a, socket.SOCK_STREAM) for a in listen]
         self.ports = {
@@ -102,6 +148,7 @@ class TcpProxy:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pairs: set[SplicedPair] = set()
         self._dials: set[_Dial] = set()
+        self._held: set[_Held] = set()
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -116,6 +163,8 @@ class TcpProxy:
             if loop is not None and sock.fileno() >= 0:
                 loop.remove_reader(sock.fileno())
             sock.close()
+        for held in list(self._held):
+            self._drop_held(held)
         for dial in list(self._dials):
             self._fail(dial, count=True)
         for pair in list(self._pairs):
@@ -124,7 +173,7 @@ class TcpProxy:
 
     @property
     def connections(self) -> int:
-        return len(self._pairs) + len(self._dials)
+        return len(self._pairs) + len(self._held) + sum(1 for d in self._dials if d.held is None)
 
     # -- accepting --------------------------------------------------------------------------
     def _accept(self, listener: socket.socket) -> None:
@@ -159,39 +208,73 @@ class TcpProxy:
         except BaseException:
             self.gate.release()
             raise
+        guest.setblocking(False)
+        if verdict.wait_for_name:
+            self._hold(guest, str(source), dst, port, verdict)
+            return
         if not verdict.allowed or verdict.target is None:
             self.gate.release()
             reset(guest)
             return
-        guest.setblocking(False)
-        target = verdict.target
+        self._dial(guest, verdict.target, port)
+
+    def _dial(
+        self, guest: socket.socket, target: IPAddress, port: int, held: _Held | None = None
+    ) -> _Dial | None:
+        """Start the upstream connection; None (the guest reset, the slot released) when
+        it cannot even start."""
         family = socket.AF_INET if target.version == 4 else socket.AF_INET6
         try:
             upstream = socket.socket(family, socket.SOCK_STREAM)
         except OSError:
-            self.gate.release()
-            reset(guest)
-            return
+            if held is None:
+                self.gate.release()
+                reset(guest)
+            return None
         upstream.setblocking(False)
         dial = _Dial(self, guest, upstream)
+        dial.held = held
         self._dials.add(dial)
         err = upstream.connect_ex((str(target), port))
         if err not in (0, errno.EINPROGRESS):
             self._fail(dial, count=True)
-            return
+            return None
         assert self._loop is not None
         self._loop.add_writer(upstream.fileno(), self._connected, dial)
         dial.timer = self._loop.call_later(self.connect_timeout, self._fail, dial, True)
+        return dial
 
     def _connected(self, dial: _Dial) -> None:
         assert self._loop is not None
         self._loop.remove_writer(dial.upstream.fileno())
         if dial.timer is not None:
             dial.timer.cancel()
+            dial.timer = None
         err = dial.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err != 0:
             self._fail(dial, count=True)
             return
+        dial.connected = True
+        if dial.held is not None:
+            # Dialled early for a held connection: an upstream that speaks first (a banner)
+            # ends the hold; otherwise the hold's decision splices it.
+            self._loop.add_reader(dial.upstream.fileno(), self._server_spoke, dial.held)
+            return
+        self._flush(dial)
+
+    def _flush(self, dial: _Dial) -> None:
+        """Write the held first flight upstream, then splice."""
+        assert self._loop is not None
+        while dial.pending:
+            try:
+                n = dial.upstream.send(dial.pending)
+            except (BlockingIOError, InterruptedError):
+                self._loop.add_writer(dial.upstream.fileno(), self._flush_more, dial)
+                return
+            except OSError:
+                self._fail(dial, count=True)
+                return
+            dial.pending = dial.pending[n:]
         self._dials.discard(dial)
         for s in (dial.guest, dial.upstream):
             with contextlib.suppress(OSError):
@@ -199,6 +282,11 @@ class TcpProxy:
         pair = SplicedPair(self._loop, dial.guest, dial.upstream, self.pipes, self._pair_closed)
         self._pairs.add(pair)
         pair.start()
+
+    def _flush_more(self, dial: _Dial) -> None:
+        assert self._loop is not None
+        self._loop.remove_writer(dial.upstream.fileno())
+        self._flush(dial)
 
     def _fail(self, dial: _Dial, count: bool) -> None:
         """Upstream refused, unreachable or timed out: the guest gets a reset."""
@@ -209,7 +297,14 @@ class TcpProxy:
             dial.timer.cancel()
         if self._loop is not None and dial.upstream.fileno() >= 0:
             self._loop.remove_writer(dial.upstream.fileno())
+            self._loop.remove_reader(dial.upstream.fileno())
         dial.upstream.close()
+        held = dial.held
+        if held is not None:
+            # The early dial of a held connection failed: the connection goes with it.
+            held.dial = None
+            self._drop_held(held, count=count)
+            return
         reset(dial.guest)
         if count:
             self.gate.release()
@@ -217,3 +312,112 @@ class TcpProxy:
     def _pair_closed(self, pair: SplicedPair) -> None:
         self._pairs.discard(pair)
         self.gate.release()
+
+    # -- the first-bytes stage --------------------------------------------------------------
+    def _hold(
+        self, guest: socket.socket, source: str, dst: IPAddress, port: int, verdict: FlowVerdict
+    ) -> None:
+        assert self._loop is not None
+        held = _Held(guest, source, dst, port, verdict)
+        self._held.add(held)
+        self._loop.add_reader(guest.fileno(), self._guest_spoke, held)
+        held.timer = self._loop.call_later(self.first_flight_timeout, self._hold_timed_out, held)
+        if verdict.allowed and verdict.target is not None:
+            held.dial = self._dial(guest, verdict.target, port, held)
+
+    def _guest_spoke(self, held: _Held) -> None:
+        if held not in self._held:
+            return
+        try:
+            data = held.guest.recv(MAX_FIRST_FLIGHT - len(held.buf))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop_held(held)  # reset by the guest: nothing to carry
+            return
+        if not data:
+            self._decide_held(held, eof=True)
+            return
+        held.buf += data
+        held.reader.feed(data)
+        if held.reader.result() is not None or len(held.buf) >= MAX_FIRST_FLIGHT:
+            self._decide_held(held)
+
+    def _server_spoke(self, held: _Held) -> None:
+        """The upstream sent bytes before the guest revealed anything: a server-first
+        protocol, which reveals no name. Decide with what the guest sent so far."""
+        if held in self._held:
+            self._decide_held(held)
+
+    def _hold_timed_out(self, held: _Held) -> None:
+        held.timer = None
+        if held in self._held:
+            self._decide_held(held)
+
+    def _decide_held(self, held: _Held, eof: bool = False) -> None:
+        assert self._loop is not None
+        self._end_hold(held)
+        found = held.reader.result()
+        if found is None:
+            found = held.reader.finish()
+        verdict = self.gate.egress(
+            "tcp",
+            held.source,
+            held.dst,
+            held.port,
+            revealed=Revealed(found.name, found.valid, found.raw_name),
+        )
+        self._classified(held, verdict, bytes(held.buf))
+
+    def _classified(self, held: _Held, verdict: FlowVerdict, first: bytes) -> None:
+        """The one place a held connection's fate is chosen, with its first flight."""
+        dial = held.dial
+        if not verdict.allowed or verdict.target is None:
+            if dial is not None:
+                self._dials.discard(dial)
+                self._close_dial_socket(dial)
+            reset(held.guest)
+            self.gate.release()
+            return
+        if dial is None:
+            dial = self._dial(held.guest, verdict.target, held.port)
+            if dial is None:
+                return
+            dial.pending = first
+            return  # _connected flushes and splices
+        dial.held = None
+        dial.pending = first
+        if dial.connected:
+            assert self._loop is not None
+            self._loop.remove_reader(dial.upstream.fileno())
+            self._flush(dial)
+        # else: still connecting; _connected will flush and splice
+
+    def _end_hold(self, held: _Held) -> None:
+        self._held.discard(held)
+        if held.timer is not None:
+            held.timer.cancel()
+            held.timer = None
+        if self._loop is not None and held.guest.fileno() >= 0:
+            self._loop.remove_reader(held.guest.fileno())
+
+    def _close_dial_socket(self, dial: _Dial) -> None:
+        if dial.timer is not None:
+            dial.timer.cancel()
+        if self._loop is not None and dial.upstream.fileno() >= 0:
+            self._loop.remove_writer(dial.upstream.fileno())
+            self._loop.remove_reader(dial.upstream.fileno())
+        reset(dial.upstream)
+
+    def _drop_held(self, held: _Held, count: bool = True) -> None:
+        """A held connection ends without being carried: the guest reset, the slot back."""
+        if held in self._held:
+            self._end_hold(held)
+        dial = held.dial
+        if dial is not None and dial in self._dials:
+            self._dials.discard(dial)
+            self._close_dial_socket(dial)
+        held.dial = None
+        reset(held.guest)
+        if count:
+            self.gate.release()

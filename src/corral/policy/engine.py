@@ -33,6 +33,7 @@ from corral.policy.matcher import (
     NO_MATCH,
     AddressIndex,
     BucketCache,
+    Ranges,
     Table,
     bucket_lookup,
     build_table,
@@ -48,6 +49,7 @@ _V4_ALL_ONES = 0xFFFFFFFF
 DNS_PORT = 53
 
 _DIRECTIONS = (PolicyDirection.EGRESS, PolicyDirection.INGRESS)
+_NAME_KINDS = (DestinationKind.DOMAIN, DestinationKind.SUFFIX)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +94,9 @@ class Policy:
         "_decisions",
         "_defaults",
         "_deny_domains",
+        "_deny_names",
         "_deny_suffixes",
+        "_names_rules",
         "_q_any",
         "_q_default",
         "_q_domains",
@@ -140,6 +144,23 @@ class Policy:
                 for p in PolicyProtocol
             }
         self._build_query_index(per_direction[PolicyDirection.EGRESS])
+        # For the first-bytes stage: which rules can a revealed name change the outcome by?
+        self._names_rules = frozenset(
+            i for i, r in enumerate(self.rules) if r.target.kind in _NAME_KINDS
+        )
+        self._deny_names: dict[PolicyDirection, dict[PolicyProtocol, tuple[tuple[int, Ranges], ...]]] = {
+            d: {
+                p: tuple(
+                    (i, r.port_ranges)
+                    for i, r in per_direction[d]
+                    if r.target.kind in _NAME_KINDS
+                    and r.action is PolicyAction.DENY
+                    and (not r.protocol_set or p in r.protocol_set)
+                )
+                for p in PolicyProtocol
+            }
+            for d in _DIRECTIONS
+        }
         # Rebind: allow rules count whatever their protocols/ports (they explicitly allow
         # the address for something); deny rules only when they deny it for everything.
         self._rebind = AddressIndex.build(
@@ -297,13 +318,12 @@ class Policy:
                             best = r
         return best
 
-    def decide_query(self, name: str, transport: PolicyProtocol = PolicyProtocol.UDP) -> Decision:
-        """A DNS question for ``name`` over ``transport`` (UDP or TCP, port 53).
-
-        deny_domains / deny_domain_suffixes first; then egress rules in order: domain and
-        suffix rules match on the name whatever their protocols and ports, ``*`` and
-        ``host`` rules when they admit the transport on port 53, address rules never.
-        """
+    def deny_listed(self, name: str) -> Decision | None:
+        """The deny decision of ``deny_domains`` / ``deny_domain_suffixes`` for ``name``
+        (exact name; a suffix's apex and every subdomain), or None. Used for DNS questions
+        and for the names connections reveal (SPEC 4)."""
+        if not self._deny_domains and not self._deny_suffixes:
+            return None
         q = normalize_name(name)
         i = self._deny_domains.get(q)
         if i is not None:
@@ -317,6 +337,49 @@ class Policy:
                         None,
                         f"{q} is refused by deny_domain_suffixes[{i}] ({s})",
                     )
+        return None
+
+    @property
+    def has_deny_lists(self) -> bool:
+        return bool(self._deny_domains or self._deny_suffixes)
+
+    def name_could_change(self, flow: Flow, decision: Decision) -> bool:
+        """Whether a name the connection has not revealed yet (``flow.sni`` None) could
+        change ``decision`` (what ``decide(flow)`` said with the pins alone).
+
+        True when the deciding rule is a domain/suffix rule (a revealed name that does not
+        match un-matches it), or when the flow is allowed and a deny domain/suffix rule that
+        admits its port comes before the deciding rule, or deny lists exist (a revealed name
+        alone can match those). A denial by any other rule or default cannot become an allow:
+        allow domain rules that did not match need a pinned name, which no revealed name
+        adds.
+        """
+        if decision.rule is not None and decision.rule in self._names_rules:
+            return True
+        if not decision.allowed:
+            return False
+        if self.has_deny_lists:
+            return True
+        bound = NO_MATCH if decision.rule is None else decision.rule
+        port = flow.port
+        for index, ranges in self._deny_names[flow.direction][flow.protocol]:
+            if index >= bound:
+                break
+            if not ranges or (port is not None and any(lo <= port <= hi for lo, hi in ranges)):
+                return True
+        return False
+
+    def decide_query(self, name: str, transport: PolicyProtocol = PolicyProtocol.UDP) -> Decision:
+        """A DNS question for ``name`` over ``transport`` (UDP or TCP, port 53).
+
+        deny_domains / deny_domain_suffixes first; then egress rules in order: domain and
+        suffix rules match on the name whatever their protocols and ports, ``*`` and
+        ``host`` rules when they admit the transport on port 53, address rules never.
+        """
+        denied = self.deny_listed(name)
+        if denied is not None:
+            return denied
+        q = normalize_name(name)
         best = self._q_any.get(transport, NO_MATCH)
         r = self._q_domains.get(q, NO_MATCH)
         if r < best:
