@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from test_net_datapath are parameters here)
 """Names on connections: the first-bytes stage of the TCP proxy, the pin set and the kernel's
 pinned-address sets, in the hermetic world.
 

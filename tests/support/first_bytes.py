@@ -10,6 +10,7 @@ when the server (an echo server) sent it back, else ``ERR <errno name or timeout
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 import ssl
@@ -22,10 +23,8 @@ def client_hello(name: str | None) -> bytes:
     ctx.verify_mode = ssl.CERT_NONE
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     obj = ctx.wrap_bio(incoming, outgoing, server_hostname=name)
-    try:
+    with contextlib.suppress(ssl.SSLWantReadError):
         obj.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
     return outgoing.read()
 
 

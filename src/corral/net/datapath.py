@@ -297,29 +297,24 @@ class SandboxNetwork:
         guest, so its first SYN to them reaches the proxy instead of a reject. The element's
         timeout is never shorter than the pin (re-adding an element updates its timeout on
         this kernel; see docs/network.md), so the kernel never refuses what the proxy would
-        allow. One in-process libnftables transaction per answer."""
+        allow. One netlink transaction per family and answer (``nftables.add_elements``)."""
         sets = self._pinned_sets
         if sets is None or not entries or self._closed:
             return
-        by_family: dict[int, list[str]] = {4: [], 6: []}
+        by_family: dict[int, list[tuple[IPAddress, int]]] = {4: [], 6: []}
         for address, seconds in entries:
             address = unmap(address)
-            if address.version == 6 and 6 not in sets:
-                continue
             ms = max(1000, math.ceil(seconds * 1000) + PINNED_SET_SLACK_MS)
-            by_family[address.version].append(f"{address} timeout {ms}ms")
-        commands = "".join(
-            f"add element inet {self.names.table} {sets[v]} {{ {', '.join(items)} }}\n"
-            for v, items in by_family.items()
-            if items and v in sets
-        )
-        if commands:
+            by_family[address.version].append((address, ms))
+        for version, items in by_family.items():
+            if not items or version not in sets:
+                continue
             try:
-                nftables.run(commands)
+                nftables.add_elements(self.names.table, sets[version], items)
             except NetworkError as exc:
                 # The proxy still decides these flows correctly: it resets after the
                 # handshake what the kernel would have refused before it.
-                _log.warning("pinning %d addresses in nftables failed: %s", len(entries), exc)
+                _log.warning("pinning %d addresses in nftables failed: %s", len(items), exc)
 
     # -- step 3 -----------------------------------------------------------------------------
     async def close(self) -> None:
