@@ -426,6 +426,17 @@ def test_secret_entry_defaults() -> None:
         False,
     )
     assert "ghp_realvalue" not in repr(s)
+    assert s.allow_placeholder_for == ()
+
+
+def test_secret_allow_placeholder_for_is_normalised() -> None:
+    s = SecretEntry(
+        env_var="T",
+        value="v",
+        allowed_hosts=["a.com"],
+        allow_placeholder_for=["API.OpenAI.com.", "*.Anthropic.com"],
+    )
+    assert s.allow_placeholder_for == ("api.openai.com", "*.anthropic.com")
 
 
 @pytest.mark.parametrize(
@@ -456,6 +467,24 @@ def test_secret_entry_defaults() -> None:
         (
             {"env_var": "T", "value": "v", "allowed_hosts": ["a.com"], "inject_body": "yes"},
             "inject_body",
+        ),
+        (
+            {
+                "env_var": "T",
+                "value": "v",
+                "allowed_hosts": ["a.com"],
+                "allow_placeholder_for": ["ok.com", "bad host"],
+            },
+            "allow_placeholder_for[1]",
+        ),
+        (
+            {
+                "env_var": "T",
+                "value": "v",
+                "allowed_hosts": ["a.com"],
+                "allow_placeholder_for": "llm.com",
+            },
+            "allow_placeholder_for",
         ),
     ],
 )

@@ -186,8 +186,13 @@ def test_secret_entry_round_trips() -> None:
         allowed_hosts=["*.example.com"],
         on_violation="block",
         inject_query=True,
+        allow_placeholder_for=["api.llm.example", "*.llm.example"],
     )
     assert SecretEntry.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+    assert s.to_dict()["allow_placeholder_for"] == ["api.llm.example", "*.llm.example"]
+    plain = SecretEntry(env_var="T", value="v", allowed_hosts=["a.example"])
+    assert "allow_placeholder_for" not in plain.to_dict()
+    assert SecretEntry.from_dict(plain.to_dict()) == plain
 
 
 # -- property: any config the strategies build survives the wire ----------------------------

@@ -388,7 +388,10 @@ class SecretEntry:
     The guest sees ``placeholder`` in ``env_var``; on intercepted traffic to one of
     ``allowed_hosts`` (exact names or ``*.suffix``) the placeholder is replaced by the value.
     The value is given directly (``value``) or read from the host's environment variable
-    ``from_env`` when the sandbox is created.
+    ``from_env`` when the sandbox is created. ``allow_placeholder_for`` names hosts (same
+    patterns) that may receive the placeholder unchanged: it is inert there (no value is put
+    in) and audited, for hosts that legitimately see the agent's text, such as an LLM API
+    reading a transcript that mentions ``$GITHUB_TOKEN``.
     """
 
     PLACEHOLDER_PREFIX: ClassVar[str] = "$CORRAL_SECRET_"
@@ -403,6 +406,7 @@ class SecretEntry:
     inject_basic_auth: bool = True
     inject_query: bool = False
     inject_body: bool = False
+    allow_placeholder_for: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.env_var, str) or not _ENV_VAR_RE.match(self.env_var):
@@ -433,6 +437,14 @@ class SecretEntry:
             "allowed_hosts",
             tuple(parse_host_pattern(h, f"allowed_hosts[{i}]") for i, h in enumerate(hosts)),
         )
+        _set(
+            self,
+            "allow_placeholder_for",
+            tuple(
+                parse_host_pattern(h, f"allow_placeholder_for[{i}]")
+                for i, h in enumerate(_tuple(self.allow_placeholder_for, "allow_placeholder_for"))
+            ),
+        )
         if self.on_violation is not None:
             _set(
                 self,
@@ -462,6 +474,8 @@ class SecretEntry:
             out["on_violation"] = str(self.on_violation)
         for name in ("inject_headers", "inject_basic_auth", "inject_query", "inject_body"):
             out[name] = getattr(self, name)
+        if self.allow_placeholder_for:
+            out["allow_placeholder_for"] = list(self.allow_placeholder_for)
         return out
 
     @classmethod
