@@ -45,6 +45,9 @@ DEFAULT_IPV4_POOL = "172.16.0.0/12"
 DEFAULT_IPV6_POOL = "fd42:6d73:62::/48"
 #: Concurrent TCP connections plus UDP flows per sandbox when max_connections is unset.
 DEFAULT_MAX_CONNECTIONS = 256
+#: The DNS port (RFC 1035, UDP and TCP): what the firewall diverts to the DNS interceptor,
+#: what a nameserver without a port is asked on, and the port a query is decided on.
+DNS_PORT = 53
 #: Per-attempt upstream DNS timeout when query_timeout_ms is unset.
 DEFAULT_DNS_QUERY_TIMEOUT_MS = 5000
 #: An upstream DNS attempt longer than this is a configuration mistake, not patience.
@@ -225,7 +228,7 @@ class DNSConfig:
         _set(self, "rebind_protection", _opt_bool(self.rebind_protection, "rebind_protection"))
         servers = _tuple(self.nameservers, "nameservers")
         for i, ns in enumerate(servers):
-            parse_hostport(ns, f"nameservers[{i}]", default_port=53)
+            parse_hostport(ns, f"nameservers[{i}]", default_port=DNS_PORT)
         _set(self, "nameservers", tuple(s.strip() for s in servers))
         t = self.query_timeout_ms
         if t is not None and (
@@ -245,7 +248,9 @@ class DNSConfig:
 
     def upstreams(self) -> list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]]:
         """The nameservers as (address, port), in order."""
-        return [parse_hostport(ns, "nameservers", default_port=53) for ns in self.nameservers]
+        return [
+            parse_hostport(ns, "nameservers", default_port=DNS_PORT) for ns in self.nameservers
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -34,6 +34,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from corral.config import DNS_PORT
 from corral.errors import NetworkError
 from corral.net import nftables
 from corral.net.prefilter import Prefilter, render_chain, render_sets
@@ -57,8 +58,6 @@ PREROUTING_PRIORITY = -150
 #: Neighbour discovery messages a guest legitimately sends on its link.
 _ND_TYPES = "{ nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert }"
 
-#: DNS port (UDP and TCP): diverted to the DNS ports, which may differ from the proxy's.
-DNS_PORT = 53
 
 
 @dataclass(frozen=True, slots=True)

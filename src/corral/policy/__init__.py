@@ -9,8 +9,9 @@ first-match-wins matcher, DNS-query and rebind decisions, lint. Pure: no I/O.
 docs/policy.md records the semantic decisions and the matcher's design.
 """
 
+from corral.config import DNS_PORT
 from corral.policy.describe import describe_rule, rule_shorthand
-from corral.policy.engine import DNS_PORT, Decision, Flow, Policy
+from corral.policy.engine import Decision, Flow, Policy
 from corral.policy.groups import HostAddresses, classify, host_address_set
 from corral.policy.names import normalize_name
 from corral.policy.presets import DNS_RULE, defaults, expand, preset_rules

@@ -26,6 +26,7 @@ from corral.config import (
     PolicyProtocol,
     PolicyRule,
 )
+from corral.config.network import DNS_PORT as DNS_PORT  # re-exported (the query's port)
 from corral.config.values import DestinationKind, Group, IPAddress
 from corral.policy.describe import describe_rule
 from corral.policy.groups import HostAddresses, classify_int
@@ -45,8 +46,6 @@ from corral.policy.presets import defaults, expand
 _V4 = ipaddress.IPv4Address
 _MAPPED_PREFIX = 0xFFFF
 _V4_ALL_ONES = 0xFFFFFFFF
-#: The port DNS queries arrive on; "*" and "host" rules must admit it to match a query.
-DNS_PORT = 53
 
 _DIRECTIONS = (PolicyDirection.EGRESS, PolicyDirection.INGRESS)
 _NAME_KINDS = (DestinationKind.DOMAIN, DestinationKind.SUFFIX)

@@ -35,6 +35,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from corral.config import (
+    DNS_PORT,
     NetworkConfig,
     NetworkPolicyPreset,
     PolicyAction,
@@ -44,7 +45,6 @@ from corral.config import (
 )
 from corral.config.values import DestinationKind, Group
 from corral.policy.describe import describe_rule
-from corral.policy.engine import DNS_PORT
 from corral.policy.groups import network_group
 from corral.policy.names import name_suffixes, suffix_matches
 from corral.policy.presets import expand, preset_rules

@@ -21,7 +21,7 @@ config wins over the preset's.
 
 from __future__ import annotations
 
-from corral.config import NetworkConfig, NetworkPolicyPreset, PolicyAction, PolicyRule
+from corral.config import DNS_PORT, NetworkConfig, NetworkPolicyPreset, PolicyAction, PolicyRule
 
 #: The sandbox's own resolver, as a rule (see the module docstring).
 DNS_RULE = PolicyRule(
@@ -29,7 +29,7 @@ DNS_RULE = PolicyRule(
     direction="egress",
     destination="host",
     protocols=["udp", "tcp"],
-    ports=["53"],
+    ports=[str(DNS_PORT)],
 )
 _PUBLIC = PolicyRule(action=PolicyAction.ALLOW, direction="egress", destination="public")
 _PRIVATE = PolicyRule(action=PolicyAction.ALLOW, direction="egress", destination="private")

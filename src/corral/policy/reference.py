@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from corral.config import NetworkConfig, PolicyAction, PolicyProtocol, PolicyRule
+from corral.config import DNS_PORT, NetworkConfig, PolicyAction, PolicyProtocol, PolicyRule
 from corral.config.values import DestinationKind, IPAddress, unmap
-from corral.policy.engine import DNS_PORT, Flow
+from corral.policy.engine import Flow
 from corral.policy.groups import classify
 from corral.policy.names import deny_suffix_matches, normalize_name, suffix_matches
 from corral.policy.presets import defaults, expand
