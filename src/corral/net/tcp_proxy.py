@@ -358,15 +358,19 @@ class TcpProxy:
         assert self._loop is not None
         self._end_hold(held)
         found = held.reader.result()
-        if found is None:
+        if found is not None:
+            revealed = Revealed(found.name, found.valid, found.raw_name)
+        elif eof:
+            # The guest half-closed before its first flight said everything: it can send
+            # nothing more, so what it sent is all it will ever reveal, and an unfinished
+            # head names no host (no later byte can name one either).
+            revealed = Revealed(None)
+        else:
+            # Cut off by the time or byte bound: the rest could still name a host, so an
+            # unfinished ClientHello or head is not "no name" (finish() says invalid).
             found = held.reader.finish()
-        verdict = self.gate.egress(
-            "tcp",
-            held.source,
-            held.dst,
-            held.port,
-            revealed=Revealed(found.name, found.valid, found.raw_name),
-        )
+            revealed = Revealed(found.name, found.valid, found.raw_name)
+        verdict = self.gate.egress("tcp", held.source, held.dst, held.port, revealed=revealed)
         self._classified(held, verdict, bytes(held.buf))
 
     def _classified(self, held: _Held, verdict: FlowVerdict, first: bytes) -> None:
