@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from corral.config import PolicyDirection, PolicyProtocol
 from corral.config.values import IPAddress
+from corral.config.values import unmap as unmap  # re-exported: gate, datapath
 from corral.policy.engine import DNS_PORT, Flow, Policy
 from corral.policy.names import normalize_name
 
@@ -59,13 +60,6 @@ _TCP = PolicyProtocol.TCP
 _UDP = PolicyProtocol.UDP
 _EGRESS = PolicyDirection.EGRESS
 _INGRESS = PolicyDirection.INGRESS
-
-
-def unmap(addr: IPAddress) -> IPAddress:
-    """An IPv4-mapped IPv6 address as its IPv4 address (SPEC 4), anything else unchanged."""
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
 
 
 @dataclass(frozen=True, slots=True)
