@@ -13,12 +13,22 @@ bypass a filter written for x86_64 numbers.
 
 from __future__ import annotations
 
+import ctypes.util
 import errno
 import tempfile
 
-import pyseccomp
-
 from corral.runtime import syscalls
+
+#: Sonames pyseccomp looks up at import. It calls ``ctypes.util.find_library``, which runs
+#: ``ldconfig -p`` in a subprocess for each (two processes, ~10 ms each, in every fork server's
+#: start); for these two the answer is fixed (Debian's libc6 and libseccomp2).
+_SONAMES = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}
+_find_library = ctypes.util.find_library
+ctypes.util.find_library = lambda name: _SONAMES.get(name) or _find_library(name)
+try:
+    import pyseccomp
+finally:
+    ctypes.util.find_library = _find_library
 
 #: Syscalls refused outright, and why.
 DENIED: dict[str, str] = {
