@@ -1,0 +1,650 @@
+"""The DNS decisions of one sandbox, with no I/O: :class:`SandboxResolver`.
+
+The asyncio shell (:mod:`corral.net.dns.interceptor`) hands it every guest query and every
+upstream datagram and does what the returned :class:`Step` says: call ``on_pinned`` with
+``pinned`` (the pins are already in the PinSet), write ``events`` to the audit log, send
+``replies`` to the guest, start ``attempts`` toward upstream resolvers (and call
+:meth:`SandboxResolver.upstream_failed` when one times out). Clock and randomness are
+injected, so every case is a unit test (``tests/unit/test_dns_resolver.py``).
+
+Per query, in order (SPEC 4 "DNS"):
+
+1. parse (:func:`corral.net.dns.wire.parse_query`): garbage gets FORMERR when it has a
+   header, nothing otherwise; several questions FORMERR; zone transfers NOTIMP;
+2. ``host.corral.internal`` / ``host.microsandbox.internal``: the gateway addresses;
+3. the policy: ``Policy.decide_query(name, transport)``; refused = NXDOMAIN with no records,
+   never asked upstream, audited;
+4. AAAA in a sandbox without IPv6: an empty NOERROR;
+5. the sandbox's cache; a failure seen in the last second (RFC 9520); a query for the same
+   question already in flight (the guest's retry joins it);
+6. upstream: the question alone, rebuilt (fresh random ID, corral's own EDNS0 OPT with no
+   options, a fresh socket per try), each resolver in order, each try bounded by
+   ``query_timeout``; TC from upstream = the same resolver again over TCP within the same
+   try; SERVFAIL/REFUSED/NOTIMP/FORMERR or garbage with our ID = the next resolver; answers
+   with another ID or question are ignored (spoofing); all failed = SERVFAIL;
+7. the answer: only the CNAME chain from the question (at most :data:`MAX_CNAME_CHAIN`,
+   loops = SERVFAIL), the final RRset and, for negative answers, the zone's SOA (RFC 2308);
+   additional and other authority records are dropped. A chain through a name on a deny
+   list or a deny domain rule is NXDOMAIN. Rebind protection removes A/AAAA records in
+   private, loopback, link-local and metadata ranges (and the unspecified address) unless
+   ``Policy.rebind_allowed`` says the policy allows that address; nothing left = NXDOMAIN;
+8. every A/AAAA answer given to the guest is pinned (every name of the chain -> every
+   address) *before* its reply is returned, then cached by its TTL.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import struct
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+
+from corral.config import DestinationKind, Group, PolicyAction, PolicyProtocol
+from corral.config.values import IPAddress
+from corral.net.dns import wire
+from corral.net.dns.cache import (
+    MAX_CACHE_TTL,
+    MAX_NEGATIVE_TTL,
+    AnswerCache,
+    CachedAnswer,
+    CacheKey,
+)
+from corral.net.dns.wire import Query, QueryError, Template, Unanswerable
+from corral.policy import Policy, classify
+from corral.policy.pins import PinSet
+
+Transport = Literal["udp", "tcp"]
+
+#: Names that resolve to the gateway inside the sandbox (SPEC: reaching the host).
+HOST_NAMES = ("host.corral.internal", "host.microsandbox.internal")
+
+#: TTL of the host names' answers. The gateway never changes while the sandbox lives; a
+#: minute keeps a guest's own cache from asking every time without pinning anything for long.
+HOST_NAME_TTL = 60
+
+#: Longest CNAME chain followed in an answer. Unbound gives up after 11 restarts
+#: (``MAX_RESTART_COUNT``), BIND after 11 too (``max-query-restarts`` default, 9.18); a
+#: legitimate chain has two or three links (CDNs). Longer = SERVFAIL, like theirs.
+MAX_CNAME_CHAIN = 11
+
+#: Addresses given to the guest (and pinned) per answer at most; the rest of a huge RRset is
+#: dropped. glibc's resolver keeps at most 35 addresses per answer (MAXADDRS), musl 48; 256
+#: leaves every real client its full choice and bounds the pin churn of one query.
+MAX_ADDRESSES_PER_ANSWER = 256
+
+#: Distinct questions waiting for upstream at once, per sandbox. dnsmasq forwards at most
+#: 150 concurrently (``dns-forward-max``), Unbound serves 1024 per thread
+#: (``num-queries-per-thread``) for a whole network; one sandbox waiting on 128 different
+#: names has a bug or is scanning. Past it a new question gets SERVFAIL at once.
+MAX_INFLIGHT = 128
+
+#: Guest queries joined to one in-flight question (retries, parallel lookups of one name).
+#: Past it, SERVFAIL: a guest cannot make one slow name hold unbounded state.
+MAX_WAITERS = 32
+
+#: Queries per second a sandbox may send (token bucket; the burst is one second's worth).
+#: AWS's VPC resolver allows 1024 packets per second per network interface, Huawei Cloud
+#: 2000 per second per ECS; 2048 covers a parallel build resolving its dependencies, and keeps
+#: a storm's cost to a few percent of one core. Beyond it the shell stops reading, so the
+#: kernel drops the excess for free (UDP) or TCP applies back-pressure.
+MAX_QUERIES_PER_SECOND = 2048
+
+#: Audit events the interceptor writes per second at most; the next event after a quiet
+#: second says how many were not written. A guest trying 10,000 refused names a second for
+#: exfiltration is visible at this rate without the audit file becoming a denial of service.
+MAX_EVENTS_PER_SECOND = 100
+
+#: How long the failure of a question is remembered. RFC 9520 3.2: resolvers MUST cache
+#: resolution failures for at least one second (and at most five minutes). One second absorbs
+#: a guest's retries of a dead name without making a fixed upstream look broken for long.
+FAILURE_CACHE_SECONDS = 1.0
+
+#: Upstream rcodes after which the next resolver is tried (glibc's stub does the same for
+#: SERVFAIL, NOTIMP and REFUSED; FORMERR means this resolver did not understand the query).
+_TRY_NEXT = frozenset({wire.SERVFAIL, wire.NOTIMP, 5, wire.FORMERR})
+
+_REBIND_GROUPS = frozenset({Group.METADATA, Group.LOOPBACK, Group.PRIVATE, Group.LINK_LOCAL})
+_PROTOCOL = {"udp": PolicyProtocol.UDP, "tcp": PolicyProtocol.TCP}
+_HEADER = struct.Struct("!6H")
+
+
+@dataclass(frozen=True, slots=True)
+class QueryEvent:
+    """An audit event about one query (the shell turns it into an AuditEvent)."""
+
+    action: str  # allow | deny
+    rule: int | None
+    reason: str
+    name: str
+    transport: Transport
+    source: str
+    destination: str
+
+
+@dataclass(eq=False, slots=True)
+class Attempt:
+    """One message to one upstream resolver; compared by identity."""
+
+    key: CacheKey
+    upstream: int  # index into the resolver list
+    id: int
+    wire: bytes
+    tcp: bool
+    deadline: float
+
+
+@dataclass(slots=True)
+class Step:
+    """What the shell does next, in this order: on_pinned(pinned), audit events, replies,
+    attempts. ``silent``: the query this step answers gets no reply, ever."""
+
+    replies: list[tuple[Hashable, bytes]] = field(default_factory=list)
+    attempts: list[Attempt] = field(default_factory=list)
+    pinned: list[tuple[IPAddress, float]] = field(default_factory=list)
+    events: list[QueryEvent] = field(default_factory=list)
+    silent: bool = False
+
+
+@dataclass(slots=True)
+class _Waiter:
+    query: Query
+    client: Hashable
+    transport: Transport
+    source: str
+    destination: str
+
+
+@dataclass(slots=True)
+class _Pending:
+    key: CacheKey
+    qname: dns.name.Name
+    name: str
+    waiters: list[_Waiter]
+    upstream: int = 0
+    attempt: Attempt | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Digest:
+    """An upstream answer reduced to what the guest gets."""
+
+    template: Template
+    cache_ttl: int
+    names: tuple[str, ...] = ()
+    addresses: tuple[IPAddress, ...] = ()
+    pin_ttl: float = 0.0
+    events: tuple[tuple[str, str], ...] = ()  # (name, reason) denials to audit
+
+
+class _Failure(Exception):
+    """The upstream's answer cannot be used: SERVFAIL to the guest."""
+
+
+class TokenBucket:
+    """Queries per second of one sandbox (:data:`MAX_QUERIES_PER_SECOND`)."""
+
+    __slots__ = ("_at", "_clock", "_tokens", "rate")
+
+    def __init__(self, rate: float, clock: Callable[[], float]) -> None:
+        self.rate = rate
+        self._clock = clock
+        self._tokens = rate
+        self._at = clock()
+
+    def take(self) -> bool:
+        now = self._clock()
+        self._tokens = min(self.rate, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+    def wait(self) -> float:
+        """Seconds until one token is there again."""
+        return max(0.0, (1.0 - self._tokens) / self.rate)
+
+
+def name_text(name: dns.name.Name) -> str:
+    """A dnspython name in the text form guest questions get (:func:`wire.name_text`)."""
+    return wire.name_text(
+        name.labels[:-1] if name.labels and name.labels[-1] == b"" else name.labels
+    )
+
+
+class SandboxResolver:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        policy: Policy,
+        pins: PinSet,
+        gateways: Sequence[IPAddress],
+        ipv6: bool,
+        upstreams: int,
+        query_timeout: float,
+        rebind_protection: bool | None = None,
+        log_allowed: bool = False,
+        clock: Callable[[], float],
+        rng: random.Random | None = None,
+        max_queries_per_second: float = MAX_QUERIES_PER_SECOND,
+    ) -> None:
+        self.policy = policy
+        self.pins = pins
+        self.ipv6 = ipv6
+        self.upstreams = upstreams
+        self.query_timeout = query_timeout
+        self.rebind_protection = (
+            policy.config.effective_rebind_protection
+            if rebind_protection is None
+            else rebind_protection
+        )
+        self.log_allowed = log_allowed
+        self._clock = clock
+        self._rng = rng or random.SystemRandom()
+        self.cache = AnswerCache()
+        self.bucket = TokenBucket(max_queries_per_second, clock)
+        self._pending: dict[CacheKey, _Pending] = {}
+        self._failures: dict[CacheKey, float] = {}
+        self._events_window = 0.0
+        self._events_written = 0
+        self._events_suppressed = 0
+        self._host: dict[
+            bytes, tuple[list[tuple[int, int, bytes]], list[tuple[int, int, bytes]]]
+        ] = {}
+        v4 = [(wire.TYPE_A, HOST_NAME_TTL, g.packed) for g in gateways if g.version == 4]
+        v6 = [(wire.TYPE_AAAA, HOST_NAME_TTL, g.packed) for g in gateways if g.version == 6]
+        self._gateways = tuple(gateways)
+        for host_name in HOST_NAMES:
+            key = b"".join(bytes([len(p)]) + p.encode() for p in host_name.split(".")) + b"\0"
+            self._host[key] = (v4, v6 if ipv6 else [])
+
+    @property
+    def inflight(self) -> int:
+        return len(self._pending)
+
+    def set_policy(self, policy: Policy) -> None:
+        """A live policy update: answers cached under the old policy's rebind view go."""
+        self.policy = policy
+        self.rebind_protection = policy.config.effective_rebind_protection
+        self.cache.clear()
+        self._failures.clear()
+
+    def sweep(self) -> None:
+        """Periodic: expired cache entries, failure memory and pins."""
+        now = self._clock()
+        self.cache.expire(now)
+        for key in [k for k, t in self._failures.items() if t <= now]:
+            del self._failures[key]
+        self.pins.expire()
+
+    # -- guest queries -----------------------------------------------------------------------
+    def query(
+        self, data: bytes, transport: Transport, client: Hashable, source: str, destination: str
+    ) -> Step:
+        """One query from the guest (a UDP datagram or one TCP message)."""
+        try:
+            q = wire.parse_query(data)
+        except Unanswerable:
+            return Step(silent=True)
+        except QueryError as exc:
+            return Step(replies=[(client, exc.response())])
+        now = self._clock()
+        host = self._host.get(q.key_name)
+        if host is not None:
+            return self._host_answer(q, host, transport, client, now)
+        decision = self.policy.decide_query(q.name, _PROTOCOL[transport])
+        step = Step()
+        if not decision.allowed:
+            self._event(
+                step, "deny", decision.rule, decision.reason, q.name, transport, source, destination
+            )
+            step.replies.append((client, wire.question_response(q, wire.NXDOMAIN)))
+            return step
+        if self.log_allowed:
+            self._event(
+                step,
+                "allow",
+                decision.rule,
+                decision.reason,
+                q.name,
+                transport,
+                source,
+                destination,
+            )
+        if q.qtype == wire.TYPE_AAAA and not self.ipv6:
+            step.replies.append((client, wire.question_response(q, wire.NOERROR)))
+            return step
+        key: CacheKey = (q.key_name, q.qtype)
+        cached = self.cache.get(key, now)
+        if cached is not None:
+            if cached.addresses:
+                left = cached.pin_ttl - (now - cached.template.created)
+                step.pinned = self.pins.add(cached.names, cached.addresses, left)
+            step.replies.append((client, self._render(cached.template, q, transport, now)))
+            return step
+        failed = self._failures.get(key)
+        if failed is not None:
+            if failed > now:
+                step.replies.append((client, wire.question_response(q, wire.SERVFAIL)))
+                return step
+            del self._failures[key]
+        waiter = _Waiter(q, client, transport, source, destination)
+        pending = self._pending.get(key)
+        if pending is not None:
+            if len(pending.waiters) >= MAX_WAITERS:
+                step.replies.append((client, wire.question_response(q, wire.SERVFAIL)))
+            else:
+                pending.waiters.append(waiter)
+            return step
+        if len(self._pending) >= MAX_INFLIGHT or self.upstreams == 0:
+            step.replies.append((client, wire.question_response(q, wire.SERVFAIL)))
+            return step
+        qname = dns.name.from_wire(q.key_name, 0)[0]
+        pending = _Pending(key, qname, q.name, [waiter])
+        self._pending[key] = pending
+        step.attempts.append(
+            self._attempt(pending, 0, tcp=False, deadline=now + self.query_timeout)
+        )
+        return step
+
+    def _render(self, template: Template, q: Query, transport: Transport, now: float) -> bytes:
+        limit = wire.udp_limit(q) if transport == "udp" else None
+        out, _truncated = wire.render(template, q, now, limit)
+        return out
+
+    def _host_answer(
+        self,
+        q: Query,
+        host: tuple[list[tuple[int, int, bytes]], list[tuple[int, int, bytes]]],
+        transport: Transport,
+        client: Hashable,
+        now: float,
+    ) -> Step:
+        v4, v6 = host
+        records = v4 if q.qtype == wire.TYPE_A else v6 if q.qtype == wire.TYPE_AAAA else []
+        template = wire.synthetic_template(q.key_name, q.qtype, wire.NOERROR, records, now)
+        step = Step()
+        if records:
+            addresses = [
+                g for g in self._gateways if g.version == (4 if q.qtype == wire.TYPE_A else 6)
+            ]
+            step.pinned = self.pins.add([q.name], addresses, HOST_NAME_TTL)
+        step.replies.append((client, self._render(template, q, transport, now)))
+        return step
+
+    # -- upstream ----------------------------------------------------------------------------
+    def _attempt(self, pending: _Pending, upstream: int, *, tcp: bool, deadline: float) -> Attempt:
+        qid = self._rng.getrandbits(16)
+        qname_wire, qtype = pending.key
+        message = (
+            _HEADER.pack(qid, 0x0100, 1, 0, 0, 1)  # RD; one question; our OPT
+            + qname_wire
+            + struct.pack("!HH", qtype, wire.CLASS_IN)
+            + wire.OPT_RR
+        )
+        attempt = Attempt(pending.key, upstream, qid, message, tcp, deadline)
+        pending.upstream = upstream
+        pending.attempt = attempt
+        return attempt
+
+    def is_current(self, attempt: Attempt) -> bool:
+        """Whether ``attempt`` is still the try its question waits for (else the shell
+        closes its socket)."""
+        return self._current(attempt) is not None
+
+    def _current(self, attempt: Attempt) -> _Pending | None:
+        pending = self._pending.get(attempt.key)
+        if pending is None or pending.attempt is not attempt:
+            return None  # an answer or a timeout of a try that is over
+        return pending
+
+    def upstream_reply(self, attempt: Attempt, data: bytes) -> Step:
+        """A message that arrived on ``attempt``'s socket (the kernel already matched the
+        source: the socket is connected to the resolver)."""
+        pending = self._current(attempt)
+        if pending is None or len(data) < 12:
+            return Step()
+        if struct.unpack_from("!H", data)[0] != attempt.id:
+            return Step()  # not the answer to this try: ignored, the try goes on
+        try:
+            msg = dns.message.from_wire(data)
+        except Exception:  # any garbage under our ID: this resolver failed
+            return self.upstream_failed(attempt, "an unreadable answer")
+        if (
+            not msg.flags & dns.flags.QR
+            or msg.opcode() != 0
+            or len(msg.question) != 1
+            or msg.question[0].name != pending.qname
+            or msg.question[0].rdtype != attempt.key[1]
+            or msg.question[0].rdclass != dns.rdataclass.IN
+        ):
+            return Step()  # another question: spoofed or confused, ignored
+        if msg.flags & dns.flags.TC and not attempt.tcp:
+            retry = self._attempt(pending, attempt.upstream, tcp=True, deadline=attempt.deadline)
+            return Step(attempts=[retry])
+        rcode = msg.rcode()
+        if rcode in _TRY_NEXT:
+            return self.upstream_failed(attempt, f"rcode {dns.rcode.to_text(rcode)}")
+        now = self._clock()
+        try:
+            digest = self._digest(pending, msg, now)
+        except _Failure:
+            return self._finish_failure(pending, now)
+        return self._finish(pending, digest, now)
+
+    def upstream_failed(self, attempt: Attempt, reason: str) -> Step:
+        """``attempt`` timed out or its transport failed: the next resolver, or SERVFAIL."""
+        pending = self._current(attempt)
+        if pending is None:
+            return Step()
+        now = self._clock()
+        nxt = attempt.upstream + 1
+        if nxt < self.upstreams:
+            return Step(
+                attempts=[self._attempt(pending, nxt, tcp=False, deadline=now + self.query_timeout)]
+            )
+        return self._finish_failure(pending, now)
+
+    def _finish_failure(self, pending: _Pending, now: float) -> Step:
+        del self._pending[pending.key]
+        self._failures[pending.key] = now + FAILURE_CACHE_SECONDS
+        return Step(
+            replies=[
+                (w.client, wire.question_response(w.query, wire.SERVFAIL)) for w in pending.waiters
+            ]
+        )
+
+    def _finish(self, pending: _Pending, digest: _Digest, now: float) -> Step:
+        del self._pending[pending.key]
+        step = Step()
+        for name, reason in digest.events:
+            w = pending.waiters[0]
+            self._event(step, "deny", None, reason, name, w.transport, w.source, w.destination)
+        if digest.addresses:
+            step.pinned = self.pins.add(digest.names, digest.addresses, digest.pin_ttl)
+        if digest.cache_ttl > 0:
+            self.cache.put(
+                pending.key,
+                CachedAnswer(
+                    digest.template,
+                    now + digest.cache_ttl,
+                    digest.names,
+                    digest.addresses,
+                    digest.pin_ttl,
+                ),
+            )
+        for w in pending.waiters:
+            step.replies.append(
+                (w.client, self._render(digest.template, w.query, w.transport, now))
+            )
+        return step
+
+    # -- answers -----------------------------------------------------------------------------
+    def _digest(self, pending: _Pending, msg: dns.message.Message, now: float) -> _Digest:
+        qname, qtype = pending.qname, pending.key[1]
+        rcode = msg.rcode()
+        index: dict[tuple[dns.name.Name, int], dns.rrset.RRset] = {}
+        for rrset in msg.answer:
+            if rrset.rdclass == dns.rdataclass.IN:
+                index.setdefault((rrset.name, rrset.rdtype), rrset)
+        chain: list[dns.rrset.RRset] = []
+        names = [qname]
+        current = qname
+        final: dns.rrset.RRset | None = None
+        while True:
+            final = index.get((current, qtype))
+            if final is not None or qtype == dns.rdatatype.CNAME:
+                break
+            cname = index.get((current, dns.rdatatype.CNAME))
+            if cname is None or len(cname) == 0:
+                break
+            target = next(iter(cname)).target
+            if target in names:
+                raise _Failure(f"CNAME loop at {target}")
+            if len(names) > MAX_CNAME_CHAIN:
+                raise _Failure(f"CNAME chain longer than {MAX_CNAME_CHAIN}")
+            chain.append(cname)
+            names.append(target)
+            current = target
+        texts = [name_text(n) for n in names]
+        events: list[tuple[str, str]] = []
+        for text in texts[1:]:
+            why = self._denied_alias(text)
+            if why is not None:
+                events.append((texts[0], f"the answer's CNAME chain reaches {text}: {why}"))
+                return self._refused(pending, now, tuple(events))
+        addresses: list[IPAddress] = []
+        if final is not None and qtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+            kept: list[dns.rdata.Rdata] = []
+            removed: list[IPAddress] = []
+            for rdata in final:
+                addr = ipaddress.ip_address(rdata.address)
+                if self.rebind_protection and self._rebinds(addr):
+                    removed.append(addr)
+                    continue
+                if len(kept) < MAX_ADDRESSES_PER_ANSWER:
+                    kept.append(rdata)
+                    addresses.append(addr)
+            if removed:
+                events.append(
+                    (
+                        texts[0],
+                        "rebind protection removed "
+                        + ", ".join(str(a) for a in removed[:8])
+                        + (f" and {len(removed) - 8} more" if len(removed) > 8 else "")
+                        + f" from the answer for {texts[-1]}",
+                    )
+                )
+                if not kept:
+                    return self._refused(pending, now, tuple(events))
+            if removed or len(kept) < len(final):
+                final = dns.rrset.from_rdata_list(final.name, final.ttl, kept)
+        records = [*chain, *([final] if final is not None else [])]
+        authority: list[dns.rrset.RRset] = []
+        negative = final is None
+        if negative:
+            soa: dns.rrset.RRset | None = next(
+                (
+                    r
+                    for r in msg.authority
+                    if r.rdtype == dns.rdatatype.SOA
+                    and r.rdclass == dns.rdataclass.IN
+                    and len(r) > 0
+                    and current.is_subdomain(r.name)
+                ),
+                None,
+            )
+            if soa is not None:
+                ttl = min(soa.ttl, next(iter(soa)).minimum, MAX_NEGATIVE_TTL)
+                authority.append(dns.rrset.from_rdata_list(soa.name, ttl, list(soa)))
+        for r in records:
+            if r.ttl > MAX_CACHE_TTL:
+                r.ttl = MAX_CACHE_TTL
+        response = dns.message.Message(id=0)
+        response.flags = dns.flags.QR | dns.flags.RA
+        response.set_rcode(rcode)
+        response.question.append(
+            dns.rrset.RRset(qname, dns.rdataclass.IN, dns.rdatatype.RdataType.make(qtype))
+        )
+        response.answer.extend(records)
+        response.authority.extend(authority)
+        try:
+            data = response.to_wire(max_size=wire.MAX_TCP_MESSAGE)
+        except dns.exception.DNSException as exc:
+            raise _Failure(f"the answer does not fit a message: {exc}") from None
+        template = wire.make_template(data, now)
+        ttls = [r.ttl for r in records] + [r.ttl for r in authority]
+        cache_ttl = min(ttls) if ttls else 0
+        pin_ttl = float(min(r.ttl for r in records)) if addresses else 0.0
+        return _Digest(
+            template,
+            cache_ttl,
+            tuple(texts) if addresses else (),
+            tuple(addresses),
+            pin_ttl,
+            tuple(events),
+        )
+
+    def _refused(
+        self, pending: _Pending, now: float, events: tuple[tuple[str, str], ...]
+    ) -> _Digest:
+        template = wire.synthetic_template(pending.key[0], pending.key[1], wire.NXDOMAIN, [], now)
+        return _Digest(template, 0, events=events)
+
+    def _rebinds(self, addr: IPAddress) -> bool:
+        group = classify(addr)
+        if group is not None and group not in _REBIND_GROUPS:
+            return False
+        return not self.policy.rebind_allowed(addr)
+
+    def _denied_alias(self, name: str) -> str | None:
+        """Why a CNAME target is refused: a deny list, or a deny *domain or suffix* rule that
+        decides it (a ``*`` rule or the default does not: they say nothing about this name)."""
+        d = self.policy.decide_query(name)
+        if d.action is not PolicyAction.DENY:
+            return None
+        if d.rule is None:
+            return d.reason if "deny_domain" in d.reason else None
+        kind = self.policy.rules[d.rule].target.kind
+        if kind in (DestinationKind.DOMAIN, DestinationKind.SUFFIX):
+            return d.reason
+        return None
+
+    # -- audit -------------------------------------------------------------------------------
+    def _event(
+        self,
+        step: Step,
+        action: str,
+        rule: int | None,
+        reason: str,
+        name: str,
+        transport: Transport,
+        source: str,
+        destination: str,
+    ) -> None:
+        now = self._clock()
+        if now - self._events_window >= 1.0:
+            self._events_window = now
+            self._events_written = 0
+        if self._events_written >= MAX_EVENTS_PER_SECOND:
+            self._events_suppressed += 1
+            return
+        self._events_written += 1
+        if self._events_suppressed:
+            reason += f" ({self._events_suppressed} more DNS events not logged)"
+            self._events_suppressed = 0
+        step.events.append(QueryEvent(action, rule, reason, name, transport, source, destination))
