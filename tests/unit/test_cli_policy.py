@@ -55,7 +55,7 @@ def _json(root: click.Group, *args: str) -> dict[str, object]:
     code, out, err = _run(root, "policy", "explain", *args, "--json")
     assert code == 0, err
     doc = json.loads(out)
-    assert set(doc) == {"action", "rule", "reason"}
+    assert set(doc) == {"action", "rule", "reason", "names", "wait_for_name", "handled_by", "stage"}
     return doc  # type: ignore[no-any-return]
 
 
@@ -125,6 +125,10 @@ def test_explain_flows_json(root: click.Group, config_file: str) -> None:
         "action": "allow",
         "rule": 1,
         "reason": "rule 1 (allow egress public) matched",
+        "names": [],
+        "wait_for_name": True,  # deny_domains: the name it reveals could be on the list
+        "handled_by": "proxy",
+        "stage": "held",
     }
     assert _json(root, *f, "--to", "10.1.2.3:5432")["rule"] == 3
     assert _json(root, *f, "--to", "10.1.2.3:5432/udp")["rule"] is None
@@ -133,7 +137,7 @@ def test_explain_flows_json(root: click.Group, config_file: str) -> None:
     doc = _json(root, *f, "--to", "[2001:db8::1]:8080", "--direction", "ingress")
     assert (doc["action"], doc["rule"]) == ("deny", 5)
     doc = _json(root, *f, "--to", "[2001:db9::1]:8080", "--direction", "ingress")
-    assert doc == {
+    assert {k: doc[k] for k in ("action", "rule", "reason")} == {
         "action": "allow",
         "rule": None,
         "reason": "no rule matched; default ingress allow",
@@ -165,8 +169,35 @@ def test_explain_names_sni_and_host(root: click.Group, tmp_path: Path) -> None:
         is None
     )
     assert _json(root, *f, "--to", "198.51.100.1:443", "--sni", "evil.example")["rule"] == 0
-    assert _json(root, *f, "--to", "172.16.0.1:8000")["rule"] is None
+    doc = _json(root, *f, "--to", "172.16.0.1:8000")
+    assert doc["rule"] is None and doc["reason"] == "another sandbox's address is never reachable"
     assert _json(root, *f, "--to", "172.16.0.1:8000", "--host-address", "172.16.0.1")["rule"] == 2
+    assert _json(root, *f, "--to", "172.16.0.1:8000", "--gateway", "172.16.0.1")["rule"] == 2
+
+
+def test_explain_says_what_the_data_path_does(root: click.Group) -> None:
+    """Port 53 of any address, another sandbox under allow-all, the kernel prefilter, a
+    connection held for its first bytes: each as the data path carries it out."""
+    doc = _json(root, "--net", "public-only", "--to", "172.16.0.1:53/udp", "--gateway", "172.16.0.1")
+    assert doc["stage"] == "dns-interceptor" and doc["handled_by"] == "dns-interceptor"
+    doc = _json(root, "--net", "public-only", "--to", "8.8.8.8:53")
+    assert doc["stage"] == "dns-interceptor"
+    doc = _json(root, "--net", "allow-all", "--to", "172.16.0.6:80", "--gateway", "172.16.0.1")
+    assert (doc["action"], doc["stage"]) == ("deny", "kernel")
+    doc = _json(root, "--net", "public-only", "--to", "10.0.0.1:22")
+    assert (doc["action"], doc["stage"]) == ("deny", "kernel")
+    doc = _json(root, "--net", "public-only", "--to", "203.0.113.9:853")
+    assert (doc["action"], doc["stage"]) == ("deny", "kernel")
+    rule = ("--rule", "allow:egress@api.example:tcp:443")
+    doc = _json(root, "--net", "none", *rule, "--to", "203.0.113.9:443")
+    assert (doc["action"], doc["stage"]) == ("deny", "kernel")  # never resolved
+    doc = _json(root, "--net", "none", *rule, "--to", "203.0.113.9:443", "--names", "api.example")
+    assert (doc["action"], doc["stage"], doc["wait_for_name"]) == ("allow", "held", True)
+    doc = _json(
+        root, "--net", "none", *rule, "--to", "203.0.113.9:443", "--names", "api.example",
+        "--sni", "evil.example",
+    )  # fmt: skip
+    assert (doc["action"], doc["stage"]) == ("deny", "proxy")
 
 
 def test_explain_query(root: click.Group, config_file: str) -> None:

@@ -1,9 +1,13 @@
 """``corral policy check`` and ``corral policy explain``: the policy engine from the shell.
 
 ``check FILE`` lints a NetworkConfig file (warnings, exit 0; an invalid file is one sentence
-and exit 2). ``explain`` asks the compiled policy about one flow (``--to``) or one DNS
-question (``--query``) and prints the decision, the deciding rule in its ``--rule`` form
-and the reason; ``--json`` prints exactly ``{"action", "rule", "reason"}``.
+and exit 2). ``explain`` asks about one flow (``--to``) or one DNS question (``--query``)
+with the same verdict the data path uses (:mod:`corral.policy.verdict`: port 53 answered
+by the DNS interceptor, DoT refused, other sandboxes' addresses, pins and revealed names)
+and says where the data path carries it out: refused by the kernel before the handshake
+(the prefilter), held for the connection's first bytes, or decided by the proxy. It prints
+the decision, the deciding rule in its ``--rule`` form and the reason; ``--json`` prints
+``{"action", "rule", "reason", "names", "wait_for_name", "handled_by", "stage"}``.
 """
 
 from __future__ import annotations
@@ -20,9 +24,25 @@ from rich.markup import escape
 from corral.config import NetworkConfig, PolicyDirection, PolicyProtocol
 from corral.config.values import IPAddress, split_hostport
 from corral.errors import ConfigError, CorralError
-from corral.policy import Decision, Flow, Policy, rule_shorthand
+from corral.policy import Policy, rule_shorthand
+from corral.policy import verdict as verdicts
 from corral.policy.lint import lint
 from corral.policy.presets import preset_rules
+from corral.policy.verdict import FlowVerdict, Revealed, SandboxView
+
+#: Where the data path carries a verdict out (the ``stage`` of ``--json``).
+STAGE_DNS = "dns-interceptor"
+STAGE_KERNEL = "kernel"  # refused by the prefilter before the handshake
+STAGE_HELD = "held"  # the proxy reads the first bytes, then decides with the revealed name
+STAGE_PROXY = "proxy"
+_STAGE_TEXT = {
+    STAGE_DNS: "answered by the sandbox's DNS interceptor; see --query NAME for a question",
+    STAGE_KERNEL: "refused by the kernel before the handshake (connect() fails with "
+    "ECONNREFUSED; UDP gets port-unreachable)",
+    STAGE_HELD: "held by the proxy for its first bytes (TLS SNI, HTTP Host, :authority); the "
+    "name they reveal decides (give it with --sni)",
+    STAGE_PROXY: "decided by the proxy",
+}
 
 _TO_FORM = "ADDR[:PORT][/PROTO] (IPv6 as [ADDR]:PORT)"
 
@@ -113,7 +133,9 @@ def check(file: str, as_json: bool) -> None:
     console.print(f"[green]{summary}[/green]" if not warnings else summary)
 
 
-def _print_decision(console: Console, headline: str, policy: Policy, decision: Decision) -> None:
+def _print_decision(
+    console: Console, headline: str, policy: Policy, decision: FlowVerdict, stage: str | None
+) -> None:
     colour = "green" if decision.allowed else "red"
     console.print(f"[bold {colour}]{decision.action}[/bold {colour}] {escape(headline)}")
     if decision.rule is not None:
@@ -122,6 +144,53 @@ def _print_decision(console: Console, headline: str, policy: Policy, decision: D
     else:
         console.print("  rule:   none")
     console.print(f"  reason: {escape(decision.reason)}")
+    if decision.names:
+        console.print(f"  names:  {escape(', '.join(decision.names))}")
+    if stage is not None:
+        console.print(f"  where:  {escape(_STAGE_TEXT[stage])}")
+
+
+def explain_flow(
+    config: NetworkConfig,
+    protocol: PolicyProtocol,
+    address: IPAddress,
+    port: int | None,
+    *,
+    direction: PolicyDirection = PolicyDirection.EGRESS,
+    names: frozenset[str] = frozenset(),
+    sni: str | None = None,
+    gateways: Sequence[IPAddress] = (),
+    host_addresses: Sequence[IPAddress] = (),
+) -> tuple[Policy, FlowVerdict, str]:
+    """The data path's verdict about one flow and where it is carried out.
+
+    The sandbox is described by ``gateways`` (its own gateway addresses; every other address
+    of the config's pools belongs to another sandbox) and ``host_addresses`` (the host's own).
+    ``names``: what the sandbox's DNS pinned to the address; ``sni``: the name the connection
+    revealed (None: not read, the verdict may wait for it).
+    """
+    from corral.net.prefilter import compile_prefilter, evaluate
+
+    gw = [verdicts.unmap(g) for g in gateways]
+    policy = Policy.compile(config, host_addresses=[*host_addresses, *gw])
+    pools = [ipaddress.ip_network(config.ipv4_pool), ipaddress.ip_network(config.ipv6_pool)]
+    if direction is PolicyDirection.INGRESS:
+        return policy, verdicts.ingress(policy, protocol, address, port or 0), STAGE_PROXY
+    view = SandboxView(frozenset(gw), tuple(pools), tls_interception=False)
+    revealed = None if sni is None else Revealed(sni)
+    v = verdicts.egress(policy, view, protocol, address, port, names=names, revealed=revealed)
+    if v.handled_by == verdicts.BY_DNS:
+        return policy, v, STAGE_DNS
+    if v.wait_for_name:
+        return policy, v, STAGE_HELD
+    if protocol in (PolicyProtocol.TCP, PolicyProtocol.UDP) and port is not None:
+        pf = compile_prefilter(
+            policy.rules, policy.default_egress, policy.host, pools=pools, gateways=gw,
+        )  # fmt: skip
+        pinned = {address} if names else set()
+        if evaluate(pf, str(protocol), address, port, pinned):
+            return policy, v, STAGE_KERNEL
+    return policy, v, STAGE_PROXY
 
 
 @policy_group.command("explain")
@@ -147,6 +216,12 @@ def _print_decision(console: Console, headline: str, policy: Policy, decision: D
     help="For ingress, ADDR is the peer and PORT the guest port.",
 )
 @click.option("--names", default="", help="Names the sandbox resolved to ADDR (n1,n2).")
+@click.option(
+    "--gateway",
+    "gateways",
+    multiple=True,
+    help="The sandbox's own gateway address (repeatable); other pool addresses are other sandboxes'.",
+)
 @click.option("--sni", type=str, help="Name the connection revealed (TLS SNI, Host).")
 @click.option(
     "--host-address",
@@ -164,6 +239,7 @@ def explain(
     transport: str,
     direction: str,
     names: str,
+    gateways: tuple[str, ...],
     sni: str | None,
     host_addresses: tuple[str, ...],
     as_json: bool,
@@ -179,32 +255,41 @@ def explain(
         if (to is None) == (query is None):
             raise ConfigError("--to", f"give either --to {_TO_FORM} or --query NAME")
         config = build_network(net=net, network_file=network_file, rules=rules)
-        policy = Policy.compile(config, host_addresses=_host_addresses(host_addresses))
+        hosts = _host_addresses(host_addresses)
+        gws = _host_addresses(gateways)
+        # A host address inside the sandbox pools can only be a sandbox's gateway.
+        pools = [ipaddress.ip_network(config.ipv4_pool), ipaddress.ip_network(config.ipv6_pool)]
+        gws += [h for h in hosts if any(h.version == p.version and h in p for p in pools)]
+        stage: str | None = None
         if query is not None:
-            decision = policy.decide_query(query, PolicyProtocol(transport))
+            policy = Policy.compile(config, host_addresses=hosts)
+            d = policy.decide_query(query, PolicyProtocol(transport))
+            decision = FlowVerdict(d.allowed, None, d.rule, d.reason, handled_by=verdicts.BY_DNS)
             headline = f"query {query} ({transport})"
         else:
             assert to is not None
             address, port, protocol = parse_to(to)
-            flow = Flow(
+            policy, decision, stage = explain_flow(
+                config,
+                protocol,
+                address,
+                port,
                 direction=PolicyDirection(direction),
-                protocol=protocol,
-                address=address,
-                port=port,
                 names=frozenset(n.strip() for n in names.split(",") if n.strip()),
                 sni=sni,
+                gateways=gws,
+                host_addresses=hosts,
             )
-            decision = policy.decide(flow)
-            group = policy.classify(address)
+            group = policy.classify(verdicts.unmap(address))
             headline = f"{direction} {protocol} {to} (group {group or 'none'})"
     except ConfigError as exc:
         _fail(exc)
         return
     if as_json:
-        click.echo(json.dumps(decision.to_dict()))
+        click.echo(json.dumps({**decision.to_dict(), "stage": stage}))
         return
     console = Console(highlight=False, soft_wrap=True)
-    _print_decision(console, headline, policy, decision)
+    _print_decision(console, headline, policy, decision, stage)
     if config.is_offline:
         console.print("  note:   policy 'none' gives the sandbox no network interface at all")
 
