@@ -142,7 +142,7 @@ def test_explain_flows_json(root: click.Group, config_file: str) -> None:
         "rule": None,
         "reason": "no rule matched; default ingress allow",
     }
-    assert _json(root, *f, "--to", "255.255.255.255:53/udp")["reason"].startswith(  # type: ignore[union-attr]
+    assert _json(root, *f, "--to", "255.255.255.255:54/udp")["reason"].startswith(  # type: ignore[union-attr]
         "255.255.255.255 is in no group"
     )
 
