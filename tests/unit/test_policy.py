@@ -26,7 +26,7 @@ from corral.policy import (
     normalize_name,
     rule_shorthand,
 )
-from corral.policy.groups import RANGES, network_group
+from corral.policy.groups import TABLE, network_group
 
 ip = ipaddress.ip_address
 E, IN = PolicyDirection.EGRESS, PolicyDirection.INGRESS
@@ -136,14 +136,24 @@ def test_host_group_comes_before_the_others_but_not_before_loopback() -> None:
     assert classify(ip("0.0.0.0"), [ip("0.0.0.0")]) is None
 
 
-def test_range_table_agrees_with_classify() -> None:
-    """RANGES (used by lint) and the hand-written classify say the same, at every edge."""
-    for text, group in RANGES:
-        net = ipaddress.ip_network(text)
+def test_classify_and_network_group_read_the_table_in_order() -> None:
+    """Each entry's edges are in its group unless an earlier entry holds them (first wins);
+    the boundary lists above check the table itself against the SPEC."""
+    for index, entry in enumerate(TABLE):
+        if entry.cidr is None:
+            continue  # the host's addresses: test_host_group_comes_before_...
+        net = ipaddress.ip_network(entry.cidr)
+        earlier = [ipaddress.ip_network(e.cidr) for e in TABLE[:index] if e.cidr]
         for addr in (net.network_address, net.broadcast_address):
-            got = classify(addr)
-            if network_group(net) is not False:
-                assert got == group, (text, addr)
+            if any(addr.version == e.version and addr in e for e in earlier):
+                continue
+            if entry.embeds_v4:
+                embedded = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+                assert classify(addr) == classify(embedded), (entry, addr)
+            else:
+                assert classify(addr) == entry.group, (entry, addr)
+        if not entry.embeds_v4 and not any(net.overlaps(e) for e in earlier if e.version == net.version):
+            assert network_group(net) in (entry.group, False), entry  # False: later entries inside
     assert network_group(ipaddress.ip_network("10.1.0.0/16")) == Group.PRIVATE
     assert network_group(ipaddress.ip_network("169.254.0.0/16")) is False  # metadata inside
     assert network_group(ipaddress.ip_network("169.254.0.0/17")) == Group.LINK_LOCAL

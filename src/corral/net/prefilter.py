@@ -31,10 +31,9 @@ less this sandbox's gateway) and the addresses in no group. (Port 53 never reach
 prefilter: the firewall diverts it to the DNS interceptor first.) IPv6 destinations whose group
 depends on an embedded IPv4 address (``::ffff:0:0/96``, NAT64) are passed to the proxy.
 
-Groups become nft interval sets built here from the policy module's own range table
-(:data:`corral.policy.groups.RANGES`) in :func:`corral.policy.groups.classify`'s order, with
-the policy's host addresses: :func:`group_intervals` is checked against ``classify`` by the
-unit tests, so there is still one place that classifies.
+Groups become nft interval sets derived from the policy module's one table of address
+classes (:data:`corral.policy.groups.TABLE`, through its ``group_intervals``) with the
+policy's host addresses, so there is one place that classifies.
 
 :func:`evaluate` is the reference reading of a :class:`Prefilter` (what the nft rules do);
 the property tests hold it to the gate's decisions. :func:`render` turns it into nft text
@@ -49,9 +48,10 @@ from dataclasses import dataclass
 
 from corral.config import PolicyAction, PolicyDirection, PolicyProtocol, PolicyRule
 from corral.config.values import DestinationKind, Group
+from corral.policy import groups as policy_groups
 from corral.policy import verdict
 from corral.policy.describe import describe_rule
-from corral.policy.groups import EMBEDDING_V4, RANGES, HostAddresses
+from corral.policy.groups import EMBEDDING_V4, HostAddresses
 from corral.policy.pins import MAX_PINS
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -72,8 +72,7 @@ _PROTOCOL_OF = {"tcp": PolicyProtocol.TCP, "udp": PolicyProtocol.UDP}
 #: refuses an address the PinSet holds (an element outlives its pin only by the set's GC lag).
 PINNED_SET_SIZE = 2 * MAX_PINS
 
-_MAX = {4: (1 << 32) - 1, 6: (1 << 128) - 1}
-_V6_DELEGATED = (*EMBEDDING_V4, "::ffff:0:0/96")
+_V6_DELEGATED = EMBEDDING_V4  # ::ffff:0:0/96 and NAT64
 
 OTHER_SANDBOX = verdict.OTHER_SANDBOX
 #: Names of the dynamic sets of pinned addresses, per family.
@@ -154,30 +153,11 @@ def _merge(intervals: Iterable[tuple[int, int]]) -> Intervals:
 
 
 def group_intervals(host: HostAddresses) -> dict[tuple[int, Group | None], Intervals]:
-    """Every address of each family by group, as disjoint sorted intervals, in
-    ``classify``'s order: no group and loopback, then host, then the rest of RANGES, then
-    public (all that is left). IPv6 prefixes classified by an embedded IPv4 address are in
-    no entry (the prefilter passes them to the proxy)."""
-    claims: list[tuple[int, int, int, Group | None | str]] = [
-        (*_span(t), "delegated") for t in _V6_DELEGATED
-    ]
-    early = [(t, g) for t, g in RANGES if g is None or g is Group.LOOPBACK]
-    late = [(t, g) for t, g in RANGES if not (g is None or g is Group.LOOPBACK)]
-    claims += [(*_span(t), g) for t, g in early]
-    claims += [(4, a, a, Group.HOST) for a in sorted(host.v4)]
-    claims += [(6, a, a, Group.HOST) for a in sorted(host.v6)]
-    claims += [(*_span(t), g) for t, g in late]
-    claims += [(4, 0, _MAX[4], Group.PUBLIC), (6, 0, _MAX[6], Group.PUBLIC)]
-    taken: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
-    found: dict[tuple[int, Group | None], list[tuple[int, int]]] = {}
-    for version, lo, hi, group in claims:
-        free = _subtract(lo, hi, taken[version])
-        if not free:
-            continue
-        taken[version] = list(_merge([*taken[version], *free]))
-        if group != "delegated":
-            found.setdefault((version, group), []).extend(free)  # type: ignore[arg-type]
-    return {key: _merge(v) for key, v in found.items()}
+    """Every address of each family by group, as disjoint sorted intervals, with the host's
+    addresses at their place in ``classify``'s order; the IPv6 prefixes classified by an
+    embedded IPv4 address are in no entry (the prefilter passes them to the proxy). Derived
+    from the policy's own table (:func:`corral.policy.groups.group_intervals`)."""
+    return policy_groups.group_intervals(host)
 
 
 def _set_name(version: int, group: Group | None) -> str:

@@ -1,8 +1,12 @@
 """Destination groups: the one place that says which group an address is in (SPEC section 4).
 
-``classify`` is a short ordered function in the manner of smokescreen's ``classifyAddr``:
-read it once and you know the whole address policy. The policy engine, the DNS rebind filter
-and the audit log all call it; nothing re-derives groups elsewhere.
+:data:`TABLE` is the address policy as data, an ordered list in the manner of smokescreen's
+``classifyAddr``: an address is in the group of the first entry that holds it. Everything
+that asks about groups derives from it: :func:`classify` / :func:`classify_int` (the policy
+engine's flow and rebind decisions, the DNS resolver, ``corral policy explain``),
+:func:`network_group` (the lint's "is this whole CIDR in group G?") and
+:func:`group_intervals` (the kernel prefilter's nft interval sets). Nothing re-derives groups elsewhere; the unit tests check the table against the
+SPEC's addresses, not against a second copy of it.
 
 Order (an address lands in the first that holds it):
 
@@ -27,10 +31,17 @@ addresses (64:ff9b::/96, RFC 6052) are classified by the IPv4 address they embed
 NAT64 gateway on the host's network turns them into exactly that address: without this,
 ``64:ff9b::a9fe:a9fe`` would be a "public" way to the metadata service. CIDR and IP rules
 still see the NAT64 address as the IPv6 address it is.
+
+How it runs: at import the table (less the host entry, whose addresses are known only per
+policy) is resolved into a partition of each family's address space, sorted intervals that
+each remember their group, whether the host's addresses come before it in the order, and
+whether it embeds an IPv4 address. Classifying is then one ``bisect`` and at most one set
+lookup (this runs per connection).
 """
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -38,59 +49,58 @@ from dataclasses import dataclass
 from corral.config.values import Group, IPAddress, IPNetwork, unmap
 
 _V4 = ipaddress.IPv4Address
-
-_MAPPED_PREFIX = 0xFFFF  # ::ffff:0:0/96, shifted right by 32
-_NAT64_PREFIX = int(ipaddress.IPv6Address("64:ff9b::")) >> 32
 _V4_ALL_ONES = 0xFFFFFFFF
 
-_META4 = int(ipaddress.IPv4Address("169.254.169.254"))
-_META6 = int(ipaddress.IPv6Address("fd00:ec2::254"))
-_LOOP6 = 1
+#: Sorted, disjoint (first, last) integer intervals of one family.
+Intervals = tuple[tuple[int, int], ...]
 
 
-def _net(text: str) -> tuple[int, int]:
-    """(network int >> host bits, host bits) of a CIDR, for shift-and-compare membership."""
-    net = ipaddress.ip_network(text)
-    host_bits = net.max_prefixlen - net.prefixlen
-    return int(net.network_address) >> host_bits, host_bits
+@dataclass(frozen=True, slots=True)
+class Range:
+    """One entry of :data:`TABLE`.
+
+    ``cidr``: the addresses, or None for "the host's addresses" (known only per policy, see
+    :class:`HostAddresses`); ``group``: their group (None: in no group, always denied);
+    ``embeds_v4``: an IPv6 prefix whose addresses are classified as the IPv4 address in
+    their low 32 bits (``group`` unused).
+    """
+
+    cidr: str | None
+    group: Group | None
+    embeds_v4: bool = False
 
 
-# The ranges each group is made of, in classification order. The table is the source of
-# truth for the lint (which asks "is this whole CIDR in group G?"); ``classify`` below is the
-# same order written out for speed, and a unit test checks the two agree on every boundary.
-# ``None`` is "in no group" (always denied).
-RANGES: tuple[tuple[str, Group | None], ...] = (
-    ("0.0.0.0/8", None),
-    ("240.0.0.0/4", None),  # includes 255.255.255.255
-    ("::/128", None),
-    ("127.0.0.0/8", Group.LOOPBACK),
-    ("::1/128", Group.LOOPBACK),
-    ("169.254.169.254/32", Group.METADATA),
-    ("fd00:ec2::254/128", Group.METADATA),
-    ("::/96", None),
-    ("10.0.0.0/8", Group.PRIVATE),
-    ("172.16.0.0/12", Group.PRIVATE),
-    ("192.168.0.0/16", Group.PRIVATE),
-    ("100.64.0.0/10", Group.PRIVATE),
-    ("fc00::/7", Group.PRIVATE),
-    ("fec0::/10", Group.PRIVATE),
-    ("169.254.0.0/16", Group.LINK_LOCAL),
-    ("fe80::/10", Group.LINK_LOCAL),
-    ("224.0.0.0/4", Group.MULTICAST),
-    ("ff00::/8", Group.MULTICAST),
+#: The host's addresses, at their place in the order.
+HOST_RANGE = Range(None, Group.HOST)
+
+#: The address policy, in classification order (see the module docstring). What no entry
+#: holds is ``public``.
+TABLE: tuple[Range, ...] = (
+    Range("::ffff:0:0/96", None, embeds_v4=True),  # IPv4-mapped
+    Range("64:ff9b::/96", None, embeds_v4=True),  # NAT64 (RFC 6052)
+    Range("0.0.0.0/8", None),
+    Range("240.0.0.0/4", None),  # includes 255.255.255.255
+    Range("::/128", None),
+    Range("127.0.0.0/8", Group.LOOPBACK),
+    Range("::1/128", Group.LOOPBACK),
+    Range("::/96", None),  # IPv4-compatible, deprecated (RFC 4291 2.5.5.1)
+    HOST_RANGE,
+    Range("169.254.169.254/32", Group.METADATA),
+    Range("fd00:ec2::254/128", Group.METADATA),
+    Range("10.0.0.0/8", Group.PRIVATE),
+    Range("172.16.0.0/12", Group.PRIVATE),
+    Range("192.168.0.0/16", Group.PRIVATE),
+    Range("100.64.0.0/10", Group.PRIVATE),
+    Range("fc00::/7", Group.PRIVATE),
+    Range("fec0::/10", Group.PRIVATE),
+    Range("169.254.0.0/16", Group.LINK_LOCAL),
+    Range("fe80::/10", Group.LINK_LOCAL),
+    Range("224.0.0.0/4", Group.MULTICAST),
+    Range("ff00::/8", Group.MULTICAST),
 )
 
-#: IPv6 prefixes whose addresses are classified by the IPv4 address they embed (low 32 bits).
-EMBEDDING_V4: tuple[str, ...] = ("64:ff9b::/96",)
-
-_P10 = _net("10.0.0.0/8")
-_P172 = _net("172.16.0.0/12")
-_P192 = _net("192.168.0.0/16")
-_P100 = _net("100.64.0.0/10")
-_P169 = _net("169.254.0.0/16")
-_PFC = _net("fc00::/7")
-_PFEC0 = _net("fec0::/10")
-_PFE80 = _net("fe80::/10")
+#: IPv6 prefixes whose addresses are classified by the IPv4 address they embed.
+EMBEDDING_V4: tuple[str, ...] = tuple(r.cidr for r in TABLE if r.embeds_v4 and r.cidr)
 
 
 def host_address_set(addresses: Iterable[IPAddress]) -> frozenset[IPAddress]:
@@ -127,52 +137,97 @@ class HostAddresses:
 NO_HOST = HostAddresses()
 
 
-def _classify_v4(ip: int, host: frozenset[int]) -> Group | None:
-    top = ip >> 24
-    if top == 0 or top >= 240:
-        return None  # "this network", reserved, limited broadcast
-    if top == 127:
-        return Group.LOOPBACK  # before host: the guest's loopback is never the host's
-    if ip in host:
-        return Group.HOST
-    if ip == _META4:
-        return Group.METADATA
-    if (
-        top == 10
-        or ip >> _P172[1] == _P172[0]
-        or ip >> _P192[1] == _P192[0]
-        or ip >> _P100[1] == _P100[0]
-    ):
-        return Group.PRIVATE
-    if ip >> _P169[1] == _P169[0]:
-        return Group.LINK_LOCAL
-    if top >= 224:
-        return Group.MULTICAST
-    return Group.PUBLIC
+# -- the table, resolved -----------------------------------------------------------------------
+
+_MAX = {4: (1 << 32) - 1, 6: (1 << 128) - 1}
+
+
+@dataclass(frozen=True, slots=True)
+class _Piece:
+    """One interval of the resolved table: its addresses are in ``group`` unless the host
+    has them and ``host_first`` (the host entry precedes this piece's entry)."""
+
+    first: int
+    last: int
+    group: Group | None
+    host_first: bool
+    embeds_v4: bool
+
+
+def _subtract(lo: int, hi: int, taken: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """[lo, hi] less the sorted, disjoint ``taken`` intervals."""
+    out: list[tuple[int, int]] = []
+    cur = lo
+    for t_lo, t_hi in taken:
+        if t_hi < cur or t_lo > hi:
+            continue
+        if t_lo > cur:
+            out.append((cur, t_lo - 1))
+        cur = max(cur, t_hi + 1)
+        if cur > hi:
+            break
+    if cur <= hi:
+        out.append((cur, hi))
+    return out
+
+
+def _merge(intervals: Iterable[tuple[int, int]]) -> Intervals:
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(intervals):
+        if out and lo <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return tuple(out)
+
+
+def _resolve(version: int) -> tuple[_Piece, ...]:
+    """The family's whole address space cut into pieces, each in the first entry holding it."""
+    pieces: list[_Piece] = []
+    taken: list[tuple[int, int]] = []
+    host_seen = False
+    entries = [*TABLE, Range(f"{'0.0.0.0/0' if version == 4 else '::/0'}", Group.PUBLIC)]
+    for entry in entries:
+        if entry.cidr is None:
+            host_seen = True
+            continue
+        net = ipaddress.ip_network(entry.cidr)
+        if net.version != version:
+            continue
+        free = _subtract(int(net.network_address), int(net.broadcast_address), taken)
+        pieces += [_Piece(lo, hi, entry.group, host_seen, entry.embeds_v4) for lo, hi in free]
+        taken = list(_merge([*taken, *free]))
+    pieces.sort(key=lambda p: p.first)
+    assert taken == [(0, _MAX[version])] and pieces[0].first == 0
+    return tuple(pieces)
+
+
+_PIECES = {4: _resolve(4), 6: _resolve(6)}
+# Parallel tuples for the per-connection path (attribute access costs more than indexing).
+_V4_STARTS = tuple(p.first for p in _PIECES[4])
+_V4_GROUPS = tuple(p.group for p in _PIECES[4])
+_V4_HOST_FIRST = tuple(p.host_first for p in _PIECES[4])
+_V6_STARTS = tuple(p.first for p in _PIECES[6])
+_V6_GROUPS = tuple(p.group for p in _PIECES[6])
+_V6_HOST_FIRST = tuple(p.host_first for p in _PIECES[6])
+_V6_EMBEDS = tuple(p.embeds_v4 for p in _PIECES[6])
+_HOST = Group.HOST
+_bisect = bisect.bisect_right
 
 
 def classify_int(ip: int, is_v4: bool, host: HostAddresses = NO_HOST) -> Group | None:
     """``classify`` on an address as an integer (IPv4 when ``is_v4``, else IPv6)."""
-    if is_v4:
-        return _classify_v4(ip, host.v4)
-    high = ip >> 32
-    if high in (_MAPPED_PREFIX, _NAT64_PREFIX):
-        return _classify_v4(ip & _V4_ALL_ONES, host.v4)
-    if ip == _LOOP6:
-        return Group.LOOPBACK
-    if high == 0:
-        return None  # :: and the deprecated IPv4-compatible ::a.b.c.d
-    if ip in host.v6:
-        return Group.HOST
-    if ip == _META6:
-        return Group.METADATA
-    if ip >> _PFC[1] == _PFC[0] or ip >> _PFEC0[1] == _PFEC0[0]:
-        return Group.PRIVATE
-    if ip >> _PFE80[1] == _PFE80[0]:
-        return Group.LINK_LOCAL
-    if ip >> 120 == 0xFF:
-        return Group.MULTICAST
-    return Group.PUBLIC
+    if not is_v4:
+        i = _bisect(_V6_STARTS, ip) - 1
+        if not _V6_EMBEDS[i]:
+            if _V6_HOST_FIRST[i] and ip in host.v6:
+                return _HOST
+            return _V6_GROUPS[i]
+        ip &= _V4_ALL_ONES
+    i = _bisect(_V4_STARTS, ip) - 1
+    if _V4_HOST_FIRST[i] and ip in host.v4:
+        return _HOST
+    return _V4_GROUPS[i]
 
 
 def classify(
@@ -191,17 +246,6 @@ def classify(
     return classify_int(int(address), type(address) is _V4, host)
 
 
-def _span(text: str) -> tuple[int, int, int]:
-    net = ipaddress.ip_network(text)
-    return net.version, int(net.network_address), int(net.broadcast_address)
-
-
-# (family, first, last, group) in classification order; integers because lint asks this of
-# every CIDR rule of a policy that may hold 100,000 of them.
-_SPANS = tuple((*_span(t), g) for t, g in RANGES)
-_SPECIAL_V6 = tuple(_span(t) for t in (*EMBEDDING_V4, "::ffff:0:0/96"))
-
-
 def network_group(network: IPNetwork) -> Group | None | bool:
     """The group every address of ``network`` is in, when that is one group.
 
@@ -210,17 +254,34 @@ def network_group(network: IPNetwork) -> Group | None | bool:
     ``host`` is never returned: the host's addresses are not known here, so callers say
     what they assume.
     """
-    version = network.version
     lo, hi = int(network.network_address), int(network.broadcast_address)
-    if version == 6:
-        for _, s_lo, s_hi in _SPECIAL_V6:
-            if lo <= s_hi and s_lo <= hi:
-                return False
-    for r_version, r_lo, r_hi, group in _SPANS:
-        if r_version != version:
-            continue
-        if r_lo <= lo and hi <= r_hi:
-            return group
-        if lo <= r_hi and r_lo <= hi:
+    pieces = _PIECES[network.version]
+    starts = _V4_STARTS if network.version == 4 else _V6_STARTS
+    i = _bisect(starts, lo) - 1
+    groups: set[Group | None] = set()
+    while i < len(pieces) and pieces[i].first <= hi:
+        if pieces[i].embeds_v4:
             return False
-    return Group.PUBLIC
+        groups.add(pieces[i].group)
+        i += 1
+    return groups.pop() if len(groups) == 1 else False
+
+
+def group_intervals(host: HostAddresses = NO_HOST) -> dict[tuple[int, Group | None], Intervals]:
+    """Every address of each family by group, as sorted disjoint intervals, with ``host``'s
+    addresses at their place in the order (the kernel prefilter's sets). The IPv6 prefixes
+    classified by an embedded IPv4 address (:data:`EMBEDDING_V4`) are in no entry."""
+    found: dict[tuple[int, Group | None], list[tuple[int, int]]] = {}
+    for version, hosts in ((4, host.v4), (6, host.v6)):
+        addresses = sorted(hosts)
+        for piece in _PIECES[version]:
+            if piece.embeds_v4:
+                continue
+            mine = [(piece.first, piece.last)]
+            if piece.host_first:
+                inside = [(a, a) for a in addresses if piece.first <= a <= piece.last]
+                if inside:
+                    found.setdefault((version, _HOST), []).extend(inside)
+                    mine = _subtract(piece.first, piece.last, inside)
+            found.setdefault((version, piece.group), []).extend(mine)
+    return {key: _merge(v) for key, v in found.items() if v}
