@@ -232,16 +232,20 @@ def _b64_fragments(data: bytes) -> set[bytes]:
 
 _URLSAFE = bytes.maketrans(b"+/", b"-_")
 
-# One pattern per escape form; group numbers pick the decoder in _decode_match.
-_ESCAPE_RE = re.compile(
-    rb"%([0-9A-Fa-f]{2})"
-    rb"|\\[uU]([dD][89abAB][0-9A-Fa-f]{2})\\[uU]([dD][c-fC-F][0-9A-Fa-f]{2})"
-    rb"|\\[uU]([0-9A-Fa-f]{4})"
-    rb"|\\x([0-9A-Fa-f]{2})"
-    rb'|\\([\\/"\'bfnrt])'
-    rb"|&#([0-9]{1,7});"
-    rb"|&#[xX]([0-9A-Fa-f]{1,6});"
+# The escapes, in three families by first character. No escape contains the first character
+# of another family (hex digits, ``u``/``x``/simple escape letters and decimal digits are none of
+# ``%``, ``\\``, ``&``), so matches of different families never overlap, and the union of three
+# left-to-right scans is exactly what one combined left-to-right scan would find. Each family
+# starts with a literal, which ``re`` searches for in C: a chunk without escapes costs three
+# memchr-speed passes and no Python per byte.
+_PCT_RE = re.compile(rb"%([0-9A-Fa-f]{2})")
+_BSL_RE = re.compile(
+    rb"\\(?:[uU]([dD][89abAB][0-9A-Fa-f]{2})\\[uU]([dD][c-fC-F][0-9A-Fa-f]{2})"
+    rb"|[uU]([0-9A-Fa-f]{4})"
+    rb"|x([0-9A-Fa-f]{2})"
+    rb"|([\\/\"'bfnrt]))"
 )
+_AMP_RE = re.compile(rb"&#(?:([0-9]{1,7})|[xX]([0-9A-Fa-f]{1,6}));")
 _ESCAPE_START = (b"%", b"\\", b"&")
 _SIMPLE_ESCAPES = {
     b"\\": b"\\",
@@ -262,42 +266,78 @@ def _codepoint(cp: int) -> bytes:
     return chr(cp).encode("utf-8")
 
 
-def _decode_match(m: re.Match[bytes]) -> bytes:
-    g = m.groups()
-    if g[0] is not None:
-        return bytes((int(g[0], 16),))
-    if g[1] is not None:
-        hi, lo = int(g[1], 16), int(g[2], 16)
-        return _codepoint(0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00))
-    if g[3] is not None:
-        return _codepoint(int(g[3], 16))
-    if g[4] is not None:
-        return bytes((int(g[4], 16),))
-    if g[5] is not None:
-        return _SIMPLE_ESCAPES[g[5]]
-    if g[6] is not None:
-        return _codepoint(int(g[6]))
-    return _codepoint(int(g[7], 16))
+def _pct(m: re.Match[bytes]) -> bytes:
+    return bytes((int(m.group(1), 16),))
+
+
+def _bsl(m: re.Match[bytes]) -> bytes:
+    hi, lo, u, x, simple = m.groups()
+    if hi is not None:
+        return _codepoint(0x10000 + ((int(hi, 16) - 0xD800) << 10) + (int(lo, 16) - 0xDC00))
+    if u is not None:
+        return _codepoint(int(u, 16))
+    if x is not None:
+        return bytes((int(x, 16),))
+    return _SIMPLE_ESCAPES[simple]
+
+
+def _amp(m: re.Match[bytes]) -> bytes:
+    dec, hex_ = m.groups()
+    return _codepoint(int(dec) if dec is not None else int(hex_, 16))
+
+
+_FAMILIES = ((b"%", _PCT_RE, _pct), (b"\\", _BSL_RE, _bsl), (b"&", _AMP_RE, _amp))
+
+
+def _escapes(buf: bytes, end: int) -> list[tuple[int, int, bytes]]:
+    """(start, stop, decoded) of every escape in ``buf`` that starts before ``end``, in order."""
+    found: list[tuple[int, int, bytes]] = []
+    for first, rx, dec in _FAMILIES:
+        if first not in buf:
+            continue
+        for m in rx.finditer(buf, 0, len(buf)):
+            if m.start() >= end:
+                break
+            found.append((m.start(), m.end(), dec(m)))
+    if len(found) > 1:
+        found.sort()
+    return found
 
 
 def _has_escape_start(data: bytes | bytearray) -> bool:
     return b"%" in data or b"\\" in data or b"&" in data
 
 
+def _apply(buf: bytes, escapes: list[tuple[int, int, bytes]], stop: int) -> tuple[bytes, list[int]]:
+    """``buf[:stop]`` with ``escapes`` decoded, and where in the output each decoded one sits."""
+    out: list[bytes] = []
+    where: list[int] = []
+    pos = n = 0
+    for start, end, text in escapes:
+        out.append(buf[pos:start])
+        n += start - pos
+        where.append(n)
+        out.append(text)
+        n += len(text)
+        pos = end
+    out.append(buf[pos:stop])
+    return b"".join(out), where
+
+
 def decode_escapes(data: bytes) -> bytes:
     """One layer of percent, JSON/JS and HTML escapes undone (unknown sequences kept)."""
     if not _has_escape_start(data):
         return data
-    return _ESCAPE_RE.sub(_decode_match, data)
+    return _apply(data, _escapes(data, len(data)), len(data))[0]
 
 
 class _DecodeStage:
     """One layer of :func:`decode_escapes` over a stream, identical to decoding it whole.
 
-    A match that starts at least ``_MAX_ESCAPE`` bytes before the end of what has arrived is
-    complete (no escape is longer), so it is decoded now. From there on, the first escape
-    character not inside an earlier match and everything after it wait for the next write; a
-    tail without one cannot begin an escape and is passed through.
+    An escape that starts at least ``_MAX_ESCAPE`` bytes before the end of what has arrived is
+    complete (none is longer), so it is decoded now. From there on, the first escape character
+    not inside an earlier escape and everything after it wait for the next write; a tail
+    without one cannot begin an escape and is passed through.
     """
 
     __slots__ = ("_held",)
@@ -305,29 +345,27 @@ class _DecodeStage:
     def __init__(self) -> None:
         self._held = b""
 
-    def feed(self, data: bytes) -> bytes:
+    @property
+    def holding(self) -> bool:
+        return bool(self._held)
+
+    def feed(self, data: bytes) -> tuple[bytes, list[int]]:
+        """The decoded bytes now final, and the output offsets where an escape was decoded."""
         buf = self._held + data if self._held else data
         if not _has_escape_start(buf):
             self._held = b""
-            return buf
+            return buf, []
         safe_end = len(buf) - _MAX_ESCAPE
-        out: list[bytes] = []
-        pos = 0
-        for m in _ESCAPE_RE.finditer(buf):
-            if m.start() >= safe_end:
-                break
-            out.append(buf[pos : m.start()])
-            out.append(_decode_match(m))
-            pos = m.end()
+        escapes = _escapes(buf, safe_end)
+        pos = escapes[-1][1] if escapes else 0
         cut = len(buf)
         start = max(pos, safe_end)
         for ch in _ESCAPE_START:
             i = buf.find(ch, start)
             if i != -1 and i < cut:
                 cut = i
-        out.append(buf[pos:cut])
         self._held = buf[cut:]
-        return b"".join(out)
+        return _apply(buf, escapes, cut)
 
     def peek(self, extra: bytes = b"") -> bytes:
         """What the held tail (plus ``extra``) decodes to if the stream ended now."""
@@ -340,11 +378,17 @@ class _DecodeStage:
 
 
 # -- the detector ---------------------------------------------------------------------------
+#: Bytes of a needle searched for first. Needles of one alignment share their first bytes when
+#: placeholders share a prefix (``$CORRAL_SECRET_``), so ten secrets cost about as much to look
+#: for as one; 8 is the shortest placeholder, so every needle has an anchor this long.
+_ANCHOR = 8
+
+
 @dataclass(frozen=True)
 class _Patterns:
     """Every byte string whose presence means a placeholder; ``owner`` maps each to its secret."""
 
-    needles: tuple[bytes, ...]
+    anchors: Mapping[bytes, tuple[bytes, ...]]
     owner: Mapping[bytes, str]
     longest: int
 
@@ -352,27 +396,25 @@ class _Patterns:
     def of(cls, secrets: Sequence[Secret]) -> _Patterns:
         owner: dict[bytes, str] = {}
         for s in secrets:
-            for needle in {s.placeholder, *_b64_fragments(s.placeholder)}:
+            for needle in sorted({s.placeholder, *_b64_fragments(s.placeholder)}):
                 owner.setdefault(needle, s.name)
-        needles = tuple(sorted(owner, key=len, reverse=True))
-        return cls(needles, owner, max((len(n) for n in needles), default=0))
+        anchors: dict[bytes, list[bytes]] = {}
+        for needle in owner:
+            anchors.setdefault(needle[:_ANCHOR], []).append(needle)
+        return cls(
+            {a: tuple(n) for a, n in anchors.items()},
+            owner,
+            max((len(n) for n in owner), default=0),
+        )
 
     def search(self, data: bytes | bytearray, into: set[str]) -> None:
-        if len(data) < 8:  # shorter than any placeholder, so than any needle
+        if len(data) < _ANCHOR:  # shorter than any placeholder, so than any needle
             return
-        for needle in self.needles:
-            if self.owner[needle] not in into and needle in data:
-                into.add(self.owner[needle])
-
-
-class _Stream:
-    """One view of the traffic (raw, or decoded N layers) with the tail a match may straddle."""
-
-    __slots__ = ("stage", "tail")
-
-    def __init__(self, stage: _DecodeStage | None) -> None:
-        self.stage = stage
-        self.tail = b""
+        for anchor, needles in self.anchors.items():
+            if anchor in data:
+                for needle in needles:
+                    if needle in data:
+                        into.add(self.owner[needle])
 
 
 class PlaceholderDetector:
@@ -381,66 +423,86 @@ class PlaceholderDetector:
     ``feed`` returns the names of every secret whose placeholder has appeared, in any encoding
     the module docstring lists, in the bytes fed so far, including one that completes in this
     very chunk: a caller checks a chunk before forwarding it. (A decoder's held tail is decoded
-    tentatively at each ``feed`` for this.) Memory: per view, the longest needle plus one
-    escape; the search is ``bytes.__contains__`` (C), and views that decode run a regex only
-    over bytes that contain ``%``, ``\\`` or ``&``.
+    tentatively at each ``feed`` for this.)
+
+    Views: the raw bytes, then each decoding layer of the one before. The raw view is searched
+    whole. A decoded view is searched only around the places its layer changed and across the
+    seam with the previous write: an occurrence touching no decoded escape is a verbatim copy
+    of the view below and was found there. Memory per view: the longest needle plus one escape.
     """
 
     def __init__(self, patterns: _Patterns) -> None:
         self._p = patterns
         self._keep = max(patterns.longest - 1, 0)
-        self._views = [_Stream(None)] + [_Stream(_DecodeStage()) for _ in range(DECODE_DEPTH)]
+        self._raw_tail = b""
+        self._stages = [_DecodeStage() for _ in range(DECODE_DEPTH)]
+        self._tails = [b""] * DECODE_DEPTH
         self.found: set[str] = set()
 
     @property
     def active(self) -> bool:
-        return bool(self._p.needles)
+        return bool(self._p.owner)
+
+    def _search_view(self, k: int, out: bytes, where: list[int], stop: int | None = None) -> None:
+        """Search view ``k`` (tail + ``out``) at the seam and around each decoded escape."""
+        keep, tail = self._keep, self._tails[k]
+        view = tail + out if tail else out
+        off = len(tail)
+        p, found = self._p, self.found
+        if off:
+            p.search(view[: off + keep], found)
+        lo_prev = -1
+        hi_prev = -1
+        for w in where:
+            lo, hi = max(off + w - keep, 0), off + w + keep + _MAX_ESCAPE
+            if lo <= hi_prev:
+                hi_prev = hi
+                continue
+            if hi_prev >= 0:
+                p.search(view[lo_prev:hi_prev], found)
+            lo_prev, hi_prev = lo, hi
+        if hi_prev >= 0:
+            p.search(view[lo_prev:hi_prev], found)
+        self._tails[k] = view[-keep:] if keep else b""
 
     def feed(self, data: bytes | bytearray | memoryview) -> frozenset[str]:
-        if not self._p.needles or not data:
+        if not self._p.owner or not data:
             return frozenset(self.found)
         chunk = bytes(data)
-        p, found, keep = self._p, self.found, self._keep
-        if not _has_escape_start(chunk) and all(
-            v.stage is None or not v.stage._held for v in self._views
-        ):
-            # No escape anywhere: every decoded view sees exactly these bytes; search the
-            # chunk once, and each view's seam (its tail + the chunk's head) separately.
-            p.search(chunk, found)
-            for v in self._views:
-                if v.tail:
-                    p.search(v.tail + chunk[:keep], found)
-                v.tail = (v.tail + chunk)[-keep:] if keep else b""
-            return frozenset(found)
+        p, keep = self._p, self._keep
+        raw = self._raw_tail + chunk if self._raw_tail else chunk
+        p.search(raw, self.found)
+        self._raw_tail = raw[-keep:] if keep else b""
         incoming = chunk
-        pending_extra = b""  # the previous view's tentative tail, for this view's peek
-        for v in self._views:
-            if v.stage is None:
-                out = incoming
-                spec = b""
-            else:
-                out = v.stage.feed(incoming)
-                spec = v.stage.peek(pending_extra)
-            view = v.tail + out
-            p.search(view, found)
+        pending = b""  # the view below's tentative tail, for this view's peek
+        for k, stage in enumerate(self._stages):
+            if not stage.holding and not _has_escape_start(incoming) and not pending:
+                # Nothing to decode: this view is a copy of the one below (searched there).
+                self._search_view(k, incoming, [])
+                continue
+            out, where = stage.feed(incoming)
+            self._search_view(k, out, where)
+            spec = stage.peek(pending)
             if spec:
-                p.search(view[-keep:] + spec if keep else spec, found)
-            v.tail = view[-keep:] if keep else b""
-            incoming = out
-            pending_extra = spec if v.stage is not None else b""
-        return frozenset(found)
+                tail = self._tails[k]
+                p.search(tail + spec, self.found)
+            incoming, pending = out, spec
+        return frozenset(self.found)
 
     def finish(self) -> frozenset[str]:
         """End of the stream: decode what the stages held back, search it, reset."""
-        if not self._p.needles:
+        if not self._p.owner:
             return frozenset(self.found)
         incoming = b""
-        for v in self._views:
-            out = incoming if v.stage is None else v.stage.feed(incoming) + v.stage.flush()
-            view = v.tail + out
+        for k, stage in enumerate(self._stages):
+            out, where = stage.feed(incoming)
+            rest = stage.flush()
+            out = out + rest
+            view = self._tails[k] + out
             self._p.search(view, self.found)
-            v.tail = b""
+            self._tails[k] = b""
             incoming = out
+        self._raw_tail = b""
         return frozenset(self.found)
 
 
