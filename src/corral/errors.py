@@ -2,7 +2,13 @@
 
 Every error a user can cause or meet is one of these, and its message is one sentence that
 names what was at fault (a config field path, a CLI flag, an image reference, a step of the
-sandbox launch). The CLI prints ``str(error)`` and exits with ``error.exit_code``.
+sandbox launch). The CLI prints ``str(error)`` and exits with ``error.exit_code``. Every
+subclass of :class:`CorralError` is defined here (``tests/unit/test_architecture.py`` checks).
+
+Other exception classes exist only inside one module or package, as signals between a
+sans-I/O core and the shell around it (a parser's ``FramingError``, the launcher's ``_Fail``,
+netlink's ``NetlinkError(OSError)``): the module that raises one also catches it or turns
+it into one of these before it reaches a caller of corral's API.
 """
 
 from __future__ import annotations
@@ -51,6 +57,21 @@ class SandboxNotFound(SandboxError):
 
 class SandboxExists(SandboxError):
     """A sandbox of that name already exists."""
+
+
+class StartError(SandboxError):
+    """A step of a supervisor's start failed (the message names the step); the creating SDK
+    process re-raises it by this name from the supervisor's ready pipe."""
+
+
+class ChannelProtocolError(SandboxError):
+    """The other end of an exec/file channel sent bytes that are not a valid frame (a bug,
+    or a hostile sandbox): :mod:`corral.runtime.channel_wire`."""
+
+
+class ControlProtocolError(SandboxError):
+    """A peer broke a supervisor's control protocol (bad JSON, oversized line, unknown op):
+    :mod:`corral.runtime.control`."""
 
 
 class NetworkError(CorralError):

@@ -100,12 +100,18 @@ class AuditLog:
 
 
 def read_events(path: Path) -> list[AuditEvent]:
-    """Every complete event in the file (a torn last line is skipped)."""
+    """Every complete event in the file, oldest first.
+
+    A torn last line (no newline yet: a write under way, or a supervisor killed in the middle
+    of one) is skipped; :func:`follow` hands it over once it is whole. Bytes, not text, are
+    split, so a torn multi-byte character cannot fail the decoding of the whole file.
+    """
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         return []
-    return [AuditEvent.from_json(line) for line in text.splitlines() if line.strip() and text]
+    *complete, _torn = data.split(b"\n")
+    return [AuditEvent.from_json(line.decode()) for line in complete if line.strip()]
 
 
 async def follow(path: Path, *, from_start: bool = True) -> AsyncIterator[AuditEvent]:

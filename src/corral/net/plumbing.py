@@ -183,11 +183,6 @@ def divert_rules() -> list[tuple[str, int]]:
     return rules
 
 
-def divert_tables(link: str) -> set[int]:
-    """Tables of the divert rules that name ``link``."""
-    return {table for iif, table in divert_rules() if iif == link}
-
-
 def lease_numbers_in_kernel() -> set[int]:
     """Lease numbers whose routing table some divert rule uses (of any corral home): a new
     lease must not reuse them, or two sandboxes would share (and flush) one table."""

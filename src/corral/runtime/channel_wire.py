@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from corral.errors import ChannelProtocolError as ChannelProtocolError  # re-exported
 from corral.errors import SandboxError
 
 KIND_CONTROL = 1
@@ -60,10 +61,6 @@ EXIT_TIMED_OUT = 124
 
 #: How long ``ChannelClient.connect`` waits for the init's socket by default.
 CONNECT_TIMEOUT = 5.0
-
-
-class ChannelProtocolError(SandboxError):
-    """The other end sent bytes that are not a valid frame (a bug, or a hostile sandbox)."""
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,9 @@ next request. The operations:
     The supervisor's view: pid, init pid, whether the sandbox's init is alive.
 ``stop`` (``timeout``: seconds of grace before SIGKILL)
     Stop the sandbox; the reply is sent once everything is released, then the supervisor exits.
-``logs`` (``offset``: byte offset in the audit log)
-    Audit events (JSON lines) from ``offset`` on, at most :data:`MAX_LOG_CHUNK` bytes, with the
-    offset to ask for next.
+
+Audit events are not served here: readers tail ``net-audit.jsonl`` in the state directory
+themselves (:func:`corral.net.audit.follow`), which needs no supervisor and works after it.
 
 This module is the sans-I/O core (framing, validation, reply shapes) plus a small asyncio
 client for the SDK. The server's I/O lives in :mod:`corral.runtime.supervisor`. It is on the
@@ -19,35 +19,25 @@ supervisor's start-up path, so it imports nothing heavy (see :mod:`corral.runtim
 
 from __future__ import annotations
 
+from corral.errors import ControlProtocolError as ControlProtocolError  # re-exported
 from corral.errors import SandboxError
 from corral.runtime import leanjson
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from pathlib import Path
-
 OP_INFO = "info"
 OP_STOP = "stop"
-OP_LOGS = "logs"
-OPS = (OP_INFO, OP_STOP, OP_LOGS)
+OPS = (OP_INFO, OP_STOP)
 
-#: Longest line either side may send. Requests are tens of bytes and replies at most a log
-#: chunk plus framing; anything longer is a broken or hostile peer, not a bigger message.
+#: Longest line either side may send. Today's messages are tens (requests) to hundreds
+#: (``info`` replies) of bytes; 1 MiB leaves room for a whole NetworkConfig of thousands of
+#: rules should a live policy update come this way, and bounds what a broken or hostile
+#: peer can make either side buffer.
 MAX_LINE_BYTES = 1024 * 1024
-
-#: Audit bytes returned per ``logs`` reply: big enough to drain a busy log quickly, small
-#: enough to stay well under MAX_LINE_BYTES after JSON escaping (at most 6x for \\uXXXX).
-MAX_LOG_CHUNK = 128 * 1024
 
 #: Grace period of ``stop`` before the sandbox is killed, unless the request says otherwise.
 DEFAULT_STOP_TIMEOUT = 5.0
 
 #: Upper bound on the grace period a client may ask for (an hour is a hung sandbox).
 MAX_STOP_TIMEOUT = 3600.0
-
-
-class ControlProtocolError(SandboxError):
-    """A peer broke the control protocol (bad JSON, oversized line, unknown op)."""
 
 
 class LineDecoder:
@@ -107,10 +97,6 @@ def stop_request(timeout: float = DEFAULT_STOP_TIMEOUT) -> dict[str, object]:
     return {"op": OP_STOP, "timeout": timeout}
 
 
-def logs_request(offset: int = 0) -> dict[str, object]:
-    return {"op": OP_LOGS, "offset": offset}
-
-
 def parse_request(message: dict[str, object]) -> tuple[str, dict[str, object]]:
     """(op, validated arguments) of a request; ControlProtocolError names what is wrong."""
     op = message.get("op")
@@ -128,11 +114,6 @@ def parse_request(message: dict[str, object]) -> tuple[str, dict[str, object]]:
                 f"stop.timeout: {timeout!r} is not a number of seconds in 0..{MAX_STOP_TIMEOUT:g}"
             )
         return op, {"timeout": float(timeout)}
-    if op == OP_LOGS:
-        offset = message.get("offset", 0)
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise ControlProtocolError(f"logs.offset: {offset!r} is not a byte offset")
-        return op, {"offset": offset}
     return op, {}
 
 
@@ -153,21 +134,6 @@ def check_reply(reply: dict[str, object], op: str) -> dict[str, object]:
         return reply
     error = reply.get("error")
     raise SandboxError(str(error) if error else f"the supervisor refused {op!r} without a reason")
-
-
-def read_log_chunk(path: Path | str, offset: int) -> dict[str, object]:
-    """The ``logs`` reply for ``offset``: whole lines only, so a client never sees half an event."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read(MAX_LOG_CHUNK)
-    except FileNotFoundError:
-        return ok_reply(lines=[], next_offset=offset)
-    end = data.rfind(b"\n") + 1
-    if end == 0 and len(data) == MAX_LOG_CHUNK:
-        end = len(data)  # one line longer than a chunk: hand it over in pieces
-    lines = data[:end].decode("utf-8", "replace").splitlines()
-    return ok_reply(lines=lines, next_offset=offset + end)
 
 
 # -- asyncio client ---------------------------------------------------------------------------

@@ -74,12 +74,7 @@ from corral.kernel import mountinfo, netns, procfs
 from corral.runtime import capabilities, cgroups, init, seccomp_profile, syscalls
 from corral.runtime.cgroups import Cgroup, CgroupLimits
 from corral.runtime.channel_wire import short_unix_path
-
-try:
-    from corral.runtime.images.idmap import ID_RANGE, UID_BASE
-except ImportError:  # pragma: no cover - helper-1's module; same constants
-    UID_BASE = 1_000_000_000
-    ID_RANGE = 65536
+from corral.runtime.images.idmap import ID_RANGE, UID_BASE
 
 #: Files in the state directory.
 CHANNEL_SOCKET = "channel.sock"

@@ -35,7 +35,7 @@ import select
 import sys
 import time
 
-from corral.errors import CorralError
+from corral.errors import CorralError, StartError
 from corral.kernel import procfs
 from corral.runtime import control, leanjson
 
@@ -75,12 +75,6 @@ def _optional_int(value: object) -> int | None:
 
 def _optional_float(value: object) -> float | None:
     return None if value is None else float(value)  # type: ignore[arg-type]
-
-
-class StartError(CorralError):
-    """A step of the supervisor's start failed (the message names the step)."""
-
-    exit_code = 4
 
 
 def _write_file(path: str, text: str, mode: int = 0o600) -> None:
@@ -279,15 +273,8 @@ class Supervisor:
         self._listen()
 
     def _reserve_network(self, name: str) -> object:
-        try:
-            from corral.net.datapath import SandboxNetwork
-        except ImportError:
-            policy = (self.state.get("network") or {}).get("policy")  # type: ignore[attr-defined]
-            raise StartError(
-                f"network policy {policy or 'custom'!r} needs the network data path, which is "
-                "not available yet; use network=NetworkPolicy.none()"
-            ) from None
         from corral.config import NetworkConfig
+        from corral.net.datapath import SandboxNetwork
 
         config = NetworkConfig.from_json(leanjson.dumps(self.state.get("network") or {}))
         from pathlib import Path
@@ -453,10 +440,6 @@ class Supervisor:
                 init_alive=bool(self.launched is not None and self.launched.alive()),
                 network=self.network is not None,
             )
-        if op == control.OP_LOGS:
-            offset = args["offset"]
-            assert isinstance(offset, int)
-            return control.read_log_chunk(os.path.join(self.state_dir, "net-audit.jsonl"), offset)
         timeout = args["timeout"]
         assert isinstance(timeout, float)
         self.stop_timeout = timeout

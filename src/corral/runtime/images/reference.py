@@ -74,9 +74,6 @@ class ImageRef:
         """What to ask the manifest endpoint for: the digest if pinned, else the tag."""
         return self.digest or self.tag or DEFAULT_TAG
 
-    def with_digest(self, digest: str) -> ImageRef:
-        return ImageRef(self.registry, self.repository, self.tag, digest)
-
     def __str__(self) -> str:
         text = self.name
         if self.tag:
