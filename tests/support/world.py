@@ -40,6 +40,13 @@ INET_LINK_V6 = "2001:db8:1::1"
 SERVER_V4 = "203.0.113.10"
 SERVER_V6 = "2001:db8:f::10"
 
+#: The world's DNS server addresses (tests/support/dns_server.py listens there when a test
+#: starts it); /etc/netns/<host ns>/resolv.conf names them, so what runs under
+#: ``ip netns exec <host ns>`` has them as its resolvers. Processes that only setns() into the
+#: host ns read the root's /etc/resolv.conf: point CORRAL_RESOLV_CONF at ``World.resolv_conf``.
+DNS_V4 = "203.0.113.53"
+DNS_V6 = "2001:db8:f::53"
+
 
 def ip(*args: str, netns_name: str | None = None, check: bool = True) -> str:
     argv = ["ip"] + (["-n", netns_name] if netns_name else []) + list(args)
@@ -103,6 +110,11 @@ class World:
         self.extra_addresses.append(cidr)
         return cidr.split("/")[0]
 
+    @property
+    def resolv_conf(self) -> str:
+        """The host namespace's resolv.conf (names the world's DNS server)."""
+        return f"/etc/netns/{self.host_ns}/resolv.conf"
+
     def stop_process(self, proc: subprocess.Popen[bytes]) -> None:
         _kill_group(proc)
         if proc in self.processes:
@@ -160,6 +172,11 @@ def build(tag: str | None = None) -> World:
         # This kernel has no dummy links: server addresses live on the inet side's lo.
         ip("addr", "add", f"{SERVER_V4}/32", "dev", "lo", netns_name=w.inet_ns)
         ip("addr", "add", f"{SERVER_V6}/128", "dev", "lo", "nodad", netns_name=w.inet_ns)
+        ip("addr", "add", f"{DNS_V4}/32", "dev", "lo", netns_name=w.inet_ns)
+        ip("addr", "add", f"{DNS_V6}/128", "dev", "lo", "nodad", netns_name=w.inet_ns)
+        os.makedirs(os.path.dirname(w.resolv_conf), exist_ok=True)
+        with open(w.resolv_conf, "w") as f:
+            f.write(f"nameserver {DNS_V4}\nnameserver {DNS_V6}\n")
         # Replies to the host side leave through the downlink; no default route in inet.
         _wait_reachable(w)
     except BaseException:
@@ -199,6 +216,7 @@ def destroy(w: World) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         ip("netns", "del", ns, check=False)
+    shutil.rmtree(os.path.dirname(w.resolv_conf), ignore_errors=True)
 
 
 def debris(tag: str | None = None) -> list[str]:

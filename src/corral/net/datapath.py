@@ -32,6 +32,8 @@ from corral.errors import NetworkError
 from corral.net import firewall, nflog, nftables, plumbing
 from corral.net.addressing import AddressPool, Slot, host_has_ipv6
 from corral.net.audit import AUDIT_FILE, AuditEvent, AuditLog, follow
+from corral.net.dns import DnsInterceptor
+from corral.net.dns.upstreams import query_timeout_for, upstreams_for
 from corral.net.gate import FlowGate, IPAddress
 from corral.net.icmp import IcmpRelay
 from corral.net.ports import Published, PublishedPorts, bind_published
@@ -95,6 +97,7 @@ class SandboxNetwork:
         self.tcp: TcpProxy | None = None
         self.udp: UdpRelay | None = None
         self.icmp: IcmpRelay | None = None
+        self.dns: DnsInterceptor | None = None
         self.ports: PublishedPorts | None = None
         #: What the sandbox's own resolver answered: name -> addresses, with TTLs. The DNS
         #: interceptor fills it, the gate decides domain rules with it.
@@ -254,6 +257,26 @@ class SandboxNetwork:
         self.ports = PublishedPorts(self.gate, slot.guest_ipv4, self._published)
         self._published = []
         self._parts.append(self.ports)
+        # DNS: every query to port 53 of any address is answered here (docs/network.md "DNS").
+        # A test double of a policy cannot decide queries: the config's own policy does.
+        dns_policy = (
+            policy
+            if isinstance(policy, Policy)
+            else Policy.compile(self.config, host_addresses=host_addresses)
+        )
+        self.dns = DnsInterceptor(
+            sandbox=self.sandbox_id,
+            policy=dns_policy,
+            pins=self.pins,
+            gateways=gateways,
+            guests=guests,
+            upstreams=upstreams_for(self.config),
+            query_timeout=query_timeout_for(self.config),
+            audit=self._audit,
+            ipv6=slot.ipv6 is not None,
+            on_pinned=self.pinned,
+        )
+        self._parts.append(self.dns)
         prefilter: Prefilter | None = None
         log_group: int | None = None
         if isinstance(policy, Policy):
@@ -286,6 +309,10 @@ class SandboxNetwork:
                 udp_port_v4=self.udp.ports[4],
                 tcp_port_v6=self.tcp.ports.get(6),
                 udp_port_v6=self.udp.ports.get(6),
+                dns_tcp_port_v4=self.dns.ports[4]["tcp"],
+                dns_udp_port_v4=self.dns.ports[4]["udp"],
+                dns_tcp_port_v6=self.dns.ports[6]["tcp"] if 6 in self.dns.ports else None,
+                dns_udp_port_v6=self.dns.ports[6]["udp"] if 6 in self.dns.ports else None,
                 prefilter=prefilter,
                 log_group=log_group,
             )
