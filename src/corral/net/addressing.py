@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from corral.errors import NetworkError
-from corral.runtime.paths import PRIVATE_DIR_MODE, corral_home
+from corral.paths import PRIVATE_DIR_MODE, corral_home
 
 IPv4Network = ipaddress.IPv4Network
 IPv6Network = ipaddress.IPv6Network

@@ -1,50 +1,15 @@
-"""Where corral keeps its state on disk.
+"""Where corral keeps its state on disk: see :mod:`corral.paths`.
 
-Every component asks this module instead of computing paths itself, so that ``CORRAL_HOME``
-(which the tests point at a temporary directory) moves *all* state at once. Directories are
-created ``0o700`` because they hold image rootfs trees with shifted ownership and sandbox
-control sockets that no other local user should reach.
+The module moved below both runtime and net (the data path keeps its address leases under the
+same ``CORRAL_HOME``, and net must not import runtime); its names are re-exported here so the
+runtime's call sites keep working.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-#: Environment variable that overrides the state directory (tests, non-standard installs).
-CORRAL_HOME_ENV = "CORRAL_HOME"
-
-#: State directory when running as root (FHS: variable state of a system service).
-SYSTEM_HOME = Path("/var/lib/corral")
-
-#: Mode of every directory created here: state is private to the user running corral.
-PRIVATE_DIR_MODE = 0o700
-
-
-def _ensure(path: Path) -> Path:
-    """Create ``path`` (and parents) private if missing; an existing directory is left alone."""
-    path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
-    return path
-
-
-def corral_home() -> Path:
-    """The root of corral's state: env ``CORRAL_HOME``, else /var/lib/corral as root, else XDG."""
-    env = os.environ.get(CORRAL_HOME_ENV)
-    if env:
-        home = Path(env).expanduser()
-    elif os.geteuid() == 0:
-        home = SYSTEM_HOME
-    else:
-        data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-        home = Path(data) / "corral"
-    return _ensure(home.absolute())
-
-
-def images_dir() -> Path:
-    """The content-addressed image store shared by all sandboxes."""
-    return _ensure(corral_home() / "images")
-
-
-def sandboxes_dir() -> Path:
-    """One subdirectory per sandbox (state.json, control socket, writable layer, logs)."""
-    return _ensure(corral_home() / "sandboxes")
+from corral.paths import CORRAL_HOME_ENV as CORRAL_HOME_ENV
+from corral.paths import PRIVATE_DIR_MODE as PRIVATE_DIR_MODE
+from corral.paths import SYSTEM_HOME as SYSTEM_HOME
+from corral.paths import corral_home as corral_home
+from corral.paths import images_dir as images_dir
+from corral.paths import sandboxes_dir as sandboxes_dir
