@@ -31,6 +31,7 @@ from corral.errors import NetworkError
 from corral.net import plumbing
 from corral.net.addressing import AddressPool
 from corral.net.datapath import SandboxNetwork, cleanup_leftovers
+from tests.support.explain_check import mismatches
 from tests.support.servers import (
     ECHO_PORT,
     HANG_PORT,
@@ -111,15 +112,19 @@ def make_net(world: World, servers: None, tmp_path: Path) -> Iterator[MakeNet]:
     def make(config: NetworkConfig, **kw: object) -> RunningNetwork:
         sid = "t" + uuid.uuid4().hex[:8]
         kw.setdefault("pool", pool)
+        kw.setdefault("log_allowed", True)  # every flow audited: explain is checked on each
         n = RunningNetwork(world.host_ns, sid, config, tmp_path / sid, **kw)
         made.append(n)
         return n
 
     yield make
+    # `corral policy explain` must say what the data path did, for every flow of the test.
+    wrong = [m for n in made if n.net is not None for m in mismatches(n.net)]
     for n in made:
         n.close()
     for n in made:
         assert leftovers(world, n.net, n.sandbox_id) == []
+    assert wrong == [], "\n".join(wrong)
 
 
 def denied(result: str) -> bool:

@@ -55,7 +55,7 @@ def _json(root: click.Group, *args: str) -> dict[str, object]:
     code, out, err = _run(root, "policy", "explain", *args, "--json")
     assert code == 0, err
     doc = json.loads(out)
-    assert set(doc) == {"action", "rule", "reason", "names", "wait_for_name", "handled_by", "stage"}
+    assert set(doc) == {"action", "rule", "reason", "names", "revealed", "wait_for_name", "handled_by", "stage"}
     return doc  # type: ignore[no-any-return]
 
 
@@ -126,6 +126,7 @@ def test_explain_flows_json(root: click.Group, config_file: str) -> None:
         "rule": 1,
         "reason": "rule 1 (allow egress public) matched",
         "names": [],
+        "revealed": None,
         "wait_for_name": True,  # deny_domains: the name it reveals could be on the list
         "handled_by": "proxy",
         "stage": "held",

@@ -7,7 +7,8 @@ by the DNS interceptor, DoT refused, other sandboxes' addresses, pins and reveal
 and says where the data path carries it out: refused by the kernel before the handshake
 (the prefilter), held for the connection's first bytes, or decided by the proxy. It prints
 the decision, the deciding rule in its ``--rule`` form and the reason; ``--json`` prints
-``{"action", "rule", "reason", "names", "wait_for_name", "handled_by", "stage"}``.
+``{"action", "rule", "reason", "names", "revealed", "wait_for_name", "handled_by",
+"stage"}``.
 """
 
 from __future__ import annotations
@@ -145,7 +146,9 @@ def _print_decision(
         console.print("  rule:   none")
     console.print(f"  reason: {escape(decision.reason)}")
     if decision.names:
-        console.print(f"  names:  {escape(', '.join(decision.names))}")
+        console.print(f"  pinned: {escape(', '.join(decision.names))}")
+    if decision.revealed:
+        console.print(f"  revealed: {escape(decision.revealed)}")
     if stage is not None:
         console.print(f"  where:  {escape(_STAGE_TEXT[stage])}")
 
@@ -161,11 +164,13 @@ def explain_flow(
     sni: str | None = None,
     gateways: Sequence[IPAddress] = (),
     host_addresses: Sequence[IPAddress] = (),
+    others: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
 ) -> tuple[Policy, FlowVerdict, str]:
     """The data path's verdict about one flow and where it is carried out.
 
     The sandbox is described by ``gateways`` (its own gateway addresses; every other address
-    of the config's pools belongs to another sandbox) and ``host_addresses`` (the host's own).
+    of the config's pools belongs to another sandbox, and so does every network in ``others``:
+    slots leased from other pools) and ``host_addresses`` (the host's own).
     ``names``: what the sandbox's DNS pinned to the address; ``sni``: the name the connection
     revealed (None: not read, the verdict may wait for it).
     """
@@ -176,7 +181,7 @@ def explain_flow(
     pools = [ipaddress.ip_network(config.ipv4_pool), ipaddress.ip_network(config.ipv6_pool)]
     if direction is PolicyDirection.INGRESS:
         return policy, verdicts.ingress(policy, protocol, address, port or 0), STAGE_PROXY
-    view = SandboxView(frozenset(gw), tuple(pools), tls_interception=False)
+    view = SandboxView(frozenset(gw), (*pools, *others), tls_interception=False)
     revealed = None if sni is None else Revealed(sni)
     v = verdicts.egress(policy, view, protocol, address, port, names=names, revealed=revealed)
     if v.handled_by == verdicts.BY_DNS:

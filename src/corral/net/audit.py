@@ -40,6 +40,9 @@ class AuditEvent:
     rule: int | None  # index in the expanded rule list; None = the direction's default
     action: str  # allow | deny
     reason: str
+    #: The name the connection itself revealed (TLS SNI, HTTP Host, :authority), when it was
+    #: read (``names`` are the names the sandbox's DNS pinned to the destination).
+    revealed: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -74,6 +77,7 @@ class AuditLog:
         reason: str,
         rule: int | None = None,
         names: list[str] | None = None,
+        revealed: str | None = None,
     ) -> None:
         """Write the event if it is a denial, or an allow and allows are logged."""
         if self._fd is None or (action == "allow" and not self.log_allowed):
@@ -90,6 +94,7 @@ class AuditLog:
             rule=rule,
             action=action,
             reason=reason,
+            revealed=revealed,
         )
         os.write(self._fd, (event.to_json() + "\n").encode())
 

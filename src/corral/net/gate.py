@@ -181,4 +181,5 @@ class FlowGate:
             rule=v.rule,
             reason=v.reason,
             names=list(v.names),
+            revealed=v.revealed,
         )

@@ -98,8 +98,8 @@ class FlowVerdict:
 
     ``target``: the address to dial when allowed (the gateway becomes loopback); ``rule``:
     the deciding rule's index in ``Policy.rules`` (None: a default, a deny list or a fact of
-    the data path); ``names``: what the decision looked at (pinned names, then the revealed
-    name); ``wait_for_name``: read the first bytes before deciding (see the module
+    the data path); ``names``: the names the sandbox's DNS pinned to the address;
+    ``revealed``: the name the connection revealed, when it was read; ``wait_for_name``: read the first bytes before deciding (see the module
     docstring); ``handled_by``: :data:`BY_DNS` or :data:`BY_PROXY`.
     """
 
@@ -110,6 +110,7 @@ class FlowVerdict:
     names: tuple[str, ...] = ()
     wait_for_name: bool = False
     handled_by: str = BY_PROXY
+    revealed: str | None = None  # the revealed name the decision used (normalised)
 
     @property
     def action(self) -> str:
@@ -121,13 +122,16 @@ class FlowVerdict:
             "rule": self.rule,
             "reason": self.reason,
             "names": list(self.names),
+            "revealed": self.revealed,
             "wait_for_name": self.wait_for_name,
             "handled_by": self.handled_by,
         }
 
 
-def _deny(reason: str, names: tuple[str, ...] = (), rule: int | None = None) -> FlowVerdict:
-    return FlowVerdict(False, None, rule, reason, names)
+def _deny(
+    reason: str, names: tuple[str, ...] = (), rule: int | None = None, revealed: str | None = None
+) -> FlowVerdict:
+    return FlowVerdict(False, None, rule, reason, names, revealed=revealed)
 
 
 def egress(
@@ -150,8 +154,7 @@ def egress(
         return _deny(DOT_REFUSED)
     if view.is_other_sandbox(addr):
         return _deny(OTHER_SANDBOX)
-    pinned = tuple(sorted(names))
-    shown = pinned
+    shown = tuple(sorted(names))
     sni: str | None = None
     base = Flow(_EGRESS, protocol, addr, port, names, None)
     if revealed is None:
@@ -161,24 +164,22 @@ def egress(
         wait = False
         if revealed.name is not None:
             sni = normalize_name(revealed.name)
-            if sni not in pinned:
-                shown = (*pinned, sni)
         if not revealed.valid:
             first = policy.decide(base)
             if policy.name_could_change(base, first):
                 what = revealed.raw or revealed.name or "nothing complete"
-                return _deny(f"the connection revealed no valid host name ({what})", shown)
+                return _deny(f"the connection revealed no valid host name ({what})", shown, revealed=sni)
         if sni is not None:
             listed = policy.deny_listed(sni)
             if listed is not None:
-                return _deny(listed.reason, shown)
+                return _deny(listed.reason, shown, revealed=sni)
         d = policy.decide(Flow(_EGRESS, protocol, addr, port, names, sni))
     if not d.allowed:
-        return FlowVerdict(False, None, d.rule, d.reason, shown, wait)
+        return FlowVerdict(False, None, d.rule, d.reason, shown, wait, revealed=sni)
     target: IPAddress = addr
     if addr in view.gateways:
         target = LOOPBACK_V4 if addr.version == 4 else LOOPBACK_V6
-    return FlowVerdict(True, target, d.rule, d.reason, shown, wait)
+    return FlowVerdict(True, target, d.rule, d.reason, shown, wait, revealed=sni)
 
 
 def ingress(
