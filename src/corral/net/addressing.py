@@ -18,12 +18,12 @@ import fcntl
 import ipaddress
 import json
 import os
-import subprocess
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from corral.errors import NetworkError
+from corral.net.rtnetlink import RouteSocket
 from corral.paths import PRIVATE_DIR_MODE, corral_home
 
 IPv4Network = ipaddress.IPv4Network
@@ -131,26 +131,13 @@ def next_lease_number(used: Iterable[int]) -> int:
 
 
 def host_routes() -> list[IPNetwork]:
-    """Every route destination of the current network namespace (all tables, v4 and v6)."""
-    routes: list[IPNetwork] = []
-    for family in ("-4", "-6"):
-        res = subprocess.run(
-            ["ip", "-j", family, "route", "show", "table", "all"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if res.returncode != 0:
-            if family == "-6":
-                continue  # no IPv6 in this kernel/netns: nothing to skip
-            raise NetworkError(f"reading the host's routes failed: {res.stderr.strip()}")
-        for entry in json.loads(res.stdout or "[]"):
-            dst = entry.get("dst", "")
-            if dst in ("", "default"):
-                continue
-            with contextlib.suppress(ValueError):
-                routes.append(ipaddress.ip_network(dst, strict=False))
-    return routes
+    """Every route destination of the current network namespace (all tables, v4 and v6), read
+    with one rtnetlink dump (no ``ip`` process). Default routes are left out."""
+    try:
+        with RouteSocket() as sock:
+            return sock.route_destinations()
+    except OSError as exc:
+        raise NetworkError(f"reading the host's routes failed: {exc}") from None
 
 
 def host_has_ipv6() -> bool:

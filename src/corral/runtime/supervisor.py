@@ -137,9 +137,10 @@ class NetworkThread:
                 self._started.set()
             await self._stop_event.wait()
         finally:
-            # On the loop that started them: proxies and listeners belong to this loop.
+            # On the loop that started them: proxies and listeners belong to this loop. The
+            # veth goes with the namespace once the init is gone (see SandboxNetwork.close).
             try:
-                await self._network.close()  # type: ignore[attr-defined]
+                await self._network.close(leave_link=True)  # type: ignore[attr-defined]
             except BaseException as exc:
                 _log(f"closing the network failed: {exc!r}")
 
@@ -473,7 +474,7 @@ class Supervisor:
             import asyncio
 
             try:
-                asyncio.run(self.network.close())  # type: ignore[attr-defined]
+                asyncio.run(self.network.close(leave_link=True))  # type: ignore[attr-defined]
             except BaseException as exc:
                 _log(f"releasing the network failed: {exc!r}")
 

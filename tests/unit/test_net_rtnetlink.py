@@ -1,0 +1,100 @@
+"""rtnetlink requests and dump parsers (pure): layouts the kernel's headers define."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+
+from corral.net import rtnetlink as rt
+
+
+def header(msg: bytes) -> tuple[int, int, int, int, int]:
+    return struct.unpack_from("=IHHII", msg)
+
+
+def attrs_of(msg: bytes, fixed: int) -> dict[int, bytes]:
+    return rt.attributes(msg[16:], fixed)
+
+
+def test_every_request_is_acknowledged_and_its_length_is_exact() -> None:
+    requests = [
+        rt.new_veth("cr-a", "eth0", 65000, 7, 2),
+        rt.set_up(5),
+        rt.delete_link("cr-a"),
+        rt.new_address(5, ipaddress.ip_address("10.0.0.1"), 30),
+        rt.local_default_route(6, 0x63720001),
+        rt.default_route_via(ipaddress.ip_address("fd00::1"), 2),
+        rt.rule(4, "cr-a", 0x6372, 0xFFFF, 0x63720001, 10000),
+    ]
+    for msg in requests:
+        length, _kind, flags, _seq, _pid = header(msg)
+        assert length == len(msg) and length % 4 == 0
+        assert flags & (rt.NLM_F_REQUEST | rt.NLM_F_ACK) == rt.NLM_F_REQUEST | rt.NLM_F_ACK
+
+
+def test_a_veth_carries_its_peer_with_name_mtu_netns_and_index() -> None:
+    msg = rt.new_veth("cr-a", "eth0", 65000, 7, 2)
+    assert header(msg)[1] == rt.RTM_NEWLINK
+    assert header(msg)[2] & (rt.NLM_F_CREATE | rt.NLM_F_EXCL) == rt.NLM_F_CREATE | rt.NLM_F_EXCL
+    top = attrs_of(msg, 16)
+    assert top[rt.IFLA_IFNAME] == b"cr-a\0"
+    assert struct.unpack("=I", top[rt.IFLA_MTU]) == (65000,)
+    info = rt.attributes(top[rt.IFLA_LINKINFO], 0)
+    assert info[rt.IFLA_INFO_KIND] == b"veth"
+    peer = rt.attributes(info[rt.IFLA_INFO_DATA], 0)[rt.VETH_INFO_PEER]
+    assert struct.unpack_from("=i", peer, 4) == (2,)  # ifi_index of the peer
+    peer_attrs = rt.attributes(peer, 16)
+    assert peer_attrs[rt.IFLA_IFNAME] == b"eth0\0"
+    assert struct.unpack("=I", peer_attrs[rt.IFLA_NET_NS_FD]) == (7,)
+
+
+def test_an_ipv6_address_without_dad_and_an_ipv4_one() -> None:
+    v6 = rt.new_address(3, ipaddress.ip_address("fd42::1"), 64, nodad=True)
+    family, plen, flags, _scope, index = struct.unpack_from("=BBBBI", v6, 16)
+    assert (family, plen, flags, index) == (socket.AF_INET6, 64, rt.IFA_F_NODAD, 3)
+    assert rt.parse_address(v6[16:]) == ipaddress.ip_address("fd42::1")
+    v4 = rt.new_address(3, ipaddress.ip_address("10.1.2.1"), 30)
+    assert struct.unpack_from("=BBB", v4, 16) == (socket.AF_INET, 30, 0)
+    assert rt.parse_address(v4[16:]) == ipaddress.ip_address("10.1.2.1")
+
+
+def test_a_table_above_255_goes_in_an_attribute_and_the_header_says_unspec() -> None:
+    msg = rt.local_default_route(4, 0x63720009)
+    family, dst_len, _src, _tos, table, proto, scope, kind = struct.unpack_from("=8B", msg, 16)
+    assert (family, dst_len, table, proto, scope, kind) == (
+        socket.AF_INET,
+        0,
+        rt.RT_TABLE_UNSPEC,
+        rt.RTPROT_BOOT,
+        rt.RT_SCOPE_HOST,
+        rt.RTN_LOCAL,
+    )
+    a = attrs_of(msg, 12)
+    assert struct.unpack("=I", a[rt.RTA_TABLE]) == (0x63720009,)
+    assert struct.unpack("=i", a[rt.RTA_OIF]) == (rt.LOOPBACK_INDEX,)
+    assert header(rt.local_default_route(4, 0x63720009, delete=True))[1] == rt.RTM_DELROUTE
+
+
+def test_a_rule_round_trips_through_the_dump_parser() -> None:
+    msg = rt.rule(6, "cr-abc", 0x6372, 0xFFFF, 0x63720004, 10000)
+    entry = rt.parse_rule(msg[16:])
+    assert entry == rt.RuleEntry(socket.AF_INET6, "cr-abc", 0x63720004, 10000, 0x6372, 0xFFFF)
+    assert header(rt.rule(6, "cr-abc", 1, 2, 3, 4, delete=True))[1] == rt.RTM_DELRULE
+
+
+def test_route_destinations_and_the_default_route() -> None:
+    body = struct.pack("=8BI", socket.AF_INET, 24, 0, 0, 254, 3, 0, 1, 0) + rt.attr(
+        rt.RTA_DST, bytes([10, 9, 8, 0])
+    )
+    assert rt.parse_route_destination(body) == ipaddress.ip_network("10.9.8.0/24")
+    default = struct.pack("=8BI", socket.AF_INET6, 0, 0, 0, 254, 3, 0, 1, 0)
+    assert rt.parse_route_destination(default) is None
+
+
+def test_messages_stop_at_a_truncated_one() -> None:
+    one = rt.message(rt.NLMSG_DONE, 0, b"\0\0\0\0", seq=3)
+    two = rt.message(rt.NLMSG_ERROR, 0, struct.pack("=i", -17) + b"x" * 16, seq=4)
+    got = list(rt.messages(one + two + two[:10]))
+    assert [(k, s) for k, _f, s, _b in got] == [(rt.NLMSG_DONE, 3), (rt.NLMSG_ERROR, 4)]
+    assert list(rt.messages(struct.pack("=IHHII", 8, 0, 0, 0, 0))) == []  # length < header
