@@ -3,8 +3,12 @@ the on-disk lease registry shared by supervisor processes."""
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import multiprocessing
+import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -108,3 +112,44 @@ def test_concurrent_processes_never_share_a_slot(tmp_path: Path) -> None:
         results = workers.map(_lease_many, [(str(tmp_path), w) for w in range(4)])
     slots = [s for r in results for s in r]
     assert len(slots) == 40 and len(set(slots)) == 40
+
+
+def test_a_write_interrupted_between_unlink_and_rename_is_finished_by_the_next(
+    tmp_path: Path,
+) -> None:
+    pool = AddressPool(tmp_path)
+    slot = pool.lease("a", POOL, None, routes=[])
+    # What a writer that died after unlinking leases.json and before its rename leaves:
+    pool.leases_path.rename(pool.leases_path.with_suffix(".tmp"))
+    assert AddressPool(tmp_path).get("a") == slot
+    assert pool.leases_path.exists() and not pool.leases_path.with_suffix(".tmp").exists()
+
+
+def test_a_write_interrupted_while_writing_the_new_file_committed_nothing(
+    tmp_path: Path,
+) -> None:
+    pool = AddressPool(tmp_path)
+    tmp_path.joinpath("leases.tmp").write_text('{"a": {"ipv4": "172.16')
+    assert pool.all() == {}
+    assert pool.lease("b", POOL, None, routes=[]).ipv4 == V4("172.16.0.0/30")
+
+
+def test_the_lock_free_view_waits_for_a_writer_between_unlink_and_rename(
+    tmp_path: Path,
+) -> None:
+    pool = AddressPool(tmp_path)
+    pool.lease("a", POOL, None, routes=[])
+    reader = AddressPool(tmp_path)
+    assert reader.leased_networks() == [V4("172.16.0.0/30")]
+    fd = os.open(pool.lock_path, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a writer, in the middle of _write
+    text = pool.leases_path.read_text().replace("172.16.0.0/30", "172.16.0.4/30")
+    pool.leases_path.unlink()
+    seen: list[object] = []
+    thread = threading.Thread(target=lambda: seen.append(reader.leased_networks()))
+    thread.start()
+    time.sleep(0.05)  # the reader is blocked on the lock now (or will be)
+    pool.leases_path.write_text(text)
+    os.close(fd)
+    thread.join(10)
+    assert seen == [[V4("172.16.0.4/30")]]
