@@ -103,7 +103,18 @@ def test_network_config_defaults() -> None:
     assert c.on_secret_violation is None
     assert c.effective_on_secret_violation is ViolationAction.BLOCK_AND_LOG
     assert c.trust_host_cas is None
+    assert c.deny_response is None
     assert c.effective_rebind_protection is True
+
+
+def test_deny_response_formats() -> None:
+    assert NetworkConfig(deny_response="JSON").deny_response == "json"
+    assert NetworkConfig(deny_response="text").deny_response == "text"
+    assert NetworkConfig(deny_response="").deny_response is None
+    for bad in ("html", True, 1):
+        with pytest.raises(ConfigError) as err:
+            NetworkConfig(deny_response=bad)  # type: ignore[arg-type]
+        assert err.value.path == "deny_response"
 
 
 def test_enum_fields_accept_wire_strings() -> None:

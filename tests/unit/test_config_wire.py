@@ -106,6 +106,7 @@ EXAMPLES = {
         max_connections=1024,
         on_secret_violation="block-and-terminate",
         trust_host_cas=True,
+        deny_response="json",
     ),
 }
 
@@ -147,6 +148,7 @@ def test_wire_values_are_the_references_strings() -> None:
         "max_connections",
         "on_secret_violation",
         "trust_host_cas",
+        "deny_response",
     }
 
 

@@ -59,6 +59,9 @@ MAX_MAX_CONNECTIONS = 1_000_000
 
 _ENV_VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
+#: The body formats of ``NetworkConfig.deny_response`` (SPEC "Readable denials").
+DENY_RESPONSE_FORMATS = ("text", "json")
+
 
 def _set(obj: object, name: str, value: object) -> None:
     object.__setattr__(obj, name, value)
@@ -517,7 +520,9 @@ class NetworkConfig:
 
     Defaults: egress deny and ingress allow unless a preset or the field says otherwise;
     with both ``policy`` and ``rules``, the preset's rules come first. An explicit
-    ``default_egress``/``default_ingress`` wins over the preset's.
+    ``default_egress``/``default_ingress`` wins over the preset's. ``deny_response``
+    (corral's own, default off) answers an HTTP request refused by default egress with a 403
+    whose body ("text" or "json") names the host and how to allow it.
     """
 
     policy: NetworkPolicyPreset | str | None = None
@@ -536,6 +541,7 @@ class NetworkConfig:
     max_connections: int | None = None
     on_secret_violation: ViolationAction | str | None = None
     trust_host_cas: bool | None = None
+    deny_response: str | None = None
 
     def __post_init__(self) -> None:
         if self.policy is not None and self.policy != "":
@@ -601,6 +607,16 @@ class NetworkConfig:
         else:
             _set(self, "on_secret_violation", None)
         _set(self, "trust_host_cas", _opt_bool(self.trust_host_cas, "trust_host_cas"))
+        dr = self.deny_response
+        if dr in (None, ""):
+            dr = None
+        elif not isinstance(dr, str) or dr.strip().lower() not in DENY_RESPONSE_FORMATS:
+            raise ConfigError(
+                "deny_response", f"{dr!r} is not 'text' or 'json' (leave it unset for no body)"
+            )
+        else:
+            dr = dr.strip().lower()
+        _set(self, "deny_response", dr)
 
     def _check_ports(self) -> None:
         if not isinstance(self.ports, Mapping):
@@ -735,6 +751,8 @@ class NetworkConfig:
             out["max_connections"] = self.max_connections
         if self.trust_host_cas is not None:
             out["trust_host_cas"] = self.trust_host_cas
+        if self.deny_response is not None:
+            out["deny_response"] = self.deny_response
         return out
 
     @classmethod
