@@ -3,8 +3,8 @@
 The image is the busybox test image of tests/support/images.py (Debian's busybox-static,
 Cmd ["/bin/sh"]) written as an OCI layout and imported with ``ImageStore.import_path``, as a
 user would import a local image. Every sandbox a
-test creates is removed by the test's own ``finally``; the debris test (test_zz_debris.py)
-proves that the whole suite left nothing.
+test creates is removed by the test's own ``finally``; the debris check that runs after the
+whole session (tests/support/debris.py) proves that the suite left nothing.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import debris
 from tests.support import world as world_mod
 
 IMAGE = "corral-test/busybox:lifecycle"
 ROOT = Path(__file__).resolve().parent.parent.parent
 
-#: CORRAL_HOME of every lifecycle/CLI/gc test of this run (the debris test inspects it).
+#: CORRAL_HOME of every lifecycle/CLI/gc test of this run (the debris check inspects it).
 HOME_ENV = "CORRAL_HOME"
 
 
@@ -35,6 +36,7 @@ def unique(prefix: str) -> str:
 @pytest.fixture(scope="session", name="corral_home")
 def corral_home_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     home = tmp_path_factory.mktemp("corral-home")
+    debris.watch_home(home)
     old = os.environ.get(HOME_ENV)
     os.environ[HOME_ENV] = str(home)
     try:

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -25,6 +24,7 @@ from tests.integration.lifecycle_support import (  # noqa: F401 - fixtures
 from tests.support import world as world_mod
 from tests.support.fixtures_images import PushedImages
 from tests.support.registry import RunningRegistry
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.usefixtures("in_world")
 
@@ -135,8 +135,7 @@ def test_gc_after_kill9_prints_what_it_removed(image: str) -> None:
     recorded = state.read_supervisor_pid(directory)
     assert recorded is not None
     os.kill(recorded[0], signal.SIGKILL)
-    while state.supervisor_alive(directory):
-        time.sleep(0.01)
+    wait_for(lambda: not state.supervisor_alive(directory), timeout=10, what="the supervisor to die")
     assert json.loads(corral_cli("inspect", name).stdout)["status"] == "crashed"
     res = corral_cli("gc")
     assert res.returncode == 0, res.stderr

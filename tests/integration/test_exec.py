@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from corral.errors import SandboxError
 from corral.runtime import launcher
 from corral.runtime.channel import EXIT_TIMED_OUT, ChannelClient
 from tests.support.sandbox import collect, launched, run, sh
+from tests.support.waiting import async_wait_for, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -153,12 +153,12 @@ def test_disconnecting_kills_the_command(sb: launcher.Launched) -> None:
         try:
             proc = await client.exec(["sleep", "103"])
             proc._finish()  # drop the connection without waiting
-            for _ in range(100):
+
+            async def sleep_gone() -> str:
                 _, out, _ = await collect(await client.exec(["ps", "-o", "args"]))
-                if b"sleep 103" not in out:
-                    break
-                await asyncio.sleep(0.02)
-            return out.decode()
+                return "" if b"sleep 103" in out else out.decode()
+
+            return await async_wait_for(sleep_gone, timeout=10, what="the command to be killed")
         finally:
             await client.close()
 
@@ -271,11 +271,7 @@ def test_idle_sandbox_keeps_exactly_one_spare_worker(sb: launcher.Launched) -> N
         # Orphaned commands are the init's children too; workers run the init's executable.
         return [c for c in children if _exe(c) == init_exe]
 
-    for _ in range(200):
-        if len(workers()) == 1:
-            break
-        time.sleep(0.01)
-    assert len(workers()) == 1, workers()
+    wait_for(lambda: len(workers()) == 1, timeout=10, what="one worker left")
 
 
 def _exe(pid: str) -> str:

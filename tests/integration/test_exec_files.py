@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 from collections.abc import AsyncIterator, Iterator
@@ -14,6 +13,7 @@ from corral.errors import SandboxError
 from corral.runtime import launcher
 from corral.runtime.channel import MAX_DATA_SIZE, ChannelClient
 from tests.support.sandbox import launched, run, sh
+from tests.support.waiting import async_wait_for
 
 
 @pytest.fixture(scope="module")
@@ -216,12 +216,12 @@ def test_failed_write_leaves_no_temp_file(sb: launcher.Launched) -> None:
             with pytest.raises(RuntimeError):
                 await c.write_file("/tmp/w/f", failing())
             await c.exists("/tmp/w/f")  # a fresh connection; the worker saw the drop
-            for _ in range(100):  # the worker cleans up when it sees the connection drop
-                names = [e.name for e in await c.list_dir("/tmp/w")]
-                if not names:
-                    break
-                await asyncio.sleep(0.01)
-            return names
+
+            async def cleaned_up() -> bool:  # when the worker sees the connection drop
+                return not await c.list_dir("/tmp/w")
+
+            await async_wait_for(cleaned_up, timeout=10, what="the partial file to go")
+            return [e.name for e in await c.list_dir("/tmp/w")]
         finally:
             await c.close()
 

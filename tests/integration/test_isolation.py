@@ -18,6 +18,7 @@ from corral.runtime import capabilities, launcher
 from corral.runtime.channel import ChannelClient
 from corral.runtime.images.idmap import UID_BASE
 from tests.support.sandbox import assert_no_debris, launched, run, sh, spec_for
+from tests.support.waiting import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -241,10 +242,7 @@ def test_fork_bomb_is_stopped_by_the_pids_limit(tmp_path: Path) -> None:
         events = (pids_dir / "pids.events").read_text()
         assert int(events.split()[-1]) > 0  # "max N": forks refused at the limit
         # The sandbox recovers and the host is fine.
-        for _ in range(100):
-            if run(sh(s, "true"))[0] == 0:
-                break
-            time.sleep(0.05)
+        wait_for(lambda: run(sh(s, "true"))[0] == 0, timeout=30, what="the sandbox to recover")
         assert run(sh(s, "echo ok"))[1] == "ok\n"
     assert subprocess.run(["true"]).returncode == 0
 
@@ -295,11 +293,7 @@ def test_cleanup_leftovers_after_a_supervisor_crash(tmp_path: Path, die_with_par
     _, init_pid = _launch_in_child(state, die_with_parent)
     record = launcher.Cgroup.from_json((state / launcher.CGROUP_RECORD).read_text())
     if die_with_parent:
-        for _ in range(200):
-            if not record.pids():
-                break
-            time.sleep(0.01)
-        assert not record.pids(), "the sandbox outlived its supervisor"
+        wait_for(lambda: not record.pids(), timeout=10, what="the sandbox to die with its supervisor")
     else:
         assert record.pids(), "the sandbox should survive when die_with_parent=False"
     launcher.cleanup_leftovers(state)
@@ -310,17 +304,19 @@ def test_cleanup_leftovers_after_a_supervisor_crash(tmp_path: Path, die_with_par
 def test_init_reaps_orphans(sb: launcher.Launched) -> None:
     """Orphans are reparented to the sandbox's pid 1, which must reap them (no zombies)."""
     run(sh(sb, "for i in 1 2 3 4 5; do (sleep 0.05 &) ; done; sleep 0.3"))
-    time.sleep(0.2)
-    _, out, _ = run(sh(sb, "ps -o stat,args | grep -c '^ *Z' || true"))
-    assert out.strip() == "0"
+    # The orphans have exited (sleep 0.3 > 0.05); the init reaps them as their SIGCHLD comes.
+    zombies = "ps -o stat,args | grep -c '^ *Z' || true"
+    wait_for(lambda: run(sh(sb, zombies))[1].strip() == "0", timeout=10, what="no zombies")
 
 
 def test_stop_sends_sigterm_first(tmp_path: Path) -> None:
     """A process that traps SIGTERM gets to run its handler before the sandbox goes away."""
     with launched(tmp_path / "sb", name="graceful") as s:
         code, _, _ = run(sh(s, "(trap 'echo bye > /var/tmp/bye; exit 0' TERM; "
+                               "touch /var/tmp/trapped; "
                                "while :; do sleep 0.05; done) > /dev/null 2>&1 & echo"))
-        time.sleep(0.2)
+        trapped = tmp_path / "sb" / launcher.UPPER_DIR / "var/tmp/trapped"
+        wait_for(trapped.exists, timeout=10, what="the trap to be installed")
         launcher.stop(s, grace=3.0)
     assert (tmp_path / "sb" / launcher.UPPER_DIR / "var/tmp/bye").read_text() == "bye\n"
 
@@ -407,11 +403,7 @@ def test_stop_after_the_init_was_killed(tmp_path: Path) -> None:
     with launched(tmp_path / "sb", name="crashed") as s:
         run(sh(s, "sleep 1000 > /dev/null 2>&1 & echo"))
         os.kill(s.init_pid, signal.SIGKILL)  # the kernel kills the whole pid namespace
-        for _ in range(200):
-            if not s.alive():
-                break
-            time.sleep(0.01)
-        assert not s.alive()
+        wait_for(lambda: not s.alive(), timeout=10, what="the sandbox to die with its init")
     # launched() stopped it and asserted: no process, cgroup, mount or socket left.
 
 
@@ -440,7 +432,10 @@ def test_init_survives_a_persistent_fork_bomb(tmp_path: Path) -> None:
     """At the pids limit, execs fail with a sentence (or succeed) but the init lives on."""
     with launched(tmp_path / "sb", name="bomb2", pids_max=32) as s:
         run(sh(s, "(while :; do sleep 1000 & done) > /dev/null 2>&1 &"))
-        time.sleep(0.3)
+        pids_dir = s.cgroup.paths[0] if s.cgroup.layout == "v2" else s.cgroup.v1["pids"]
+        events = pids_dir / "pids.events"  # "max N": forks refused at the limit
+        wait_for(lambda: int(events.read_text().split()[-1]) > 0, timeout=30,
+                 what="the bomb to reach the pids limit")
         errors = []
         for _ in range(5):
             try:
@@ -448,8 +443,6 @@ def test_init_survives_a_persistent_fork_bomb(tmp_path: Path) -> None:
             except SandboxError as e:
                 errors.append(str(e))
         assert s.alive()
-        pids_dir = s.cgroup.paths[0] if s.cgroup.layout == "v2" else s.cgroup.v1["pids"]
-        assert int((pids_dir / "pids.events").read_text().split()[-1]) > 0
         # Whether a given exec finds a free slot depends on timing; a refusal is a sentence.
         assert all(e == "cannot start 'sh': the sandbox's process limit (pids_max) is reached"
                    for e in errors), errors

@@ -32,6 +32,7 @@ from tests.integration.lifecycle_support import (  # noqa: F401 - fixtures
 )
 from tests.support import world as world_mod
 from tests.support.servers import HTTP_PORT, start_servers
+from tests.support.waiting import wait_for
 from tests.support.world import SERVER_V4
 
 pytestmark = pytest.mark.usefixtures("in_world")
@@ -315,8 +316,8 @@ def test_create_cleans_a_crashed_namesake(image: str) -> None:
     recorded = state.read_supervisor_pid(sb.directory)
     assert recorded is not None
     os.kill(recorded[0], signal.SIGKILL)
-    while state.supervisor_alive(sb.directory):
-        time.sleep(0.01)
+    wait_for(lambda: not state.supervisor_alive(sb.directory), timeout=10,
+             what="the supervisor to die")
     with corral.sync.Sandbox.create(name, image=image, network=NONE) as again:
         assert again.exec("true").ok
     assert cgroup_dirs(name) == []
@@ -463,8 +464,8 @@ def test_kill9_of_a_networked_supervisor_then_gc_removes_the_network(image: str)
     recorded = state.read_supervisor_pid(sb.directory)
     assert recorded is not None
     os.kill(recorded[0], signal.SIGKILL)
-    while state.supervisor_alive(sb.directory):
-        time.sleep(0.01)
+    wait_for(lambda: not state.supervisor_alive(sb.directory), timeout=10,
+             what="the supervisor to die")
     assert sb.status == state.CRASHED
     removed = gc.collect([name])
     assert any("network of" in line for line in removed), removed
@@ -526,7 +527,7 @@ def test_a_cancelled_create_leaves_nothing(image: str, delay: float) -> None:
     run(scenario())
     # The abandoned create finishes in its thread, then takes the sandbox down. In one full
     # clean-checkout run (delay 0.0) that took over 10 s, though the directory was gone by
-    # the debris test: a slow path not yet explained (see the session's closing note), so
+    # the debris check: a slow path not yet explained (see the session's closing note), so
     # the bound is generous; a sandbox left for good still fails here.
     deadline = time.monotonic() + 60
     while state.sandbox_dir(name).exists() and time.monotonic() < deadline:

@@ -5,20 +5,21 @@ from __future__ import annotations
 import socket
 
 from tests.support import world as world_mod
+from tests.support.waiting import wait_for
 
 
 def test_host_reaches_internet_servers(world: world_mod.World) -> None:
     srv = world.spawn_inet(["python3", "-c", _ECHO_SERVER])
     try:
         with world.in_host():
-            for _ in range(100):
-                try:
-                    s = socket.create_connection((world_mod.SERVER_V4, 7007), timeout=2)
-                    break
-                except ConnectionRefusedError:
-                    import time
 
-                    time.sleep(0.02)
+            def connected() -> socket.socket | None:
+                try:  # refused until the server listens
+                    return socket.create_connection((world_mod.SERVER_V4, 7007), timeout=2)
+                except ConnectionRefusedError:
+                    return None
+
+            s = wait_for(connected, timeout=10, what="the echo server to listen")
             with s:
                 s.sendall(b"ping")
                 assert s.recv(4) == b"ping"
