@@ -16,6 +16,7 @@ import dns.flags
 import dns.message
 import dns.name
 import dns.rcode
+import dns.rdata
 import dns.rdatatype
 import dns.rrset
 import pytest
@@ -643,3 +644,41 @@ def test_sweep_expires_everything() -> None:
     clock.now += 11
     r.sweep()
     assert len(r.cache) == 0 and len(pins) == 0
+
+
+def test_upstream_work_is_budgeted_in_records(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(resolver_mod, "MAX_UPSTREAM_RECORDS_PER_SECOND", 100)
+    r, clock, _ = make()
+    records = [
+        f"big.example. 0 IN A 198.18.0.{i}" for i in range(resolver_mod.MAX_ADDRESSES_PER_ANSWER)
+    ]
+    resolve(r, "big.example", records)  # TTL 0: not cached; costs 65 of the 100
+    resolve(r, "big.example", records)  # still admitted (the bucket was not in debt): -30
+    step = ask(r, query("small.example"))
+    assert step.attempts == [] and reply_of(step).rcode() == dns.rcode.SERVFAIL
+    assert data_of(ask(r, query("host.corral.internal"))) == [str(GW4)]  # no upstream needed
+    clock.now += 0.5
+    assert ask(r, query("small.example")).attempts
+
+
+def data_of(step: Step) -> list[str]:
+    return addresses(reply_of(step))
+
+
+def test_huge_upstream_messages_are_trimmed_before_parsing() -> None:
+    r, _, pins = make()
+    (attempt,) = ask(r, query("huge.example", "TXT", edns=0), "tcp").attempts
+    q = dns.message.from_wire(attempt.wire)
+    resp = dns.message.make_response(q)
+    rr = dns.rrset.RRset(dns.name.from_text("huge.example."), 1, dns.rdatatype.TXT)
+    for i in range(2000):
+        rr.add(dns.rdata.from_text("IN", "TXT", f'"{i}"'))
+    resp.answer.append(rr)
+    resp.additional.append(dns.rrset.from_text("glue.example.", 60, "IN", "A", "1.2.3.4"))
+    wire_bytes = resp.to_wire(max_size=65535)
+    trimmed, count = wire.trim_message(wire_bytes, resolver_mod.MAX_UPSTREAM_RECORDS)
+    assert count == resolver_mod.MAX_UPSTREAM_RECORDS
+    assert len(dns.message.from_wire(trimmed).answer[0]) == resolver_mod.MAX_UPSTREAM_RECORDS
+    done = r.upstream_reply(attempt, wire_bytes)
+    msg = reply_of(done)
+    assert len(msg.answer[0]) == resolver_mod.MAX_UPSTREAM_RECORDS and not msg.additional

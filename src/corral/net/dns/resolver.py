@@ -80,9 +80,22 @@ HOST_NAME_TTL = 60
 MAX_CNAME_CHAIN = 11
 
 #: Addresses given to the guest (and pinned) per answer at most; the rest of a huge RRset is
-#: dropped. glibc's resolver keeps at most 35 addresses per answer (MAXADDRS), musl 48; 256
+#: dropped. glibc's resolver keeps at most 35 addresses per answer (MAXADDRS), musl 48; 64
 #: leaves every real client its full choice and bounds the pin churn of one query.
-MAX_ADDRESSES_PER_ANSWER = 256
+MAX_ADDRESSES_PER_ANSWER = 64
+
+#: Answer records of an upstream message that are parsed at all (wire.trim_message cuts the
+#: rest): the addresses kept, a full CNAME chain, and one more.
+MAX_UPSTREAM_RECORDS = MAX_ADDRESSES_PER_ANSWER + MAX_CNAME_CHAIN + 1
+
+#: Upstream records a sandbox may make corral parse per second (a token bucket charged one
+#: per answer plus one per record). dnspython costs 10-50 microseconds a record here, so this
+#: keeps a hostile zone's huge TTL-0 answers, asked in a loop, to about a tenth of a core;
+#: ordinary answers (1-10 records) leave room for hundreds of uncached names a second. Past
+#: it, new uncached questions get SERVFAIL at once until the budget refills (cache hits and
+#: host names still answer). Unbound's ``ratelimit`` (1000 queries/s per zone when enabled)
+#: is the nearest precedent; it counts queries, this counts the work they cause.
+MAX_UPSTREAM_RECORDS_PER_SECOND = 4096
 
 #: Distinct questions waiting for upstream at once, per sandbox. dnsmasq forwards at most
 #: 150 concurrently (``dns-forward-max``), Unbound serves 1024 per thread
@@ -111,9 +124,10 @@ MAX_EVENTS_PER_SECOND = 100
 #: a guest's retries of a dead name without making a fixed upstream look broken for long.
 FAILURE_CACHE_SECONDS = 1.0
 
-#: Upstream rcodes after which the next resolver is tried (glibc's stub does the same for
-#: SERVFAIL, NOTIMP and REFUSED; FORMERR means this resolver did not understand the query).
-_TRY_NEXT = frozenset({wire.SERVFAIL, wire.NOTIMP, 5, wire.FORMERR})
+#: Upstream rcodes that are an answer; any other (SERVFAIL, REFUSED, NOTIMP, FORMERR, or an
+#: extended or update rcode that makes no sense for a query) means the next resolver is tried,
+#: as glibc's stub does for SERVFAIL, NOTIMP and REFUSED.
+_ANSWER_RCODES = frozenset({wire.NOERROR, wire.NXDOMAIN})
 
 _REBIND_GROUPS = frozenset({Group.METADATA, Group.LOOPBACK, Group.PRIVATE, Group.LINK_LOCAL})
 _PROTOCOL = {"udp": PolicyProtocol.UDP, "tcp": PolicyProtocol.TCP}
@@ -203,14 +217,27 @@ class TokenBucket:
         self._tokens = rate
         self._at = clock()
 
-    def take(self) -> bool:
+    def _refill(self) -> None:
         now = self._clock()
         self._tokens = min(self.rate, self._tokens + (now - self._at) * self.rate)
         self._at = now
+
+    def take(self) -> bool:
+        self._refill()
         if self._tokens >= 1.0:
             self._tokens -= 1.0
             return True
         return False
+
+    def ready(self) -> bool:
+        """Whether the bucket is out of debt (see :meth:`charge`)."""
+        self._refill()
+        return self._tokens >= 1.0
+
+    def charge(self, amount: float) -> None:
+        """Work already done: may put the bucket in debt, which :meth:`ready` then reports."""
+        self._refill()
+        self._tokens -= amount
 
     def wait(self) -> float:
         """Seconds until one token is there again."""
@@ -257,6 +284,7 @@ class SandboxResolver:
         self._rng = rng or random.SystemRandom()
         self.cache = AnswerCache()
         self.bucket = TokenBucket(max_queries_per_second, clock)
+        self.upstream_budget = TokenBucket(MAX_UPSTREAM_RECORDS_PER_SECOND, clock)
         self._pending: dict[CacheKey, _Pending] = {}
         self._failures: dict[CacheKey, float] = {}
         self._events_window = 0.0
@@ -331,10 +359,11 @@ class SandboxResolver:
         key: CacheKey = (q.key_name, q.qtype)
         cached = self.cache.get(key, now)
         if cached is not None:
-            if cached.addresses:
+            reply, truncated = self._render(cached.template, q, transport, now)
+            if cached.addresses and not truncated:
                 left = cached.pin_ttl - (now - cached.template.created)
                 step.pinned = self.pins.add(cached.names, cached.addresses, left)
-            step.replies.append((client, self._render(cached.template, q, transport, now)))
+            step.replies.append((client, reply))
             return step
         failed = self._failures.get(key)
         if failed is not None:
@@ -350,7 +379,11 @@ class SandboxResolver:
             else:
                 pending.waiters.append(waiter)
             return step
-        if len(self._pending) >= MAX_INFLIGHT or self.upstreams == 0:
+        if (
+            len(self._pending) >= MAX_INFLIGHT
+            or self.upstreams == 0
+            or not self.upstream_budget.ready()
+        ):
             step.replies.append((client, wire.question_response(q, wire.SERVFAIL)))
             return step
         qname = dns.name.from_wire(q.key_name, 0)[0]
@@ -361,10 +394,12 @@ class SandboxResolver:
         )
         return step
 
-    def _render(self, template: Template, q: Query, transport: Transport, now: float) -> bytes:
+    def _render(
+        self, template: Template, q: Query, transport: Transport, now: float
+    ) -> tuple[bytes, bool]:
+        """(reply, truncated): a truncated reply carries no records, so it pins nothing."""
         limit = wire.udp_limit(q) if transport == "udp" else None
-        out, _truncated = wire.render(template, q, now, limit)
-        return out
+        return wire.render(template, q, now, limit)
 
     def _host_answer(
         self,
@@ -383,7 +418,7 @@ class SandboxResolver:
                 g for g in self._gateways if g.version == (4 if q.qtype == wire.TYPE_A else 6)
             ]
             step.pinned = self.pins.add([q.name], addresses, HOST_NAME_TTL)
-        step.replies.append((client, self._render(template, q, transport, now)))
+        step.replies.append((client, self._render(template, q, transport, now)[0]))
         return step
 
     # -- upstream ----------------------------------------------------------------------------
@@ -420,6 +455,8 @@ class SandboxResolver:
             return Step()
         if struct.unpack_from("!H", data)[0] != attempt.id:
             return Step()  # not the answer to this try: ignored, the try goes on
+        data, records = wire.trim_message(data, MAX_UPSTREAM_RECORDS)
+        self.upstream_budget.charge(1 + records)
         try:
             msg = dns.message.from_wire(data)
         except Exception:  # any garbage under our ID: this resolver failed
@@ -437,7 +474,7 @@ class SandboxResolver:
             retry = self._attempt(pending, attempt.upstream, tcp=True, deadline=attempt.deadline)
             return Step(attempts=[retry])
         rcode = msg.rcode()
-        if rcode in _TRY_NEXT:
+        if rcode not in _ANSWER_RCODES:
             return self.upstream_failed(attempt, f"rcode {dns.rcode.to_text(rcode)}")
         now = self._clock()
         try:
@@ -474,7 +511,11 @@ class SandboxResolver:
         for name, reason in digest.events:
             w = pending.waiters[0]
             self._event(step, "deny", None, reason, name, w.transport, w.source, w.destination)
-        if digest.addresses:
+        rendered = [
+            (w.client, *self._render(digest.template, w.query, w.transport, now))
+            for w in pending.waiters
+        ]
+        if digest.addresses and not all(truncated for _, _, truncated in rendered):
             step.pinned = self.pins.add(digest.names, digest.addresses, digest.pin_ttl)
         if digest.cache_ttl > 0:
             self.cache.put(
@@ -487,10 +528,7 @@ class SandboxResolver:
                     digest.pin_ttl,
                 ),
             )
-        for w in pending.waiters:
-            step.replies.append(
-                (w.client, self._render(digest.template, w.query, w.transport, now))
-            )
+        step.replies.extend((client, reply) for client, reply, _ in rendered)
         return step
 
     # -- answers -----------------------------------------------------------------------------

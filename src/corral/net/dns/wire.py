@@ -361,6 +361,47 @@ def response_rcode(message: bytes) -> int:
     return int(struct.unpack_from("!H", message, 2)[0]) & 0xF
 
 
+#: Authority and additional records of an upstream message that are parsed at most, each.
+#: A negative answer needs one SOA; a referral-style authority section carries a few NS
+#: records; the additional section carries the OPT record and glue. Eight each.
+MAX_UPSTREAM_SECTION = 8
+
+
+def trim_message(data: bytes, max_answer: int) -> tuple[bytes, int]:
+    """An upstream message cut after its first ``max_answer`` answer records and
+    :data:`MAX_UPSTREAM_SECTION` authority and additional records (all later sections go
+    with the first cut), and the number of records it still holds.
+
+    Why: dnspython parses a record in tens of microseconds, so an answer of thousands of
+    records (a hostile zone, or a TTL-0 name queried in a loop) would cost the loop the
+    sandbox's data path shares tens of milliseconds each time. Only the tail is cut, so every
+    compression pointer (they point backwards) stays valid, and at most the kept records are
+    walked. Bytes that do not walk cleanly are returned unchanged, for dnspython to reject."""
+    try:
+        _id, _flags, qd, an, ns, ar = _HEADER.unpack_from(data)
+        if an <= max_answer and ns <= MAX_UPSTREAM_SECTION and ar <= MAX_UPSTREAM_SECTION:
+            return data, an + ns + ar
+        pos = 12
+        for _ in range(qd):
+            pos = _skip_name(data, pos) + 4
+        counts = [an, ns, ar]
+        for section, limit in enumerate((max_answer, MAX_UPSTREAM_SECTION, MAX_UPSTREAM_SECTION)):
+            keep = min(counts[section], limit)
+            for _ in range(keep):
+                pos = _skip_name(data, pos)
+                pos += 10 + struct.unpack_from("!H", data, pos + 8)[0]
+            if pos > len(data):
+                return data, an + ns + ar
+            if counts[section] > limit:
+                counts[section] = limit
+                for later in range(section + 1, 3):
+                    counts[later] = 0
+                break
+    except (ValueError, struct.error):
+        return data, 0
+    return data[:6] + struct.pack("!3H", *counts) + data[12:pos], sum(counts)
+
+
 # -- TCP framing ---------------------------------------------------------------------------------
 
 
