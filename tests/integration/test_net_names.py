@@ -14,10 +14,12 @@ from __future__ import annotations
 import ipaddress
 import sys
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from corral.config import NetworkConfig, PolicyRule
+from corral.config import DNSConfig, NetworkConfig, PolicyRule
 from corral.net.sniff import FIRST_FLIGHT_TIMEOUT
 from tests.integration.test_net_datapath import (  # noqa: F401 - fixtures
     PUBLIC2_V4,
@@ -27,7 +29,9 @@ from tests.integration.test_net_datapath import (  # noqa: F401 - fixtures
     make_net,
     servers,
 )
+from tests.support.dns_server import RunningDnsServer, start_dns_server
 from tests.support.servers import BANNER, BANNER_PORT, ECHO_PORT, HTTP_PORT, RunningNetwork
+from tests.support.world import World
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -134,3 +138,110 @@ def test_pin_expires_after_its_lifetime(make_net: MakeNet) -> None:
             break
         time.sleep(0.5)
     assert result == "ERR ECONNREFUSED", result
+
+
+# -- by name, through the sandbox's own DNS ---------------------------------------------------------
+
+NAMES_DNS_V4 = "203.0.113.54"  # this module's own DNS server (test_net_dns has .53)
+ZONES = {
+    "zones": ["names.test"],
+    "records": [
+        ["api.names.test", "A", 300, PUBLIC_V4],
+        ["other.names.test", "A", 300, PUBLIC2_V4],
+        ["short.names.test", "A", 1, PUBLIC_V4],
+        ["cdn.names.test", "CNAME", 300, "edge.names.test"],
+        ["edge.names.test", "A", 300, PUBLIC2_V4],
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def names_dns(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDnsServer]:
+    if f"{NAMES_DNS_V4}/32" not in world.extra_addresses:
+        world.add_server_address(f"{NAMES_DNS_V4}/32")
+    server = start_dns_server(
+        world.spawn_inet, [NAMES_DNS_V4], ZONES, tmp_path_factory.mktemp("names-dns"),
+        stop=world.stop_process,
+    )  # fmt: skip
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def by_name(*rules: PolicyRule, **kw: Any) -> NetworkConfig:
+    """A name-allow policy: no "allow host 53" rule, so the domain rules decide the queries
+    too (with one, every query is allowed by it: SPEC 4) and other names get NXDOMAIN."""
+    return NetworkConfig(
+        rules=list(rules), default_egress="deny",
+        dns=DNSConfig(nameservers=[NAMES_DNS_V4], query_timeout_ms=2000), **kw,
+    )  # fmt: skip
+
+
+def curl(n: RunningNetwork, *args: str) -> str:
+    out = n.run(["curl", "-sS", "-m", "5", *args], timeout=40)
+    return out.stdout.strip() if out.returncode == 0 else f"ERR {out.returncode} {out.stderr.strip()}"
+
+
+def test_allowed_name_is_reachable_by_name_and_only_by_it(make_net: MakeNet, names_dns: RunningDnsServer) -> None:
+    n = make_net(by_name(PolicyRule(action="allow", destination="api.names.test", protocol="tcp")))
+    # Never resolved: the address is refused before the handshake, even with the right Host.
+    assert reveal(n, "http", "api.names.test", PUBLIC_V4, HTTP_PORT) == "ERR ECONNREFUSED"
+    assert curl(n, "http://api.names.test/") == f"reached {PUBLIC_V4}:80"
+    # Now pinned: the bare address (curl's Host is the address, not the name) is refused,
+    assert curl(n, f"http://{PUBLIC_V4}/").startswith("ERR")
+    # as is another name on the pinned address (Host mismatch) and the name's SNI elsewhere.
+    assert reveal(n, "http", "other.names.test", PUBLIC_V4, HTTP_PORT).startswith("ERR")
+    assert reveal(n, "tls", "api.names.test", PUBLIC_V4, ECHO_PORT) == "OK echo"
+    assert reveal(n, "tls", "evil.example", PUBLIC_V4, ECHO_PORT).startswith("ERR")
+    assert reveal(n, "tls", "api.names.test", PUBLIC2_V4, ECHO_PORT) == "ERR ECONNREFUSED"
+    # A name the policy does not allow: NXDOMAIN, and it never reached the upstream.
+    assert curl(n, "http://other.names.test/").startswith("ERR 6")  # could not resolve
+    assert "other.names.test" not in names_dns.names()
+    # A server-first protocol by name works at once.
+    timeout = FIRST_FLIGHT_TIMEOUT * 0.6
+    script = (
+        f"import socket;s=socket.create_connection(('api.names.test',{BANNER_PORT}),"
+        f"timeout={timeout!r});print(s.recv(64))"
+    )
+    out = n.run([sys.executable, "-c", script]).stdout.strip()
+    assert out == repr(BANNER), out
+
+
+def test_cname_chain_pins_the_final_address_to_every_name(make_net: MakeNet, names_dns: RunningDnsServer) -> None:
+    n = make_net(by_name(PolicyRule(action="allow", destination="cdn.names.test", protocol="tcp")))
+    assert curl(n, "http://cdn.names.test/") == f"reached {PUBLIC2_V4}:80"
+
+
+def test_suffix_rule_by_name(make_net: MakeNet, names_dns: RunningDnsServer) -> None:
+    n = make_net(by_name(PolicyRule(action="allow", destination=".names.test", protocol="tcp", port="80")))
+    assert curl(n, "http://api.names.test/") == f"reached {PUBLIC_V4}:80"
+    assert curl(n, "http://other.names.test/") == f"reached {PUBLIC2_V4}:80"
+    # The suffix never matches its apex, and port 7 is not allowed by the rule.
+    assert reveal(n, "http", "names.test", PUBLIC_V4, HTTP_PORT).startswith("ERR")
+    assert reveal(n, "tls", "api.names.test", PUBLIC_V4, ECHO_PORT) == "ERR ECONNREFUSED"
+
+
+def test_pin_of_a_short_ttl_answer_expires(make_net: MakeNet, names_dns: RunningDnsServer) -> None:
+    from corral.policy.pins import MIN_PIN_SECONDS
+
+    n = make_net(by_name(PolicyRule(action="allow", destination="short.names.test", protocol="tcp")))
+    assert curl(n, "http://short.names.test/") == f"reached {PUBLIC_V4}:80"
+    deadline = time.monotonic() + MIN_PIN_SECONDS + 30
+    result = ""
+    while time.monotonic() < deadline:
+        result = reveal(n, "http", "short.names.test", PUBLIC_V4, HTTP_PORT)
+        if result == "ERR ECONNREFUSED":
+            break
+        time.sleep(0.5)
+    assert result == "ERR ECONNREFUSED", result
+    assert curl(n, "http://short.names.test/") == f"reached {PUBLIC_V4}:80"  # resolved again
+
+
+def test_host_name_reaches_the_hosts_service_when_host_is_allowed(make_net: MakeNet) -> None:
+    n = make_net(by_name(PolicyRule(action="allow", destination="host", protocol="tcp", port="80")))
+    # curl tries the gateway's IPv6 address first: the host's ::1 answers then.
+    assert curl(n, "http://host.corral.internal/") in ("reached 127.0.0.1:80", "reached ::1:80")
+    assert curl(n, "-4", "http://host.corral.internal/") == "reached 127.0.0.1:80"
+    n2 = make_net(by_name())
+    assert curl(n2, "http://host.corral.internal/").startswith("ERR")
