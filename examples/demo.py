@@ -2,11 +2,12 @@
 
 It builds a hermetic world of two network namespaces (SPEC section 6): a `host` namespace
 where corral runs and an `internet` namespace with web servers on a public-looking address
-(203.0.113.10), a second public one (203.0.113.11), a private one (10.77.0.10), and a real
-OCI registry (Debian's docker-registry). It pushes a small image made from this machine's own
-curl and python3 there, then drives the `corral` command: pull, sandboxes under the
-public-only preset and under a custom first-match-wins firewall, the audit log, and
-`policy explain`. Nothing leaves the machine; everything is removed at the end.
+(203.0.113.10), a second public one (203.0.113.11), a private one (10.77.0.10), a DNS server
+authoritative for example.com (www/api/ads), and a real OCI registry (Debian's
+docker-registry). It pushes a small image made from this machine's own curl and python3 there,
+then drives the `corral` command: pull, sandboxes under the public-only preset, by name and
+under deny lists, a custom first-match-wins firewall by name, the audit log, and `policy
+explain`. Nothing leaves the machine; everything is removed at the end.
 """
 
 from __future__ import annotations
@@ -21,11 +22,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.support import images, registry, servers  # noqa: E402
+from tests.support import dns_server, images, registry, servers  # noqa: E402
 from tests.support import world as world_mod  # noqa: E402
 
 CORRAL = str(ROOT / ".venv" / "bin" / "corral")
 PUBLIC, OTHER_PUBLIC, PRIVATE = "203.0.113.10", "203.0.113.11", "10.77.0.10"
+#: The demo world's DNS: the host namespace's resolv.conf names this server.
+ZONES = {
+    "zones": ["example.com"],
+    "records": [
+        ["example.com", "A", 300, PUBLIC],
+        ["www.example.com", "CNAME", 300, "example.com"],
+        ["api.example.com", "A", 300, OTHER_PUBLIC],
+        ["ads.example.com", "A", 300, OTHER_PUBLIC],
+        ["intranet.example.com", "A", 300, PRIVATE],
+    ],
+}
 
 BOLD, DIM, GREEN, RED, RESET = "\033[1m", "\033[2m", "\033[32m", "\033[31m", "\033[0m"
 if not sys.stdout.isatty():
@@ -63,6 +75,10 @@ def main() -> None:
         for addr in (OTHER_PUBLIC, PRIVATE):
             world.add_server_address(f"{addr}/32")
         servers.start_servers(world.spawn_inet, [PUBLIC, OTHER_PUBLIC, PRIVATE])
+        dns_server.start_dns_server(
+            world.spawn_inet, [world_mod.DNS_V4, world_mod.DNS_V6], ZONES, work / "dns",
+            stop=world.stop_process,
+        )  # fmt: skip
         reg = registry.start(world, "plain", work / "registry")
         tools = images.build_tools()
         with world.in_host():  # the registry is only reachable from the world's host side
@@ -72,8 +88,15 @@ def main() -> None:
             f"internet: http://{PUBLIC}/, http://{OTHER_PUBLIC}/ (public), http://{PRIVATE}/ (private)"
         )
         print(f"registry: {reg.host} holds {image}")
+        print(f"dns: {world_mod.DNS_V4} answers for example.com, www, api, ads, intranet")
 
-        env.update(CORRAL_HOME=str(work / "home"), CORRAL_INSECURE_REGISTRIES=reg.host)
+        # corral reads the host's resolvers at create time; this demo's host is the world's
+        # host namespace, whose resolv.conf names the demo DNS server.
+        env.update(
+            CORRAL_HOME=str(work / "home"),
+            CORRAL_INSECURE_REGISTRIES=reg.host,
+            CORRAL_RESOLV_CONF=world.resolv_conf,
+        )
         with world.in_host():
             say("pull the image (content-addressed, every blob verified)")
             corral("pull", image, env=env)
@@ -84,18 +107,33 @@ def main() -> None:
             corral("run", "--net", "public-only", image, "--",
                    "curl", "-sS", "-m", "5", f"http://{PRIVATE}/", env=env, expect_fail=True)  # fmt: skip
 
-            say("a custom first-match-wins firewall: only one server, only TCP port 80")
+            say("names: the sandbox's own DNS answers every query, and the policy decides it")
+            corral("run", "--net", "public-only", image, "--",
+                   "curl", "-sS", "-m", "5", "http://www.example.com/", env=env)  # fmt: skip
+            # A name whose answer is a private address: rebind protection removes it.
+            corral("run", "--net", "public-only", image, "--",
+                   "curl", "-sS", "-m", "5", "http://intranet.example.com/", env=env,
+                   expect_fail=True)  # fmt: skip
+            corral("run", "--net", "public-only", "--deny-domain", "ads.example.com", image, "--",
+                   "curl", "-sS", "-m", "5", "http://ads.example.com/", env=env,
+                   expect_fail=True)  # fmt: skip
+
+            say("a custom first-match-wins firewall by name: only api.example.com, only TCP 80")
             policy = work / "policy.json"
             policy.write_text(
                 '{"default_egress": "deny", "default_ingress": "allow",\n'
-                f' "rules": [{{"action": "allow", "destination": "{PUBLIC}",'
+                ' "rules": [{"action": "allow", "destination": "api.example.com",'
                 ' "protocol": "tcp", "port": "80"}]}\n'
             )
             print(policy.read_text().rstrip())
             corral("policy", "check", str(policy), env=env)
             corral("create", "--name", "demo", "--network-file", str(policy), image, env=env)
             try:
-                corral("exec", "demo", "--", "curl", "-sS", "-m", "5", f"http://{PUBLIC}/", env=env)
+                corral("exec", "demo", "--", "curl", "-sS", "-m", "5", "http://api.example.com/",
+                       env=env)  # fmt: skip
+                # Other names do not resolve; the address itself is refused (not by name).
+                corral("exec", "demo", "--", "curl", "-sS", "-m", "5", "http://example.com/",
+                       env=env, expect_fail=True)  # fmt: skip
                 corral("exec", "demo", "--", "curl", "-sS", "-m", "5", f"http://{OTHER_PUBLIC}/",
                        env=env, expect_fail=True)  # fmt: skip
                 corral("exec", "demo", "--", "python3", "-c",
@@ -105,6 +143,11 @@ def main() -> None:
                 say("and any flow can be explained without running it")
                 corral("policy", "explain", "--network-file", str(policy),
                        "--to", f"{OTHER_PUBLIC}:80/tcp", env=env)  # fmt: skip
+                corral("policy", "explain", "--network-file", str(policy),
+                       "--to", f"{OTHER_PUBLIC}:80/tcp", "--names", "api.example.com",
+                       "--sni", "api.example.com", env=env)  # fmt: skip
+                corral("policy", "explain", "--network-file", str(policy),
+                       "--query", "example.com", env=env)  # fmt: skip
                 corral("policy", "explain", "--net", "public-only", "--to", "169.254.169.254:80",
                        env=env)  # fmt: skip
             finally:
