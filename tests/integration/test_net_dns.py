@@ -22,6 +22,7 @@ import pytest
 from corral.config import DNSConfig, NetworkConfig, NetworkPolicy, PolicyRule
 from corral.net.addressing import AddressPool
 from corral.net.dns import resolver as resolver_mod
+from corral.net.dns.interceptor import MAX_TCP_CONNECTIONS
 from tests.support.dns_server import RunningDnsServer, start_dns_server
 from tests.support.servers import RunningNetwork
 from tests.support.world import DNS_V4, DNS_V6, World
@@ -394,3 +395,55 @@ def test_pins_are_in_place_when_the_answer_arrives(make_net: MakeNet) -> None:
     r = dig(n, "alias.example.test")
     names = n.call(lambda: n.net.pins.names_for(ipaddress.ip_address(WWW_V4)))
     assert names == {"alias.example.test", "www.example.test"}
+
+
+def test_tcp_pipelining_and_bad_streams(make_net: MakeNet) -> None:
+    """20 queries in one write on one connection are all answered (RFC 7766); a zero-length
+    message closes that connection only; more than MAX_TCP_CONNECTIONS are not all kept."""
+    n = make_net(cfg())
+    gw = str(n.net.gateway_ipv4)
+    script = f"""
+import socket, struct
+def q(i, name):
+    wire = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\\0"
+    m = struct.pack("!6H", i, 0x0100, 1, 0, 0, 0) + wire + b"\\x00\\x01\\x00\\x01"
+    return struct.pack("!H", len(m)) + m
+def read(s, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise EOFError
+        buf += chunk
+    return buf
+s = socket.create_connection(({gw!r}, 53), timeout=5)
+s.sendall(b"".join(q(i, "www.example.test" if i % 2 else "p1.example.test") for i in range(20)))
+ids = set()
+for _ in range(20):
+    (length,) = struct.unpack("!H", read(s, 2))
+    ids.add(struct.unpack("!H", read(s, length)[:2])[0])
+ok_pipeline = ids == set(range(20))
+bad = socket.create_connection(({gw!r}, 53), timeout=5)
+bad.sendall(b"\\x00\\x00")
+try:
+    closed = bad.recv(10) == b""
+except ConnectionResetError:
+    closed = True
+s.sendall(q(99, "www.example.test"))
+(length,) = struct.unpack("!H", read(s, 2))
+still = struct.unpack("!H", read(s, length)[:2])[0] == 99
+many = [socket.create_connection(({gw!r}, 53), timeout=5) for _ in range({MAX_TCP_CONNECTIONS} + 8)]
+alive = 0
+for c in many:
+    try:
+        c.sendall(q(7, "www.example.test"))
+        (length,) = struct.unpack("!H", read(c, 2))
+        read(c, length)
+        alive += 1
+    except (OSError, EOFError):
+        pass
+print(ok_pipeline, closed, still, alive <= {MAX_TCP_CONNECTIONS})
+"""
+    out = n.run([sys.executable, "-c", script])
+    assert out.stdout.split() == ["True", "True", "True", "True"], out.stdout + out.stderr
+    assert data(dig(n, "www.example.test", "A", "+tcp")) == [WWW_V4]

@@ -11,7 +11,7 @@ query carried.
 ``zones.json``::
 
     {"zones": ["example.test"],                      # apexes this server is authoritative for
-     "records": [["www.example.test", "A", 300, "203.0.113.10"],
+     "records": [["www.example.test", "A", 300, "203.0.113.10"],   # "*.x" answers below x
                  ["alias.example.test", "CNAME", 60, "www.example.test"], ...],
      "faults": {"slow.example.test": "silent", ...}}
 
@@ -95,6 +95,16 @@ class Zones:
                 best = apex
         return best
 
+    def _wildcard(self, name: dns.name.Name, rdtype: int) -> dns.rrset.RRset | None:
+        """``*.<parent>`` records answer any name directly below the parent (RFC 4592, the
+        simple case), owned by the queried name."""
+        if name == dns.name.root or len(name) < 2:
+            return None
+        found = self.records.get((dns.name.from_text("*", name.parent()), rdtype))
+        if found is None:
+            return None
+        return dns.rrset.from_rdata_list(name, found.ttl, list(found))
+
     def soa(self, apex: dns.name.Name) -> dns.rrset.RRset:
         return dns.rrset.from_text(
             apex, 300, "IN", "SOA", f"ns.{apex} hostmaster.{apex} 1 7200 900 1209600 {SOA_MINIMUM}"
@@ -147,7 +157,7 @@ class Zones:
         seen = set()
         current = name
         while True:
-            rrset = self.records.get((current, rdtype))
+            rrset = self.records.get((current, rdtype)) or self._wildcard(current, rdtype)
             if rrset is not None:
                 resp.answer.append(rrset)
                 return resp
@@ -159,7 +169,9 @@ class Zones:
             current = next(iter(cname)).target
             if self.apex_of(current) is None:
                 return resp
-        exists = any(n == current for n, _ in self.records)
+        exists = any(n == current for n, _ in self.records) or any(
+            n == dns.name.from_text("*", current.parent()) for n, _ in self.records
+        )
         if not exists:
             resp.set_rcode(dns.rcode.NXDOMAIN)
         soa_apex = self.apex_of(current) or apex
