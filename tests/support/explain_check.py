@@ -15,6 +15,7 @@ from typing import Any
 from corral.config import PolicyDirection, PolicyProtocol
 from corral.config.network import DNS_PORT
 from corral.net.audit import read_events
+from corral.net.tls_interceptor import REASON_PREFIX as INTERCEPTION
 
 
 def mismatches(net: Any) -> list[str]:
@@ -29,6 +30,8 @@ def mismatches(net: Any) -> list[str]:
     for e in read_events(net.audit_path):
         if "max_connections" in e.reason:
             continue  # a count, not a verdict: explain has no connections to count
+        if e.reason.startswith(INTERCEPTION):
+            continue  # after the verdict (TLS interception, secrets): not a verdict to replay
         protocol = PolicyProtocol(e.protocol)
         if e.port == DNS_PORT and protocol in (PolicyProtocol.UDP, PolicyProtocol.TCP):
             name = e.names[0] if e.names else ""

@@ -41,7 +41,8 @@ import socket
 from corral.net.gate import FlowGate, FlowVerdict, IPAddress
 from corral.net.sniff import FIRST_FLIGHT_TIMEOUT, MAX_FIRST_FLIGHT, FirstFlightReader
 from corral.net.splice import PipePool, SplicedPair, reset
-from corral.policy.verdict import Revealed
+from corral.net.tls_interceptor import REASON_PREFIX, Accepted, TlsInterceptor
+from corral.policy.verdict import Revealed, unmap
 
 _log = logging.getLogger(__name__)
 
@@ -135,8 +136,12 @@ class TcpProxy:
         connect_timeout: float = CONNECT_TIMEOUT,
         pipes: PipePool | None = None,
         first_flight_timeout: float = FIRST_FLIGHT_TIMEOUT,
+        tls: TlsInterceptor | None = None,
     ) -> None:
         self.gate = gate
+        #: TLS interception: every allowed connection to an intercepted port is held for its
+        #: ClientHello and handed to it (see _intercepted); None when interception is off.
+        self.tls = tls
         self.guests = frozenset(guests)
         self.connect_timeout = connect_timeout
         self.first_flight_timeout = first_flight_timeout
@@ -169,11 +174,14 @@ class TcpProxy:
             self._fail(dial, count=True)
         for pair in list(self._pairs):
             pair.close()
+        if self.tls is not None:
+            self.tls.close()
         self.pipes.close()
 
     @property
     def connections(self) -> int:
-        return len(self._pairs) + len(self._held) + sum(1 for d in self._dials if d.held is None)
+        n = len(self._pairs) + len(self._held) + sum(1 for d in self._dials if d.held is None)
+        return n + (self.tls.connections if self.tls is not None else 0)
 
     # -- accepting --------------------------------------------------------------------------
     def _accept(self, listener: socket.socket) -> None:
@@ -209,7 +217,9 @@ class TcpProxy:
             self.gate.release()
             raise
         guest.setblocking(False)
-        if verdict.wait_for_name:
+        if verdict.wait_for_name or (
+            verdict.allowed and self.tls is not None and self.tls.settings.intercepts(port)
+        ):
             self._hold(guest, str(source), dst, port, verdict)
             return
         if not verdict.allowed or verdict.target is None:
@@ -383,6 +393,10 @@ class TcpProxy:
             reset(held.guest)
             self.gate.release()
             return
+        if self.tls is not None and self.tls.settings.intercepts(held.port):
+            if self._intercepted(held, verdict, first):
+                return
+            dial = held.dial  # not TLS, or bypassed: spliced like any other connection
         if dial is None:
             dial = self._dial(held.guest, verdict.target, held.port)
             if dial is None:
@@ -396,6 +410,49 @@ class TcpProxy:
             self._loop.remove_reader(dial.upstream.fileno())
             self._flush(dial)
         # else: still connecting; _connected will flush and splice
+
+    def _intercepted(self, held: _Held, verdict: FlowVerdict, first: bytes) -> bool:
+        """An allowed connection to an intercepted port: hand it to the TLS interceptor
+        (True), or leave it to the splice (False: not TLS, or its SNI is bypassed). A TLS
+        connection without a usable SNI is refused here (True): there is no name to mint a
+        leaf for, and splicing it would carry it past interception unexamined."""
+        assert self.tls is not None and verdict.target is not None
+        found = held.reader.result() or held.reader.finish()
+        if found.protocol != "tls":
+            return False
+        if found.name is None or not found.valid:
+            what = "no SNI" if found.name is None and found.valid else "an unreadable ClientHello"
+            self.gate.audit.record(
+                direction="egress", protocol="tcp", source=held.source,
+                destination=str(held.dst), port=held.port, action="deny",
+                reason=f"{REASON_PREFIX}TLS with {what} on an intercepted port is refused "
+                "(no name to intercept it for)",
+            )  # fmt: skip
+            self._drop_held(held)
+            return True
+        if self.tls.settings.bypassed(found.name):
+            return False
+        upstream: socket.socket | None = None
+        dial = held.dial
+        held.dial = None
+        if dial is not None:
+            self._dials.discard(dial)
+            if dial.connected:
+                assert self._loop is not None
+                self._loop.remove_reader(dial.upstream.fileno())
+                upstream = dial.upstream
+            else:
+                self._close_dial_socket(dial)
+        pinned = found.name in self.gate.pins.names_for(unmap(held.dst))
+        self.tls.take(
+            Accepted(
+                guest=held.guest, source=held.source, destination=held.dst, port=held.port,
+                target=verdict.target, sni=found.name, alpn=found.alpn, first=first,
+                pinned=pinned, upstream=upstream,
+            ),
+            self.gate.release,
+        )  # fmt: skip
+        return True
 
     def _end_hold(self, held: _Held) -> None:
         self._held.discard(held)

@@ -1,0 +1,729 @@
+"""TLS interception for one sandbox: the asyncio shell around the CA, the rewriters and TLS.
+
+The TCP proxy holds every connection to an intercepted port (``tls.intercepted_ports``,
+default 443) for its first flight while interception is on (``tls`` set or any secret
+configured), decides it with the revealed SNI, and hands what it allowed to
+:meth:`TlsInterceptor.take` (from ``TcpProxy._classified``). Then, per connection:
+
+1. the upstream is reached (the proxy's early dial when it had one, else a dial here) and a
+   TLS connection is opened to it *first*, with the guest's SNI and the guest's offered ALPN
+   list, verified against the host's roots plus ``upstream_ca_certs``
+   (:class:`~corral.net.tls_ca.UpstreamContexts`). A failed verification is a fatal
+   ``handshake_failure`` alert toward the guest (its ClientHello is still unanswered, so a
+   plaintext alert is what a real server would send) and an audit event; never a downgrade;
+2. the guest's handshake is finished with a leaf for its SNI (:class:`~corral.net.tls_ca.
+   LeafCache`) offering exactly the protocol the upstream selected, so the guest and the
+   upstream always agree on HTTP/2 or HTTP/1.1 (interceptors that offer their own list break
+   gRPC by downgrading it);
+3. plaintext moves between the two TLS connections: through the HTTP/2 relay
+   (:mod:`corral.net.http2_rewriter`) or the HTTP/1 rewriter when secrets are configured,
+   else opaquely: one ``SSLObject.read`` and one ``SSLObject.write`` per chunk of up to
+   :data:`READ_SIZE`, no parsing (WebSocket upgrades, gRPC streams and large bodies are just
+   bytes here).
+
+Both TLS connections are ``ssl.SSLObject`` over ``ssl.MemoryBIO`` pairs: the ClientHello was
+already read off the guest's socket by the proxy's first-bytes stage, and a memory BIO is the
+one way to hand it to OpenSSL (``loop.start_tls`` cannot take bytes already read). The
+handshakes run in one task per connection; the relay runs as event-loop callbacks (no task),
+like the proxy's splices.
+
+Why the upstream first: the guest must be offered the ALPN protocol the upstream chose, and
+a guest that finished its handshake before the upstream failed verification would have
+been told "connected" by a connection that cannot be carried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from corral.config import NetworkConfig
+from corral.config.enums import ViolationAction
+from corral.config.values import host_pattern_matches
+from corral.net.audit import AuditLog
+from corral.net.gate import IPAddress
+from corral.net.secrets import PlaceholderPassed, SecretTable, Violation
+from corral.net.splice import reset
+from corral.net.tls_ca import (
+    InterceptionCA,
+    LeafCache,
+    UpstreamContexts,
+    read_ca_files,
+    read_upstream_cas,
+)
+
+if TYPE_CHECKING:
+    from corral.net.http1_rewriter import Http1Rewriter, Step
+
+_log = logging.getLogger(__name__)
+
+#: Every audit event the interception writes begins with this: they are what happened to a
+#: flow *after* its verdict allowed it (a failed upstream verification, a secret violation),
+#: so ``corral policy explain``, which replays verdicts, knows them from its own.
+REASON_PREFIX = "interception: "
+
+#: The ports intercepted when ``tls.intercepted_ports`` is empty (SPEC: default [443]).
+DEFAULT_PORTS = (443,)
+
+#: Bound on both handshakes of one connection (upstream dial excluded: CONNECT_TIMEOUT).
+#: A TLS handshake over any real path takes a few round trips (< 1 s across the world); curl
+#: and Go allow 10 s for the TLS handshake (TLSHandshakeTimeout), nginx 60 s. A guest that
+#: never finishes its handshake holds a connection slot for at most this long.
+HANDSHAKE_TIMEOUT = 10.0
+
+#: Ciphertext read from a socket per call. One TLS record is at most 16 KiB + overhead; 256
+#: KiB lets one read take a burst of records (a large download) and amortises the Python
+#: work per call, which is what bounds the throughput of the opaque relay.
+RECV_SIZE = 256 * 1024
+
+#: Plaintext taken out of an SSLObject per call (up to this many bytes of decrypted records).
+READ_SIZE = 256 * 1024
+
+#: Ciphertext queued toward a socket that does not take it, past which reading from the other
+#: side stops until it drains (backpressure: a slow reader makes the fast writer wait instead
+#: of filling corral's memory). 1 MiB, like a splice pipe of the TCP proxy.
+HIGH_WATER = 1 << 20
+
+#: The TLS alert record sent to a guest whose connection cannot be carried (upstream
+#: verification failed, no SNI): a fatal handshake_failure (RFC 8446 6: level 2, code 40) as
+#: the plaintext record a server sends in answer to a ClientHello.
+HANDSHAKE_FAILURE_ALERT = b"\x15\x03\x03\x00\x02\x02\x28"
+
+
+class PlaintextRelay(Protocol):
+    """What the HTTP rewriters offer the shell (see ``http2_rewriter.Http2Relay``)."""
+
+    def start(self) -> _Output: ...
+    def receive_guest(self, data: bytes) -> _Output: ...
+    def receive_upstream(self, data: bytes) -> _Output: ...
+    def guest_closed(self) -> _Output: ...
+    def upstream_closed(self) -> _Output: ...
+
+
+class _Output(Protocol):
+    @property
+    def to_guest(self) -> bytes: ...
+    @property
+    def to_upstream(self) -> bytes: ...
+    @property
+    def violations(self) -> tuple[Violation, ...]: ...
+    @property
+    def passed(self) -> tuple[PlaceholderPassed, ...]: ...
+    @property
+    def close(self) -> str | None: ...
+
+
+def _bypassed(patterns: tuple[str, ...], name: str) -> bool:
+    return any(host_pattern_matches(p, name) for p in patterns)
+
+
+@dataclass
+class TlsSettings:
+    """What interception needs, resolved when the sandbox is created (files read, CA made).
+
+    ``secrets`` holds the values (in memory only; its repr redacts them).
+    """
+
+    ca: InterceptionCA
+    ports: frozenset[int]
+    bypass: tuple[str, ...] = ()
+    verify_upstream: bool = True
+    upstream_cas: tuple[bytes, ...] = ()
+    secrets: SecretTable = field(default_factory=lambda: SecretTable(()))
+    block_quic: bool = False
+    deny_response: str | None = None
+    leaves: LeafCache = field(init=False)
+    upstream: UpstreamContexts = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.leaves = LeafCache(self.ca)
+        self.upstream = UpstreamContexts(verify=self.verify_upstream, extra_cas=self.upstream_cas)
+
+    @classmethod
+    def from_config(
+        cls, sandbox: str, config: NetworkConfig, secrets: SecretTable | None = None
+    ) -> TlsSettings | None:
+        """None when interception is off (no ``tls`` and no secret)."""
+        table = secrets if secrets is not None else SecretTable(())
+        tls = config.tls
+        if tls is None and not table:
+            return None
+        if tls is not None and tls.ca_cert is not None and tls.ca_key is not None:
+            ca = read_ca_files(tls.ca_cert, tls.ca_key)
+        else:
+            ca = InterceptionCA.generate(sandbox)
+        ports = tuple(tls.intercepted_ports) if tls is not None else ()
+        return cls(
+            ca=ca,
+            ports=frozenset(ports or DEFAULT_PORTS),
+            bypass=tuple(tls.bypass) if tls is not None else (),
+            verify_upstream=tls.effective_verify_upstream if tls is not None else True,
+            upstream_cas=tuple(read_upstream_cas(tls.upstream_ca_certs)) if tls else (),
+            secrets=table,
+            block_quic=bool(tls.block_quic) if tls is not None else False,
+            deny_response=config.deny_response,
+        )
+
+    def intercepts(self, port: int) -> bool:
+        return port in self.ports
+
+    def bypassed(self, name: str) -> bool:
+        return _bypassed(self.bypass, name)
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A connection the proxy's verdict allowed, as it is handed over."""
+
+    guest: socket.socket
+    source: str
+    destination: IPAddress
+    port: int
+    target: IPAddress
+    sni: str
+    alpn: tuple[str, ...]
+    first: bytes
+    pinned: bool  # the sandbox's DNS returned the destination for the SNI
+    upstream: socket.socket | None  # connected early by the proxy, or None
+
+
+class TlsInterceptor:
+    """Terminates and re-originates the intercepted TLS connections of one sandbox."""
+
+    def __init__(
+        self,
+        settings: TlsSettings,
+        audit: AuditLog,
+        *,
+        connect_timeout: float = 15.0,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        on_terminate: Callable[[str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.audit = audit
+        self.connect_timeout = connect_timeout
+        self.handshake_timeout = handshake_timeout
+        self.on_terminate = on_terminate
+        self._conns: set[_Connection] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.handshakes = 0  # completed pairs (tests, bench)
+        self.verify_failures = 0
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    def take(self, accepted: Accepted, done: Callable[[], None]) -> None:
+        """Carry ``accepted`` from here on; ``done`` is called once when it has ended."""
+        loop = asyncio.get_running_loop()
+        conn = _Connection(self, loop, accepted, done)
+        self._conns.add(conn)
+        task = loop.create_task(conn.handshake())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for conn in list(self._conns):
+            conn.abort()
+
+    # -- audit -----------------------------------------------------------------------------
+    def record(self, a: Accepted, action: str, reason: str) -> None:
+        reason = REASON_PREFIX + reason
+        self.audit.record(
+            direction="egress",
+            protocol="tcp",
+            source=a.source,
+            destination=str(a.destination),
+            port=a.port,
+            action=action,
+            reason=reason,
+            revealed=a.sni,
+        )
+
+    def violated(self, a: Accepted, violations: tuple[Violation, ...]) -> bool:
+        """Audit and act on violations; True when the sandbox is to be terminated."""
+        terminate = False
+        for v in violations:
+            if v.action is not ViolationAction.BLOCK:
+                self.record(a, "deny", v.describe())
+            if v.action is ViolationAction.BLOCK_AND_TERMINATE:
+                terminate = True
+        if terminate and self.on_terminate is not None:
+            self.on_terminate(
+                f"secret {violations[0].secret} headed to {violations[0].host}: "
+                "the sandbox is stopped (block-and-terminate)"
+            )
+        return terminate
+
+    def passed(self, a: Accepted, passed: tuple[PlaceholderPassed, ...]) -> None:
+        for p in passed:
+            self.audit.record(
+                direction="egress", protocol="tcp", source=a.source,
+                destination=str(a.destination), port=a.port, action="allow",
+                reason=f"{REASON_PREFIX}placeholder of secret {p.secret} passed unchanged to {p.host} "
+                f"in the {p.channel} (allow_placeholder_for)",
+                revealed=a.sni,
+            )  # fmt: skip
+
+    def make_relay(self, a: Accepted, alpn: str | None) -> PlaintextRelay | None:
+        """The rewriter for this connection, or None for the opaque relay."""
+        table = self.settings.secrets
+        if not table:
+            return None
+        # Imported here: the rewriters pull in h2/hpack, which a sandbox without secrets
+        # never needs.
+        from corral.net.http1_rewriter import Http1Rewriter
+        from corral.net.http2_rewriter import Http2Relay
+
+        if alpn == "h2":
+            return Http2Relay(table, sni=a.sni, pinned=a.pinned)
+        return Http1Relay(
+            Http1Rewriter(
+                table, sni=a.sni, pinned=a.pinned, deny_format=self.settings.deny_response
+            )
+        )
+
+
+class Http1Relay:
+    """The HTTP/1 rewriter (``http1_rewriter.Http1Rewriter``) in the relay's shape. Also used
+    for plain HTTP (``sni`` None: detect-only, nothing is ever substituted)."""
+
+    def __init__(self, rewriter: Http1Rewriter) -> None:
+        self.rewriter = rewriter
+
+    @staticmethod
+    def _out(step: Step) -> _Out:
+        close = (step.error or "closed") if step.close else None
+        return _Out(
+            to_guest=b"".join(step.to_guest), to_upstream=b"".join(step.to_upstream),
+            violations=tuple(step.violations), passed=tuple(step.passed), close=close,
+            shutdown_upstream=step.shutdown_upstream,
+        )  # fmt: skip
+
+    def start(self) -> _Out:
+        return _Out()
+
+    def receive_guest(self, data: bytes) -> _Out:
+        return self._out(self.rewriter.guest_data(data))
+
+    def receive_upstream(self, data: bytes) -> _Out:
+        return self._out(self.rewriter.upstream_data(data))
+
+    def guest_closed(self) -> _Out:
+        return self._out(self.rewriter.guest_eof())
+
+    def upstream_closed(self) -> _Out:
+        return self._out(self.rewriter.upstream_eof())
+
+
+@dataclass(frozen=True)
+class _Out:
+    to_guest: bytes = b""
+    to_upstream: bytes = b""
+    violations: tuple[Violation, ...] = ()
+    passed: tuple[PlaceholderPassed, ...] = ()
+    close: str | None = None
+    shutdown_upstream: bool = False
+
+
+class _HandshakeRefused(Exception):
+    """The connection cannot be carried; the message is the audit reason."""
+
+
+class _End:
+    """One TLS connection of the pair: its socket, SSLObject and memory BIOs."""
+
+    __slots__ = (
+        "eof", "incoming", "name", "outgoing", "reading", "shut", "sock", "tls", "wbuf",
+        "writing",
+    )  # fmt: skip
+
+    def __init__(self, name: str, sock: socket.socket, tls: ssl.SSLObject,
+                 incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> None:  # fmt: skip
+        self.name = name
+        self.sock = sock
+        self.tls = tls
+        self.incoming = incoming
+        self.outgoing = outgoing
+        self.wbuf = bytearray()
+        self.reading = False
+        self.writing = False
+        self.eof = False  # no more plaintext will come from this side
+        self.shut = False  # we sent close_notify + FIN toward this side
+
+
+class _Connection:
+    """One intercepted connection: handshakes (a task), then relay callbacks."""
+
+    def __init__(
+        self,
+        owner: TlsInterceptor,
+        loop: asyncio.AbstractEventLoop,
+        a: Accepted,
+        done: Callable[[], None],
+    ) -> None:
+        self.owner = owner
+        self.loop = loop
+        self.a = a
+        self._done: Callable[[], None] | None = done
+        self.upstream_sock: socket.socket | None = a.upstream
+        self.guest: _End | None = None
+        self.up: _End | None = None
+        self.relay: PlaintextRelay | None = None
+        self.closing = False  # write what is queued, then close both
+        self.finished = False
+
+    # -- handshakes ------------------------------------------------------------------------
+    async def handshake(self) -> None:
+        a = self.a
+        s = self.owner.settings
+        try:
+            async with asyncio.timeout(self.owner.connect_timeout + self.owner.handshake_timeout):
+                if self.upstream_sock is None:
+                    self.upstream_sock = await self._dial()
+                up_in, up_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+                up_tls = s.upstream.context(a.alpn).wrap_bio(
+                    up_in, up_out, server_side=False, server_hostname=a.sni
+                )
+                up = _End("upstream", self.upstream_sock, up_tls, up_in, up_out)
+                self.up = up
+                try:
+                    await self._do_handshake(up)
+                except ssl.SSLCertVerificationError as exc:
+                    self.owner.verify_failures += 1
+                    raise _HandshakeRefused(
+                        f"the upstream's certificate for {a.sni} failed verification "
+                        f"({exc.verify_message or exc.reason}); the guest got a TLS alert"
+                    ) from None
+                except ssl.SSLError as exc:
+                    raise _HandshakeRefused(
+                        f"TLS toward the upstream {a.sni} failed ({exc.reason or exc}); "
+                        "the guest got a TLS alert"
+                    ) from None
+                selected = up_tls.selected_alpn_protocol()
+                g_in, g_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+                g_tls = s.leaves.server_context(a.sni, selected).wrap_bio(
+                    g_in, g_out, server_side=True
+                )
+                g_in.write(a.first)
+                guest = _End("guest", a.guest, g_tls, g_in, g_out)
+                self.guest = guest
+                try:
+                    await self._do_handshake(guest)
+                except ssl.SSLError as exc:
+                    # The guest refused our leaf (it does not trust the CA) or broke TLS:
+                    # its own alert (in g_out, flushed by _do_handshake) says so to it.
+                    raise _HandshakeRefused(
+                        f"the guest's TLS handshake for {a.sni} failed ({exc.reason or exc})"
+                    ) from None
+        except _HandshakeRefused as exc:
+            self.owner.record(a, "deny", str(exc))
+            self._refuse()
+            return
+        except (TimeoutError, OSError) as exc:
+            if isinstance(exc, TimeoutError):
+                why = "the TLS handshakes did not finish in time"
+            else:
+                why = f"the upstream could not be reached ({exc.strerror or exc})"
+            self.owner.record(a, "deny", f"{why}; the guest's connection is reset")
+            self.abort()
+            return
+        except asyncio.CancelledError:
+            self.abort()
+            raise
+        self.owner.handshakes += 1
+        self._start_relay(selected)
+
+    async def _dial(self) -> socket.socket:
+        target = self.a.target
+        family = socket.AF_INET if target.version == 4 else socket.AF_INET6
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            async with asyncio.timeout(self.owner.connect_timeout):
+                await self.loop.sock_connect(sock, (str(target), self.a.port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def _do_handshake(self, end: _End) -> None:
+        while True:
+            try:
+                end.tls.do_handshake()
+                await self._send_all(end)
+                return
+            except ssl.SSLWantReadError:
+                await self._send_all(end)
+                data = await self.loop.sock_recv(end.sock, RECV_SIZE)
+                if not data:
+                    end.incoming.write_eof()
+                else:
+                    end.incoming.write(data)
+            except ssl.SSLError:
+                with contextlib.suppress(OSError):
+                    await self._send_all(end)  # our alert, if OpenSSL made one
+                raise
+
+    async def _send_all(self, end: _End) -> None:
+        data = end.outgoing.read()
+        if data:
+            await self.loop.sock_sendall(end.sock, data)
+
+    def _refuse(self) -> None:
+        """Answer the guest's ClientHello with a fatal alert, then close everything."""
+        with contextlib.suppress(OSError):
+            self.a.guest.send(HANDSHAKE_FAILURE_ALERT)
+        self._close_socket(self.a.guest, graceful=True)
+        if self.upstream_sock is not None:
+            self._close_socket(self.upstream_sock, graceful=False)
+        self._finish()
+
+    # -- the relay ---------------------------------------------------------------------------
+    def _start_relay(self, alpn: str | None) -> None:
+        assert self.guest is not None and self.up is not None
+        for end in (self.guest, self.up):
+            with contextlib.suppress(OSError):
+                end.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.relay = self.owner.make_relay(self.a, alpn)
+        if self.relay is not None:
+            self._apply(self.relay.start())
+        # Bytes that arrived with the handshake's last flight are already in the BIOs.
+        self._resume(self.guest)
+        self._resume(self.up)
+        self._pump(self.guest)
+        self._pump(self.up)
+
+    def _other(self, end: _End) -> _End:
+        assert self.guest is not None and self.up is not None
+        return self.up if end is self.guest else self.guest
+
+    def _resume(self, end: _End) -> None:
+        if not end.reading and not end.eof and not self.finished:
+            end.reading = True
+            self.loop.add_reader(end.sock.fileno(), self._readable, end)
+
+    def _pause(self, end: _End) -> None:
+        if end.reading:
+            end.reading = False
+            self.loop.remove_reader(end.sock.fileno())
+
+    def _readable(self, end: _End) -> None:
+        try:
+            data = end.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.abort()  # reset by the peer: reset the other side too
+            return
+        if data:
+            end.incoming.write(data)
+        else:
+            end.incoming.write_eof()
+        self._pump(end)
+
+    def _pump(self, end: _End) -> None:
+        """Take every plaintext byte ``end``'s TLS can give and hand it on."""
+        if self.finished:
+            return
+        chunks: list[bytes] = []
+        ended = False
+        try:
+            while True:
+                chunk = end.tls.read(READ_SIZE)
+                if not chunk:
+                    ended = True
+                    break
+                chunks.append(chunk)
+        except ssl.SSLWantReadError:
+            pass
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            ended = True
+        except ssl.SSLError:
+            self.abort()
+            return
+        # Post-handshake messages (tickets, key updates) may have produced bytes to send.
+        self._flush(end)
+        if self.finished:
+            return
+        if chunks:
+            self._deliver(end, b"".join(chunks) if len(chunks) > 1 else chunks[0])
+        if ended and not end.eof and not self.finished:
+            end.eof = True
+            self._pause(end)
+            self._ended(end)
+
+    def _deliver(self, src: _End, data: bytes) -> None:
+        if self.finished:
+            return
+        relay = self.relay
+        if relay is None:
+            self._write(self._other(src), data)
+            return
+        out = relay.receive_guest(data) if src is self.guest else relay.receive_upstream(data)
+        self._apply(out)
+
+    def _apply(self, out: _Output) -> None:
+        if out.violations and self.owner.violated(self.a, out.violations):
+            self.abort()
+            return
+        if out.passed:
+            self.owner.passed(self.a, out.passed)
+        assert self.guest is not None and self.up is not None
+        if out.to_upstream:
+            self._write(self.up, out.to_upstream)
+        if out.to_guest:
+            self._write(self.guest, out.to_guest)
+        if getattr(out, "shutdown_upstream", False):
+            self._shutdown(self.up)
+        if out.close is not None:
+            self._close_gracefully()
+
+    def _ended(self, end: _End) -> None:
+        """No more plaintext from ``end``: half-close toward the other side."""
+        if self.relay is not None:
+            out = self.relay.guest_closed() if end is self.guest else self.relay.upstream_closed()
+            self._apply(out)
+            if end.eof and self._other(end).eof:
+                self._close_gracefully()
+            return
+        other = self._other(end)
+        self._shutdown(other)
+        if other.eof:
+            self._close_gracefully()
+
+    def _write(self, end: _End, data: bytes) -> None:
+        if end.shut:
+            return
+        try:
+            end.tls.write(data)
+        except ssl.SSLError:
+            self.abort()
+            return
+        self._flush(end)
+
+    def _flush(self, end: _End) -> None:
+        if self.finished:
+            return
+        data = end.outgoing.read()
+        if data:
+            if end.wbuf:
+                end.wbuf += data
+            else:
+                try:
+                    n = end.sock.send(data)
+                except (BlockingIOError, InterruptedError):
+                    n = 0
+                except OSError:
+                    self.abort()
+                    return
+                if n < len(data):
+                    end.wbuf += data[n:]
+        if end.wbuf and not end.writing:
+            end.writing = True
+            self.loop.add_writer(end.sock.fileno(), self._writable, end)
+        if len(end.wbuf) > HIGH_WATER:
+            self._pause(self._other(end))
+
+    def _writable(self, end: _End) -> None:
+        try:
+            n = end.sock.send(end.wbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.abort()
+            return
+        del end.wbuf[:n]
+        if end.wbuf:
+            return
+        end.writing = False
+        self.loop.remove_writer(end.sock.fileno())
+        if self.closing:
+            self._maybe_close()
+            return
+        if end.shut:
+            with contextlib.suppress(OSError):
+                end.sock.shutdown(socket.SHUT_WR)
+        self._resume(self._other(end))
+
+    def _shutdown(self, end: _End) -> None:
+        """close_notify and FIN toward ``end`` (its peer said all it will say)."""
+        if end.shut or self.finished:
+            return
+        end.shut = True
+        with contextlib.suppress(ssl.SSLError, ValueError):
+            end.tls.unwrap()
+        data = end.outgoing.read()
+        if data:
+            end.wbuf += data
+        if end.wbuf:
+            if not end.writing:
+                end.writing = True
+                self.loop.add_writer(end.sock.fileno(), self._writable, end)
+            return
+        with contextlib.suppress(OSError):
+            end.sock.shutdown(socket.SHUT_WR)
+
+    def _close_gracefully(self) -> None:
+        if self.finished:
+            return
+        self.closing = True
+        for end in (self.guest, self.up):
+            if end is not None:
+                self._pause(end)
+        self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        ends = [e for e in (self.guest, self.up) if e is not None]
+        if any(e.wbuf for e in ends):
+            return
+        for end in ends:
+            with contextlib.suppress(ssl.SSLError, ValueError):
+                end.tls.unwrap()
+            data = end.outgoing.read()
+            if data:
+                with contextlib.suppress(OSError):
+                    end.sock.send(data)
+            self._close_socket(end.sock, graceful=True)
+        self._finish()
+
+    # -- ending ------------------------------------------------------------------------------
+    def abort(self) -> None:
+        """Reset both sockets at once (a reset, a TLS error, a violation, shutdown)."""
+        if self.finished:
+            return
+        self._close_socket(self.a.guest, graceful=False)
+        if self.upstream_sock is not None:
+            self._close_socket(self.upstream_sock, graceful=False)
+        self._finish()
+
+    def _close_socket(self, sock: socket.socket, *, graceful: bool) -> None:
+        fd = sock.fileno()
+        if fd < 0:
+            return
+        self.loop.remove_reader(fd)
+        self.loop.remove_writer(fd)
+        if graceful:
+            sock.close()
+        else:
+            reset(sock)
+
+    def _finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        for end in (self.guest, self.up):
+            if end is not None:
+                end.reading = end.writing = False
+        self.owner._conns.discard(self)
+        done, self._done = self._done, None
+        if done is not None:
+            done()

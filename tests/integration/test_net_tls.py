@@ -1,0 +1,321 @@
+# ruff: noqa: F811  (pytest fixtures imported from test_net_datapath are parameters here)
+"""TLS interception in the hermetic world: real TLS servers of a test CA in the internet
+namespace (tests/support/tls_servers.py: HTTP/1.1 and HTTP/2, WebSocket, an h2 stream), real
+clients in the sandbox netns (curl incl. --http2, Python's ssl, openssl s_client) trusting the
+sandbox's own CA (written to a file, as the runtime writes it into a rootfs).
+
+Each test has its positive control on the same server: bypassed names reach the server's own
+certificate, intercepted ones get a leaf of the sandbox CA; a verification failure is a TLS
+alert toward the guest and an audit event, never a downgrade.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from corral.config import NetworkConfig, TLSConfig
+from tests.integration.test_net_datapath import (  # noqa: F401 - fixtures
+    MakeNet,
+    events,
+    make_net,
+    servers,
+)
+from tests.support.servers import RunningNetwork
+from tests.support.tls_servers import (
+    EXPIRED_PORT,
+    GOOD_PORT,
+    H1_ONLY_PORT,
+    NAME,
+    SELF_SIGNED_PORT,
+    WRONG_NAME_PORT,
+    make_certs,
+    start_tls_servers,
+)
+from tests.support.world import SERVER_V4, World
+
+pytestmark = pytest.mark.timeout(300)
+
+ALL_PORTS = [GOOD_PORT, EXPIRED_PORT, SELF_SIGNED_PORT, WRONG_NAME_PORT, H1_ONLY_PORT]
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("tls-certs")
+    make_certs(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tls_servers(
+    world: World, servers: None, certs: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
+    capdir = tmp_path_factory.mktemp("tls-capture")
+    proc = start_tls_servers(world.spawn_inet, certs, capdir, [SERVER_V4])
+    try:
+        yield capdir
+    finally:
+        world.stop_process(proc)
+
+
+def tls_config(certs: Path, **kw: object) -> NetworkConfig:
+    tls = TLSConfig(upstream_ca_certs=[str(certs / "ca.pem")], intercepted_ports=ALL_PORTS, **kw)  # type: ignore[arg-type]
+    return NetworkConfig(policy="public-only", tls=tls)
+
+
+def sandbox_ca(n: RunningNetwork, tmp: Path) -> Path:
+    path = tmp / f"{n.sandbox_id}-ca.pem"
+    path.write_bytes(n.net.tls_settings.ca.cert_pem)
+    return path
+
+
+def curl(
+    n: RunningNetwork, ca: Path, url: str, *extra: str, port: int = GOOD_PORT
+) -> subprocess.CompletedProcess[str]:
+    return n.run(
+        ["curl", "-sS", "-m", "10", "--cacert", str(ca), "--resolve", f"{NAME}:{port}:{SERVER_V4}",
+         "-w", "\\n%{http_version} %{http_code}", *extra, url]
+    )  # fmt: skip
+
+
+def lines(out: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in out.stdout.splitlines() if line]
+
+
+PEER_CERT = """
+import socket, ssl, sys
+host, addr, port, ca = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+ctx = ssl.create_default_context(cafile=ca)
+ctx.set_alpn_protocols(["h2", "http/1.1"])
+try:
+    with socket.create_connection((addr, port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname=host) as s:
+            issuer = dict(x[0] for x in s.getpeercert()["issuer"])
+            print("OK", issuer.get("commonName"), s.selected_alpn_protocol())
+except ssl.SSLError as e:
+    print("SSLERR", e.reason)
+except OSError as e:
+    print("ERR", e)
+"""
+
+
+def peer(n: RunningNetwork, ca: Path, port: int = GOOD_PORT, name: str = NAME) -> str:
+    return n.run(
+        [sys.executable, "-c", PEER_CERT, name, SERVER_V4, str(port), str(ca)]
+    ).stdout.strip()
+
+
+def test_intercepted_http1_and_http2_with_alpn_carried(
+    make_net: MakeNet, tls_servers: Path, certs: Path, tmp_path: Path
+) -> None:
+    n = make_net(tls_config(certs))
+    ca = sandbox_ca(n, tmp_path)
+    # The guest sees a leaf of the sandbox's CA, with the protocol the upstream selected.
+    assert peer(n, ca).startswith("OK corral sandbox"), peer(n, ca)
+    out = curl(n, ca, f"https://{NAME}/", "--http1.1")
+    assert lines(out) == [f"hello {NAME} http/1.1", "1.1 200"], out.stderr
+    out = curl(n, ca, f"https://{NAME}/", "--http2")
+    assert lines(out) == [f"hello {NAME} h2", "2 200"], out.stderr
+    # An upstream that offers http/1.1 only: the guest is offered http/1.1 only too.
+    out = curl(n, ca, f"https://{NAME}:{H1_ONLY_PORT}/", "--http2", port=H1_ONLY_PORT)
+    assert lines(out) == [f"hello {NAME} http/1.1", "1.1 200"], out.stderr
+    # Without the sandbox CA the guest refuses the leaf: interception is visible.
+    out = n.run(["curl", "-sS", "-m", "10", "--cacert", str(certs / "ca.pem"),
+                 "--resolve", f"{NAME}:443:{SERVER_V4}", f"https://{NAME}/"])  # fmt: skip
+    assert out.returncode == 60, (out.returncode, out.stderr)
+    assert n.net.tcp.tls.handshakes >= 3
+
+
+def test_openssl_s_client_sees_the_leaf_and_h2(
+    make_net: MakeNet, tls_servers: Path, certs: Path, tmp_path: Path
+) -> None:
+    n = make_net(tls_config(certs))
+    ca = sandbox_ca(n, tmp_path)
+    out = n.run(
+        ["openssl", "s_client", "-connect", f"{SERVER_V4}:443", "-servername", NAME,
+         "-alpn", "h2,http/1.1", "-CAfile", str(ca), "-verify_return_error"],
+        input="", timeout=30, errors="replace",
+    )  # fmt: skip
+    text = out.stdout + out.stderr
+    assert "ALPN protocol: h2" in text, text
+    assert "Verify return code: 0 (ok)" in text, text
+    assert "i:CN = corral sandbox" in text, text  # the leaf's issuer: the sandbox's CA
+
+
+def test_bypassed_names_are_spliced_untouched(
+    make_net: MakeNet, tls_servers: Path, certs: Path, tmp_path: Path
+) -> None:
+    n = make_net(tls_config(certs, bypass=["*.good.test"]))
+    ca = sandbox_ca(n, tmp_path)
+    # A subdomain is bypassed: the guest meets the server's own certificate (the test CA).
+    assert peer(n, certs / "ca.pem", name=f"api.{NAME}") == "OK corral test CA h2"
+    assert peer(n, ca, name=f"api.{NAME}").startswith("SSLERR")
+    # The apex is not in "*.good.test": intercepted (positive control).
+    assert peer(n, ca).startswith("OK corral sandbox")
+    assert n.net.tcp.tls.handshakes == 1
+
+
+NO_SNI = """
+import socket, ssl, sys
+ctx = ssl.create_default_context(cafile=sys.argv[2])
+ctx.check_hostname = False
+try:
+    with socket.create_connection((sys.argv[1], 443), timeout=10) as raw:
+        with ctx.wrap_socket(raw) as s:
+            print("OK")
+except (ssl.SSLError, OSError) as e:
+    print("ERR", type(e).__name__)
+"""
+
+
+def test_tls_without_sni_is_refused_and_audited(
+    make_net: MakeNet, tls_servers: Path, certs: Path, tmp_path: Path
+) -> None:
+    n = make_net(tls_config(certs))
+    ca = sandbox_ca(n, tmp_path)
+    out = n.run([sys.executable, "-c", NO_SNI, SERVER_V4, str(ca)]).stdout.strip()
+    assert out.startswith("ERR"), out
+    assert any("no SNI" in str(e["reason"]) for e in events(n))
+    assert peer(n, ca).startswith("OK corral sandbox")  # the same server, with an SNI
+
+
+@pytest.mark.parametrize(
+    ("port", "why"),
+    [
+        (EXPIRED_PORT, "expired"),
+        (SELF_SIGNED_PORT, "self-signed"),
+        (WRONG_NAME_PORT, "Hostname mismatch"),
+    ],
+)
+def test_failed_upstream_verification_is_an_alert_and_an_event(
+    make_net: MakeNet, tls_servers: Path, certs: Path, tmp_path: Path, port: int, why: str
+) -> None:
+    n = make_net(tls_config(certs))
+    ca = sandbox_ca(n, tmp_path)
+    out = curl(n, ca, f"https://{NAME}:{port}/", port=port)
+    assert out.returncode == 35, (out.returncode, out.stderr)  # CURLE_SSL_CONNECT_ERROR
+    assert "handshake failure" in out.stderr, out.stderr
+    reasons = [str(e["reason"]) for e in events(n) if e["port"] == port and e["action"] == "deny"]
+    assert any("failed verification" in r and why in r for r in reasons), reasons
+    assert n.net.tcp.tls.verify_failures == 1
+    # Positive control: the good server through the same sandbox.
+    assert lines(curl(n, ca, f"https://{NAME}/")) == [f"hello {NAME} h2", "2 200"]
+
+
+def test_verify_upstream_off_carries_a_self_signed_upstream(
+    make_net: MakeNet, tls_servers: Path, certs: Path, tmp_path: Path
+) -> None:
+    n = make_net(tls_config(certs, verify_upstream=False))
+    ca = sandbox_ca(n, tmp_path)
+    out = curl(n, ca, f"https://{NAME}:{SELF_SIGNED_PORT}/", port=SELF_SIGNED_PORT)
+    assert lines(out) == [f"hello {NAME} h2", "2 200"], out.stderr
+
+
+def test_the_users_own_ca_signs_the_leaves(
+    make_net: MakeNet, tls_servers: Path, certs: Path, tmp_path: Path
+) -> None:
+    n = make_net(
+        tls_config(certs, ca_cert=str(certs / "userca.pem"), ca_key=str(certs / "userca.key"))
+    )
+    assert peer(n, certs / "userca.pem") == "OK user CA h2"
+    out = curl(n, certs / "userca.pem", f"https://{NAME}/", "--http1.1")
+    assert lines(out) == [f"hello {NAME} http/1.1", "1.1 200"], out.stderr
+
+
+WEBSOCKET = """
+import base64, os, socket, ssl, sys
+ctx = ssl.create_default_context(cafile=sys.argv[3])
+ctx.set_alpn_protocols(["http/1.1"])
+with socket.create_connection((sys.argv[2], 443), timeout=10) as raw, ctx.wrap_socket(raw, server_hostname=sys.argv[1]) as s:
+    key = base64.b64encode(os.urandom(16))
+    s.sendall(b"GET /ws HTTP/1.1\\r\\nHost: " + sys.argv[1].encode() + b"\\r\\nUpgrade: websocket\\r\\n"
+              b"Connection: Upgrade\\r\\nSec-WebSocket-Version: 13\\r\\nSec-WebSocket-Key: " + key + b"\\r\\n\\r\\n")
+    buf = b""
+    while b"\\r\\n\\r\\n" not in buf:
+        buf += s.recv(4096)
+    head, _, buf = buf.partition(b"\\r\\n\\r\\n")
+    print(head.split(b"\\r\\n")[0].decode())
+    for i in range(3):
+        payload = f"message {i}".encode()
+        mask = os.urandom(4)
+        s.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + bytes(c ^ mask[j % 4] for j, c in enumerate(payload)))
+        while len(buf) < 2 or len(buf) < 2 + buf[1]:
+            buf += s.recv(4096)
+        n = buf[1]
+        print(buf[2:2 + n].decode())
+        buf = buf[2 + n:]
+"""
+
+
+def test_websocket_through_interception(
+    make_net: MakeNet, tls_servers: Path, certs: Path, tmp_path: Path
+) -> None:
+    n = make_net(tls_config(certs))
+    ca = sandbox_ca(n, tmp_path)
+    out = n.run([sys.executable, "-c", WEBSOCKET, NAME, SERVER_V4, str(ca)])
+    assert lines(out) == [
+        "HTTP/1.1 101 Switching Protocols",
+        "message 0",
+        "message 1",
+        "message 2",
+    ], out.stderr
+
+
+H2_STREAM = """
+import socket, ssl, sys
+import h2.connection, h2.events
+ctx = ssl.create_default_context(cafile=sys.argv[3])
+ctx.set_alpn_protocols(["h2"])
+with socket.create_connection((sys.argv[2], 443), timeout=10) as raw, ctx.wrap_socket(raw, server_hostname=sys.argv[1]) as s:
+    assert s.selected_alpn_protocol() == "h2"
+    c = h2.connection.H2Connection()
+    c.initiate_connection()
+    c.send_headers(1, [(":method", "POST"), (":path", "/stream"), (":scheme", "https"),
+                       (":authority", sys.argv[1]), ("content-type", "application/grpc")])
+    s.sendall(c.data_to_send())
+    for i in range(3):
+        # One message out, its echo back before the next leaves: streamed both ways, not buffered.
+        c.send_data(1, f"chunk {i}".encode())
+        s.sendall(c.data_to_send())
+        got = b""
+        while not got:
+            for ev in c.receive_data(s.recv(65536)):
+                if isinstance(ev, h2.events.DataReceived):
+                    got += ev.data
+                    c.acknowledge_received_data(ev.flow_controlled_length, 1)
+            s.sendall(c.data_to_send())
+        print(got.decode())
+    c.end_stream(1)
+    s.sendall(c.data_to_send())
+"""
+
+
+def test_h2_bidirectional_stream_through_interception(
+    make_net: MakeNet, tls_servers: Path, certs: Path, tmp_path: Path
+) -> None:
+    n = make_net(tls_config(certs))
+    ca = sandbox_ca(n, tmp_path)
+    out = n.run([sys.executable, "-c", H2_STREAM, NAME, SERVER_V4, str(ca)])
+    assert lines(out) == ["chunk 0", "chunk 1", "chunk 2"], out.stderr
+
+
+@pytest.mark.parametrize("version", ["--http1.1", "--http2"])
+def test_large_download_and_upload_stream_through(
+    make_net: MakeNet, tls_servers: Path, certs: Path, tmp_path: Path, version: str
+) -> None:
+    n = make_net(tls_config(certs))
+    ca = sandbox_ca(n, tmp_path)
+    size = 64 << 20
+    out = n.run(["curl", "-sS", "-m", "60", "--cacert", str(ca), "--resolve", f"{NAME}:443:{SERVER_V4}",
+                 version, "-o", "/dev/null", "-w", "%{size_download}", f"https://{NAME}/big?n={size}"], timeout=90)  # fmt: skip
+    assert out.stdout.strip() == str(size), out.stderr
+    upload = tmp_path / "upload.bin"
+    upload.write_bytes(b"u" * (16 << 20))
+    out = curl(n, ca, f"https://{NAME}/", version, "--data-binary", f"@{upload}")
+    assert (
+        lines(out)[0] == f"hello {NAME} {'h2' if version == '--http2' else 'http/1.1'}"
+    ), out.stderr
