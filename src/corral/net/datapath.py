@@ -23,7 +23,7 @@ import ipaddress
 import logging
 import math
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,11 @@ from corral.net.gate import FlowGate, IPAddress
 from corral.net.icmp import IcmpRelay
 from corral.net.ports import Published, PublishedPorts, bind_published
 from corral.net.prefilter import PINNED_SETS, Prefilter, compile_prefilter
+from corral.net.secrets import SecretTable
 from corral.net.splice import PipePool
 from corral.net.tcp_proxy import CONNECT_TIMEOUT, TcpProxy
+from corral.net.tls_ca import GuestTrust, read_host_bundle
+from corral.net.tls_interceptor import TlsInterceptor, TlsSettings
 from corral.net.udp_relay import UdpRelay
 from corral.policy import Policy
 from corral.policy.pins import PinSet
@@ -78,8 +81,14 @@ class SandboxNetwork:
         policy: Policy | None,
         log_allowed: bool,
         connect_timeout: float = CONNECT_TIMEOUT,
+        tls: TlsSettings | None = None,
     ) -> None:
         self.sandbox_id = sandbox_id
+        #: TLS interception (None: off). Holds the CA key and the secrets' values, in memory.
+        self.tls_settings = tls
+        #: Called (on the loop) with a reason when a secret's block-and-terminate fires: the
+        #: supervisor sets it to stop the whole sandbox.
+        self.on_terminate: Callable[[str], None] | None = None
         self.config = config
         self.state_dir = state_dir
         self.names = plumbing.names_for(sandbox_id)
@@ -117,13 +126,17 @@ class SandboxNetwork:
         pool: AddressPool | None = None,
         log_allowed: bool = False,
         connect_timeout: float = CONNECT_TIMEOUT,
+        secrets: SecretTable | None = None,
     ) -> SandboxNetwork:
         """Lease the slot, create the netns, bind published ports. Sync; NetworkError on failure.
 
         ``policy`` replaces the engine compiled from ``config`` (tests); ``log_allowed`` also
-        audits allowed flows; ``connect_timeout`` bounds each upstream TCP dial.
+        audits allowed flows; ``connect_timeout`` bounds each upstream TCP dial; ``secrets``
+        (values in memory) turn TLS interception on like ``config.tls`` does. The CA is made
+        (or the user's pair read and checked) here, so a bad one fails the create early.
         """
         pool = pool or AddressPool()
+        tls = None if config.is_offline else TlsSettings.from_config(sandbox_id, config, secrets)
         if config.is_offline:
             return cls(
                 sandbox_id, config, state_dir, slot=None, pool=pool, published=[], mtu=mtu,
@@ -161,7 +174,7 @@ class SandboxNetwork:
             raise
         return cls(
             sandbox_id, config, state_dir, slot=slot, pool=pool, published=published, mtu=mtu,
-            policy=policy, log_allowed=log_allowed, connect_timeout=connect_timeout,
+            policy=policy, log_allowed=log_allowed, connect_timeout=connect_timeout, tls=tls,
         )  # fmt: skip
 
     # -- addresses --------------------------------------------------------------------------
@@ -203,6 +216,20 @@ class SandboxNetwork:
         if self.gateway_ipv4 is None:
             return ""
         return f"nameserver {self.gateway_ipv4}\noptions timeout:2 attempts:2\n"
+
+    def guest_trust(self) -> GuestTrust | None:
+        """What the guest's rootfs and environment need to trust the interception CA (its
+        certificate only; the key never leaves this process), or None when interception is
+        off. ``trust_host_cas`` adds the host's bundle."""
+        if self.tls_settings is None:
+            return None
+        host = read_host_bundle() if self.config.trust_host_cas else None
+        return GuestTrust(self.tls_settings.ca.cert_pem, host)
+
+    def _terminate(self, reason: str) -> None:
+        _log.warning("sandbox %s: %s", self.sandbox_id, reason)
+        if self.on_terminate is not None:
+            self.on_terminate(reason)
 
     # -- step 2 -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -246,9 +273,16 @@ class SandboxNetwork:
             pins=self.pins,
         )
         pipes = PipePool()
+        interceptor = None
+        if self.tls_settings is not None:
+            interceptor = TlsInterceptor(
+                self.tls_settings, self._audit, connect_timeout=self.connect_timeout,
+                on_terminate=self._terminate,
+            )  # fmt: skip
         self.tcp = TcpProxy(
-            self.gate, guests, gateways, pipes=pipes, connect_timeout=self.connect_timeout
-        )
+            self.gate, guests, gateways, pipes=pipes, connect_timeout=self.connect_timeout,
+            tls=interceptor,
+        )  # fmt: skip
         self._parts.append(self.tcp)
         self.udp = UdpRelay(self.gate, guests, gateways)
         self._parts.append(self.udp)
