@@ -391,16 +391,19 @@ class SandboxNetwork:
         self._closed = True
         if self.slot is None:
             return
-        # Proxies and listeners first, then the divert: a packet diverted to a closed proxy
-        # port finds no socket and is dropped, not routed. (The other order made the NFLOG
-        # socket's close wait for the table's deferred destruction: an RCU grace period,
-        # ~15 ms here.)
-        for part in reversed(self._parts):
+        # The divert goes first: from here on the sandbox's packets are dropped, not proxied.
+        with contextlib.suppress(NetworkError):
+            firewall.remove(self.names.table)
+        # The kernel frees a deleted table after an RCU grace period (8-15 ms here), and
+        # closing any nftables/NFLOG netlink socket meanwhile waits for that; so does closing
+        # a packet socket, always (the ICMP relay's). The relay goes first, so that the two
+        # grace periods elapse together and the NFLOG socket (and, at exit, the process's
+        # other netfilter sockets) find nothing left to wait for.
+        parts = sorted(reversed(self._parts), key=lambda part: not isinstance(part, IcmpRelay))
+        for part in parts:
             with contextlib.suppress(Exception):
                 part.close()
         self._parts.clear()
-        with contextlib.suppress(NetworkError):
-            firewall.remove(self.names.table)
         for p in self._published:
             p.sock.close()
         self._published = []

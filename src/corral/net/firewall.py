@@ -184,7 +184,14 @@ def _nft(text: str, what: str) -> None:
 
 def apply(spec: FirewallSpec) -> None:
     """Create (or atomically replace) the sandbox's table."""
-    _nft(ruleset(spec), f"applying nftables table {spec.table}")
+    text = ruleset(spec)
+    replace = f"add table inet {spec.table}\ndelete table inet {spec.table}\n"
+    if text.startswith(replace) and not nftables.table_exists(spec.table):
+        # Nothing to replace: the delete would only queue the empty table's destruction,
+        # and freeing the libnftables context then waits for it (an RCU grace period):
+        # 15 ms instead of 3 ms for a public-only table here.
+        text = text[len(replace) :]
+    _nft(text, f"applying nftables table {spec.table}")
 
 
 def remove(table: str) -> None:

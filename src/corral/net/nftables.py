@@ -3,19 +3,19 @@
 ``nft -f`` is a process start, a PATH search and a dynamic link of libnftables for every
 transaction (about 3-4 ms here); a sandbox's create and remove each need one, and the DNS
 interceptor adds set elements per answer. The library behind ``nft`` takes the same text
-(``nft -f`` syntax, one call = one atomic netlink batch) in-process, so this module keeps one
-``nft_ctx`` per process and feeds it strings.
+(``nft -f`` syntax, one call = one atomic netlink batch) in-process.
 
 Loaded by its soname (``libnftables.so.1``), never through ``ctypes.util.find_library``
 (which runs ``ldconfig -p`` and ``gcc``, tens of milliseconds, on each call). The library is
 loaded at import, so a fork server that imported this module hands it, mapped and linked, to
-every child; the context (it owns a netlink socket) is made lazily and per process, so a
-forked child never shares its parent's socket.
+every child.
 
-A netlink socket talks to the network namespace it was opened in. The kept context belongs to
-the netns of the process's first call; a call from a thread that is in another netns gets a
-context of its own for that call (opened and freed around it, ~0.3 ms more), so no socket
-keeps a namespace alive behind anyone's back.
+A fresh ``nft_ctx`` per call (22 us to make and free here, against 0.1-10 ms for the call):
+a kept one carries its object cache from call to call, and libnftables 1.0.6 keeps, in cached
+objects, source locations that point into the previous call's (freed) input; an error that
+quotes one aborts the process (seen here: ``BUG: invalid input descriptor type``, erec.c:161,
+after a dry run). A fresh context also opens its netlink socket in the calling thread's
+network namespace and never shares one with a forked child.
 
 Thread safety: libnftables keeps process-wide state outside the context (its interface name
 cache is a global), so one lock serialises every call of the process; a call takes well under
@@ -35,6 +35,7 @@ import threading
 from collections.abc import Iterable
 
 from corral.errors import NetworkError
+from corral.kernel import netns as kernel_netns
 
 #: The library's soname (Debian package ``libnftables1``, installed by scripts/install.sh).
 LIBRARY = "libnftables.so.1"
@@ -68,9 +69,6 @@ else:
     _lib.nft_run_cmd_from_filename.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
 
 _lock = threading.Lock()
-_ctx: int | None = None
-#: (pid, netns device, netns inode) the kept context was made for.
-_ctx_key: tuple[int, int, int] = (0, 0, 0)
 
 
 def available() -> bool:
@@ -93,22 +91,6 @@ def _new_context() -> int:
     return int(ctx)
 
 
-def _context() -> tuple[int, bool]:
-    """(context, whether the caller must free it after the call). Holds _lock."""
-    global _ctx, _ctx_key
-    st = os.stat("/proc/thread-self/ns/net")
-    pid = os.getpid()
-    key = (pid, st.st_dev, st.st_ino)
-    if _ctx is not None and _ctx_key == key:
-        return _ctx, False
-    if _ctx is not None and _ctx_key[0] == pid:
-        return _new_context(), True  # a thread in another netns: a context for this call
-    # First use, or a context inherited through fork: that one is abandoned, not freed
-    # (freeing would close a socket number this process may have reused; it is the parent's).
-    _ctx, _ctx_key = _new_context(), key
-    return _ctx, False
-
-
 def _buffer(pointer: int | None) -> str:
     return "" if not pointer else ctypes.string_at(pointer).decode("utf-8", "replace")
 
@@ -125,17 +107,15 @@ def run(commands: str) -> str:
     data = commands.encode()
     multiline = b"\n" in data.rstrip(b"\n")
     with _lock:
-        ctx, temporary = _context()
+        ctx = _new_context()
         assert _lib is not None
         try:
             run_input = _run_as_file if multiline else _lib.nft_run_cmd_from_buffer
             rc = run_input(ctx, data)
-            # Reading a buffer rewinds it, so the next call starts empty.
             out = _buffer(_lib.nft_ctx_get_output_buffer(ctx))
             err = _buffer(_lib.nft_ctx_get_error_buffer(ctx))
         finally:
-            if temporary:
-                _lib.nft_ctx_free(ctx)
+            _lib.nft_ctx_free(ctx)
     if rc != 0:
         text = _FILE_LOCATION.sub(r"line \1, columns \2: ", err.strip())
         raise NetworkError(f"nftables: {text or f'libnftables returned {rc} without a message'}")
@@ -228,10 +208,14 @@ def _message(
 
 
 def _netlink() -> tuple[socket.socket, bool]:
-    """(socket, whether to close it after the call), like :func:`_context`. Holds _lock."""
+    """(socket, whether to close it after the call). Holds _lock.
+
+    One socket is kept per process and netns, not one per call: the kernel makes the close
+    of a netfilter netlink socket wait for the deferred destruction of deleted tables (an
+    RCU grace period), so a socket closed right after its own DESTROYTABLE would wait ~15 ms.
+    A thread in another netns gets a socket for that call; a forked child makes its own."""
     global _nl_sock, _nl_key
-    st = os.stat("/proc/thread-self/ns/net")
-    key = (os.getpid(), st.st_dev, st.st_ino)
+    key = (os.getpid(), *kernel_netns.identity())
     if _nl_sock is not None and _nl_key == key:
         return _nl_sock, False
     sock = socket.socket(
