@@ -79,6 +79,7 @@ _POINTER_TO_QNAME = b"\xc0\x0c"
 #: holding a dot therefore never reads as two labels, so the text's suffixes are exactly the
 #: name's ancestors in the DNS tree: a suffix or deny rule cannot be dodged by spelling.
 _PLAIN = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_*")
+_PLAIN_BYTES_AND_DOT = bytes(sorted(_PLAIN)) + b"."
 _LOWER = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"abcdefghijklmnopqrstuvwxyz")
 
 
@@ -122,17 +123,16 @@ class Query:
 
 def name_text(labels: Sequence[bytes]) -> str:
     """The text form of a name's labels (root excluded): lower case, see _PLAIN."""
-    parts = []
-    for label in labels:
-        if all(b in _PLAIN for b in label):
-            parts.append(label.translate(_LOWER).decode("ascii"))
-        else:
-            parts.append(
-                "".join(
-                    chr(b).lower() if b in _PLAIN else f"\\{b:03d}" for b in label.translate(_LOWER)
-                )
-            )
-    return ".".join(parts)
+    wire_name = b".".join(labels).translate(_LOWER)
+    if (
+        not wire_name.translate(None, _PLAIN_BYTES_AND_DOT)
+        and wire_name.count(b".") == len(labels) - 1  # no label holds a dot itself
+    ):
+        return wire_name.decode("ascii")  # the common case, at C speed
+    return ".".join(
+        "".join(chr(b) if b in _PLAIN else f"\\{b:03d}" for b in label.translate(_LOWER))
+        for label in labels
+    )
 
 
 def _skip_name(data: bytes, pos: int) -> int:
