@@ -104,6 +104,20 @@ def test_mounts_under_lists_deepest_first_with_stacked_mounts(tmp_path: Path) ->
     ]
 
 
+def test_entries_read_fstype_source_and_propagation() -> None:
+    text = (
+        b"25 1 0:23 / /sys/fs/cgroup rw shared:9 - tmpfs tmpfs ro,mode=755\n"
+        b"26 25 0:24 / /sys/fs/cgroup/a\\040b rw - cgroup2 none rw\n"
+        b"garbage without the separator\n"
+    )
+    got = [(e.point, e.fstype, e.source, e.shared) for e in mountinfo.parse_entries(text)]
+    assert got == [
+        ("/sys/fs/cgroup", "tmpfs", "tmpfs", True),
+        ("/sys/fs/cgroup/a b", "cgroup2", "none", False),
+    ]
+
+
 def test_mount_points_of_this_process() -> None:
     assert "/" in mountinfo.mount_points()
+    assert any(e.point == "/proc" and e.fstype == "proc" for e in mountinfo.entries())
     assert mountinfo.mount_points("/nonexistent/mountinfo") == []

@@ -8,7 +8,8 @@ into every CPython process, so ``dlopen`` here only looks it up.
 Every wrapper raises ``OSError`` with the errno and a short name of the call or path, so a
 caller can turn it into one sentence naming its step. The launcher's own calls (mount,
 pivot_root, seccomp, capabilities) are in :mod:`corral.runtime.syscalls`, built on
-:data:`libc` and :func:`check`; the calls that the runtime and the data path share are here.
+:data:`libc` and :func:`check`; the calls that the runtime and the data path share (setns,
+unshare, mount, umount2) are here.
 """
 
 from __future__ import annotations
@@ -42,6 +43,26 @@ def check(result: int, what: str) -> int:
 def setns(fd: int, nstype: int = 0) -> None:
     """Move the calling *thread* into the namespace ``fd`` refers to (setns(2))."""
     check(libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns")
+
+
+def unshare(flags: int) -> None:
+    """Move the calling thread (or process) into new namespaces of the ``flags`` kinds."""
+    check(libc.unshare(ctypes.c_int(flags)), "unshare")
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int = 0,
+          data: str | None = None) -> None:
+    """mount(2); OSError names ``target``."""
+    check(
+        libc.mount(
+            os.fsencode(source) if source is not None else None,
+            os.fsencode(target),
+            fstype.encode() if fstype is not None else None,
+            ctypes.c_ulong(flags),
+            data.encode() if data is not None else None,
+        ),
+        target,
+    )
 
 
 def umount2(target: str, flags: int = 0) -> None:

@@ -40,14 +40,57 @@ def unescape(field: bytes) -> str:
     return os.fsdecode(bytes(out))
 
 
-def parse_mount_points(text: bytes) -> list[str]:
-    """The mount point of every line of a mountinfo file, in the file's order."""
-    points = []
+class MountEntry:
+    """One line of a mountinfo file, the fields corral reads (a plain class: no dataclasses
+    on the supervisor's start-up path)."""
+
+    __slots__ = ("fstype", "point", "shared", "source")
+
+    def __init__(self, point: str, fstype: str, source: str, shared: bool) -> None:
+        self.point = point  # where it is mounted
+        self.fstype = fstype  # "cgroup2", "tmpfs", "overlay", ...
+        self.source = source  # the mount source ("none", "/dev/sda1", "overlay", ...)
+        self.shared = shared  # in a peer group: mounts below it propagate elsewhere
+
+    def __repr__(self) -> str:
+        return f"MountEntry({self.point!r}, {self.fstype!r}, {self.source!r}, {self.shared})"
+
+
+def parse_entries(text: bytes) -> list[MountEntry]:
+    """Every well-formed line of a mountinfo file, in the file's order (proc(5): mount
+    point in field 5, optional fields from 7 up to a lone ``-``, then fstype and source)."""
+    entries = []
     for line in text.splitlines():
         fields = line.split(b" ")
-        if len(fields) > _MOUNT_POINT_FIELD:
-            points.append(unescape(fields[_MOUNT_POINT_FIELD]))
-    return points
+        try:
+            dash = fields.index(b"-", 6)
+        except ValueError:
+            continue
+        if len(fields) <= dash + 2:
+            continue
+        entries.append(
+            MountEntry(
+                point=unescape(fields[_MOUNT_POINT_FIELD]),
+                fstype=fields[dash + 1].decode("ascii", "replace"),
+                source=unescape(fields[dash + 2]),
+                shared=any(o.startswith(b"shared:") for o in fields[6:dash]),
+            )
+        )
+    return entries
+
+
+def parse_mount_points(text: bytes) -> list[str]:
+    """The mount point of every line of a mountinfo file, in the file's order."""
+    return [entry.point for entry in parse_entries(text)]
+
+
+def entries(path: str = SELF_MOUNTINFO) -> list[MountEntry]:
+    """Every mount of our mount namespace (empty when /proc is not mounted)."""
+    try:
+        with open(path, "rb") as f:
+            return parse_entries(f.read())
+    except FileNotFoundError:
+        return []
 
 
 def mount_points(path: str = SELF_MOUNTINFO) -> list[str]:

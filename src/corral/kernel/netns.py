@@ -16,9 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 
 from corral.kernel import libc
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import TypeVar
+
+    T = TypeVar("T")
 
 #: clone(2)/setns(2) namespace type of a network namespace.
 CLONE_NEWNET = 0x40000000
@@ -38,6 +45,13 @@ def path_of(name: str) -> str:
 def open_current() -> int:
     """A close-on-exec descriptor of the calling thread's network namespace."""
     return os.open(THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)
+
+
+def identity(path: str = THREAD_NETNS) -> tuple[int, int]:
+    """(device, inode) of the namespace file ``path`` (default: the calling thread's): what
+    tells namespaces apart (the same pair is the same namespace, whatever names it)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def join(fd: int) -> None:
@@ -66,3 +80,33 @@ def entered(path: str) -> Iterator[None]:
             join(back)
     finally:
         os.close(back)
+
+
+def call_in_thread(path: str | None, func: Callable[[], T], *, new: bool = False) -> T:
+    """``func()`` on a short-lived thread in another network namespace: the one at ``path``,
+    or (``new``) a fresh one; its result, or its exception re-raised here.
+
+    A thread of its own, so the caller's threads never leave their namespace; it ends right
+    after (a thread that changed its namespace is never reused). Sockets ``func`` opens stay
+    in that namespace; a namespace made with ``new`` lives on only if ``func`` bind-mounts
+    it (``/proc/thread-self/ns/net``) somewhere or a socket or process keeps it.
+    """
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            if new:
+                libc.unshare(CLONE_NEWNET)
+            elif path is not None:
+                join_path(path)
+            result.append(func())
+        except BaseException as exc:
+            error.append(exc)
+
+    thread = threading.Thread(target=body, name="corral-netns")
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]

@@ -17,14 +17,12 @@ find and delete every piece without any state but the sandbox id:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import hashlib
 import ipaddress
 import os
 import re
 import socket
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -103,32 +101,11 @@ def in_netns(netns_path: str | None, func: Callable[[], T], *, unshare: bool = F
 
     A thread, so the caller's own threads never leave the host's namespace; it ends right
     after (a thread that changed its namespace is never reused)."""
-    result: list[T] = []
-    error: list[BaseException] = []
-
-    def body() -> None:
-        try:
-            if unshare:
-                libc.check(libc.libc.unshare(ctypes.c_int(kernel_netns.CLONE_NEWNET)), "unshare")
-            elif netns_path is not None:
-                kernel_netns.join_path(netns_path)
-            result.append(func())
-        except BaseException as exc:
-            error.append(exc)
-
-    thread = threading.Thread(target=body, name="corral-netns")
-    thread.start()
-    thread.join()
-    if error:
-        raise error[0]
-    return result[0]
+    return kernel_netns.call_in_thread(netns_path, func, new=unshare)
 
 
 def _mount(source: str, target: str, flags: int) -> None:
-    libc.check(
-        libc.libc.mount(source.encode(), target.encode(), b"none", ctypes.c_ulong(flags), None),
-        target,
-    )
+    libc.mount(source, target, "none", flags)
 
 
 _netns_dir_ready = False

@@ -5,8 +5,9 @@ Thin ctypes wrappers over libc (or ``syscall(2)`` for calls glibc does not wrap)
 Numbers are for x86_64, the only architecture corral's namespace backend supports today.
 
 libc itself is loaded once, in :mod:`corral.kernel.libc`, which also has the calls that the
-data path shares with the runtime (``setns``, ``umount2``; re-exported here with
-``CLONE_NEWNET`` and ``MNT_DETACH`` so the launcher reads as one list of calls).
+data path shares with the runtime (``setns``, ``unshare``, ``mount``, ``umount2``;
+re-exported here with ``CLONE_NEWNET`` and ``MNT_DETACH`` so the launcher reads as one list
+of calls).
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import os
 from corral.kernel.libc import MNT_DETACH as MNT_DETACH
 from corral.kernel.libc import check as _check
 from corral.kernel.libc import libc as _libc
+from corral.kernel.libc import mount as mount
 from corral.kernel.libc import setns as setns
 from corral.kernel.libc import umount2 as umount2
+from corral.kernel.libc import unshare as unshare
 from corral.kernel.netns import CLONE_NEWNET as CLONE_NEWNET
 
 # clone(2)/unshare(2) flags.
@@ -61,24 +64,6 @@ OPEN_TREE_CLOEXEC = os.O_CLOEXEC
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
-
-
-def unshare(flags: int) -> None:
-    _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
-
-
-def mount(source: str | None, target: str, fstype: str | None, flags: int = 0,
-          data: str | None = None) -> None:
-    _check(
-        _libc.mount(
-            source.encode() if source is not None else None,
-            target.encode(),
-            fstype.encode() if fstype is not None else None,
-            ctypes.c_ulong(flags),
-            data.encode() if data is not None else None,
-        ),
-        target,
-    )
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
