@@ -34,6 +34,11 @@ def test_stat_of_a_zombie_is_not_alive() -> None:
     assert not procfs.parse_stat(_stat_line(b"x", b"Z")).alive
 
 
+def test_stat_of_a_dead_process_being_released_is_not_alive() -> None:
+    # A fork server's supervisors are reaped by the kernel (SIGCHLD ignored): "X", not "Z".
+    assert not procfs.parse_stat(_stat_line(b"x", b"X")).alive
+
+
 @pytest.mark.parametrize("raw", [b"", b"42 (cut", b"42 (x) S 1 2 3\n"])
 def test_stat_parse_refuses_what_is_not_a_stat_line(raw: bytes) -> None:
     with pytest.raises(ValueError, match="not a /proc/<pid>/stat line"):

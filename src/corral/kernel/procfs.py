@@ -19,6 +19,10 @@ _START_TIME = 19
 
 #: The state letter of a zombie: the process has exited, only its exit status is left.
 ZOMBIE = "Z"
+#: Dead and being released (EXIT_DEAD: "X", "x" in old kernels): what a process whose parent
+#: ignores SIGCHLD (a fork server's supervisor) shows instead of "Z", for a few ms after its
+#: pidfd turned readable.
+DEAD = ("X", "x")
 
 
 class ProcessStat:
@@ -35,8 +39,8 @@ class ProcessStat:
 
     @property
     def alive(self) -> bool:
-        """Whether the process still runs (exists and is not a zombie)."""
-        return self.state != ZOMBIE
+        """Whether the process still runs (exists and is neither a zombie nor dead)."""
+        return self.state != ZOMBIE and self.state not in DEAD
 
     def __repr__(self) -> str:
         return (
