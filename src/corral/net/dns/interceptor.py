@@ -151,6 +151,8 @@ class DnsInterceptor:
         self.audit = audit
         self.on_pinned = on_pinned
         self.guests = frozenset(guests)
+        # The kernel's text of a guest's address -> the address: no parse per datagram.
+        self._guest_text = {str(g): g for g in guests}
         self.upstreams = [(ipaddress.ip_address(a), int(p)) for a, p in upstreams]
         listen = [g for g in gateways if g.version == 4 or ipv6]
         self.core = SandboxResolver(
@@ -283,15 +285,12 @@ class DnsInterceptor:
                 dst = parse_origdst(level, kind, cdata) or dst
             if dst is None:
                 continue
-            try:
-                source = ipaddress.ip_address(peer[0])
-            except ValueError:
-                continue
-            if source not in self.guests:
+            source = self._guest_text.get(peer[0])
+            if source is None:
                 continue  # only the guest's packets are diverted here
             client = _UdpClient(source, int(peer[1]), dst[0], dst[1])
             try:
-                step = self.core.query(data, "udp", client, str(source), str(dst[0]))
+                step = self.core.query(data, "udp", client, peer[0], str(dst[0]))
             except Exception:  # a bug must cost this query, not the interceptor
                 _log.exception("DNS: a UDP query from %s failed", source)
                 continue
