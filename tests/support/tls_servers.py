@@ -141,6 +141,8 @@ class _Capture:
     def __init__(self, directory: Path, port: int) -> None:
         self.inp = open(directory / f"{port}.bin", "ab", buffering=0)  # noqa: SIM115
         self.out = open(directory / f"{port}.out", "ab", buffering=0)  # noqa: SIM115
+        # HTTP/2 requests as decoded (HPACK hides header values from a byte search of .bin).
+        self.dec = open(directory / f"{port}.h2", "ab", buffering=0)  # noqa: SIM115
 
 
 class _Conn:
@@ -338,6 +340,7 @@ async def _http2(conn: _Conn, sni: str) -> None:
         for ev in h.receive_data(data):
             if isinstance(ev, h2.events.RequestReceived):
                 hdrs = [(bytes(k), bytes(v)) for k, v in ev.headers]
+                conn.cap.dec.write(b"".join(k + b": " + v + b"\n" for k, v in hdrs))
                 path = dict(hdrs).get(b":path", b"/").decode()
                 streams[ev.stream_id] = {"headers": hdrs, "body": b"", "path": path}
                 if urlsplit(path).path == "/stream":
@@ -345,6 +348,7 @@ async def _http2(conn: _Conn, sni: str) -> None:
             elif isinstance(ev, h2.events.DataReceived):
                 st = streams[ev.stream_id]
                 h.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                conn.cap.dec.write(ev.data)
                 if urlsplit(str(st["path"])).path == "/stream":
                     if ev.data:
                         send_data(ev.stream_id, ev.data, end=False)

@@ -35,13 +35,14 @@ from corral.net.audit import AUDIT_FILE, AuditEvent, AuditLog, follow
 from corral.net.dns import DnsInterceptor
 from corral.net.dns.upstreams import query_timeout_for, upstreams_for
 from corral.net.gate import FlowGate, IPAddress
+from corral.net.guest_trust import rootfs_state
 from corral.net.icmp import IcmpRelay
 from corral.net.ports import Published, PublishedPorts, bind_published
 from corral.net.prefilter import PINNED_SETS, Prefilter, compile_prefilter
 from corral.net.secrets import SecretTable
 from corral.net.splice import PipePool
 from corral.net.tcp_proxy import CONNECT_TIMEOUT, TcpProxy
-from corral.net.tls_ca import GuestTrust, read_host_bundle
+from corral.net.tls_ca import GUEST_BUNDLE_PATHS, GUEST_CA_ANCHORS, GuestTrust, read_host_bundle
 from corral.net.tls_interceptor import TlsInterceptor, TlsSettings
 from corral.net.udp_relay import UdpRelay
 from corral.policy import Policy
@@ -225,6 +226,38 @@ class SandboxNetwork:
             return None
         host = read_host_bundle() if self.config.trust_host_cas else None
         return GuestTrust(self.tls_settings.ca.cert_pem, host)
+
+    def guest_files(self, rootfs: Path) -> dict[str, bytes]:
+        """Files to write into the guest (guest path -> content, after its pivot, like
+        /etc/hosts) so it trusts the interception CA: the image's bundles (``rootfs`` is the
+        image's tree on the host, read as it is) with the CA appended, created when missing,
+        and the CA alone where update-ca-certificates / update-ca-trust look. Empty when
+        interception is off."""
+        trust = self.guest_trust()
+        if trust is None:
+            return {}
+        state = rootfs_state(rootfs, (*GUEST_BUNDLE_PATHS, *GUEST_CA_ANCHORS))
+        return {w.path: w.content for w in trust.files(state)}
+
+    def guest_environment(self) -> dict[str, str]:
+        """Variables pointing the guest's TLS stacks at that bundle (SSL_CERT_FILE,
+        REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE, NODE_EXTRA_CA_CERTS); empty when off."""
+        trust = self.guest_trust()
+        return {} if trust is None else trust.environment()
+
+    def tls_summary(self) -> dict[str, object] | None:
+        """What ``corral inspect`` may show of interception: the CA's fingerprint, the secret
+        names (never a value, never the CA key); None when off."""
+        s = self.tls_settings
+        if s is None:
+            return None
+        return {
+            "ca_fingerprint": s.ca.fingerprint,
+            "ca_generated": s.ca.generated,
+            "intercepted_ports": sorted(s.ports),
+            "bypass": list(s.bypass),
+            "secrets": list(s.secrets.names),
+        }
 
     def _terminate(self, reason: str) -> None:
         _log.warning("sandbox %s: %s", self.sandbox_id, reason)

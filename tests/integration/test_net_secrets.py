@@ -1,0 +1,162 @@
+# ruff: noqa: F811  (pytest fixtures imported from other test modules are parameters here)
+"""Secrets on intercepted traffic in the hermetic world: the value goes only to the allowed
+host, inside TLS corral terminated, and comes back to the guest as the placeholder.
+
+Real clients in the sandbox netns (curl, HTTP/1.1 and HTTP/2) send the placeholder; the test
+servers (tests/support/tls_servers.py) record every plaintext byte they received; every byte
+the guest saw is its stdout. The real value must appear in the allowed server's capture and
+nowhere else: not in what the guest saw, not in the audit log, not in any other server's
+capture. Violations are checked per ViolationAction.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from corral.config import NetworkConfig, SecretEntry, TLSConfig, ViolationAction
+from corral.net.secrets import SecretTable
+from tests.integration.test_net_datapath import (  # noqa: F401 - fixtures
+    MakeNet,
+    events,
+    make_net,
+    servers,
+)
+from tests.integration.test_net_tls import (  # noqa: F401 - fixtures
+    ALL_PORTS,
+    certs,
+    curl,
+    lines,
+    sandbox_ca,
+    tls_servers,
+)
+from tests.support.servers import RunningNetwork
+from tests.support.tls_servers import GOOD_PORT, NAME
+from tests.support.world import SERVER_V4
+
+pytestmark = pytest.mark.timeout(300)
+
+VALUE = "sk-live-7f3a9c1e5b2d4068"
+PLACEHOLDER = "$CORRAL_SECRET_API_KEY"
+
+
+def table(action: ViolationAction | None = None, **kw: object) -> SecretTable:
+    entry = SecretEntry(env_var="API_KEY", value=VALUE, allowed_hosts=[NAME], **kw)  # type: ignore[arg-type]
+    return SecretTable.from_entries([entry], on_secret_violation=action, environ={})
+
+
+def start(make_net: MakeNet, certs: Path, secrets: SecretTable, pin: bool = True) -> RunningNetwork:
+    tls = TLSConfig(upstream_ca_certs=[str(certs / "ca.pem")], intercepted_ports=ALL_PORTS)
+    n = make_net(NetworkConfig(policy="public-only", tls=tls), secrets=secrets)
+    if pin:
+        address = ipaddress.ip_address(SERVER_V4)
+        for name in (NAME, f"api.{NAME}"):
+            n.call(lambda name=name: n.net.pins.add([name], [address], 300))
+    return n
+
+
+class Capture:
+    """The bytes a test server received since the capture was opened: the plaintext as it
+    arrived, then HTTP/2 requests as decoded (header values are HPACK-coded on the wire)."""
+
+    def __init__(self, capdir: Path, port: int = GOOD_PORT) -> None:
+        self.paths = [capdir / f"{port}.bin", capdir / f"{port}.h2"]
+        self.starts = [p.stat().st_size if p.exists() else 0 for p in self.paths]
+
+    def read(self) -> bytes:
+        out = b""
+        for path, start in zip(self.paths, self.starts, strict=True):
+            if path.exists():
+                with path.open("rb") as f:
+                    f.seek(start)
+                    out += f.read() + b"\n--\n"
+        return out
+
+
+def audit_text(n: RunningNetwork) -> str:
+    return n.net.audit_path.read_text() if n.net.audit_path.exists() else ""
+
+
+@pytest.mark.parametrize("version", ["--http1.1", "--http2"])
+def test_value_reaches_only_the_allowed_host_and_echoes_are_masked(
+    make_net: MakeNet, tls_servers: Path, certs: Path, tmp_path: Path, version: str
+) -> None:
+    n = start(make_net, certs, table())
+    ca = sandbox_ca(n, tmp_path)
+    cap = Capture(tls_servers)
+    out = curl(n, ca, f"https://{NAME}/echo", version, "-H", f"Authorization: Bearer {PLACEHOLDER}")
+    seen = cap.read()
+    assert VALUE.encode() in seen, seen  # substituted on its way to the allowed host
+    assert PLACEHOLDER.encode() not in seen
+    # The server echoed the request (the value in it); the guest got the placeholder back.
+    assert PLACEHOLDER in out.stdout, (out.stdout, out.stderr)
+    assert VALUE not in out.stdout and VALUE not in out.stderr
+    # The reflected header too (response headers are masked).
+    out = curl(n, ca, f"https://{NAME}/reflect?h=authorization", version, "-i",
+               "-H", f"Authorization: Bearer {PLACEHOLDER}")  # fmt: skip
+    assert VALUE not in out.stdout and PLACEHOLDER in out.stdout, out.stdout
+    assert VALUE not in audit_text(n)
+
+
+@pytest.mark.parametrize("version", ["--http1.1", "--http2"])
+def test_placeholder_to_another_host_is_blocked_and_logged(
+    make_net: MakeNet, tls_servers: Path, certs: Path, tmp_path: Path, version: str
+) -> None:
+    n = start(make_net, certs, table())
+    ca = sandbox_ca(n, tmp_path)
+    cap = Capture(tls_servers)
+    other = f"api.{NAME}"  # same server, a name the secret does not allow
+    out = n.run(["curl", "-sS", "-m", "10", "--cacert", str(ca), "--resolve", f"{other}:443:{SERVER_V4}",
+                 version, "-H", f"X-Key: {PLACEHOLDER}", f"https://{other}/echo"])  # fmt: skip
+    seen = cap.read()
+    assert PLACEHOLDER.encode() not in seen and VALUE.encode() not in seen, seen
+    assert VALUE not in out.stdout
+    assert out.returncode != 0 or "200" not in out.stdout, out.stdout
+    text = audit_text(n)
+    assert "API_KEY" in text and other in text, text
+    assert VALUE not in text
+    # Positive control: without the placeholder the same request goes through.
+    out = n.run(["curl", "-sS", "-m", "10", "--cacert", str(ca), "--resolve", f"{other}:443:{SERVER_V4}",
+                 version, f"https://{other}/"])  # fmt: skip
+    assert out.stdout.startswith(f"hello {other}"), out.stderr
+
+
+def test_an_unpinned_destination_gets_no_value(
+    make_net: MakeNet, tls_servers: Path, certs: Path, tmp_path: Path
+) -> None:
+    """The SNI names the allowed host, but the sandbox's DNS never returned this address for
+    it: the value is not put in (a guest could otherwise aim the allowed name at any server)."""
+    n = start(make_net, certs, table(), pin=False)
+    ca = sandbox_ca(n, tmp_path)
+    cap = Capture(tls_servers)
+    curl(n, ca, f"https://{NAME}/echo", "-H", f"Authorization: Bearer {PLACEHOLDER}")
+    seen = cap.read()
+    assert VALUE.encode() not in seen and PLACEHOLDER.encode() not in seen, seen
+    assert "API_KEY" in audit_text(n)
+
+
+@pytest.mark.parametrize(
+    "action",
+    [ViolationAction.BLOCK, ViolationAction.BLOCK_AND_LOG, ViolationAction.BLOCK_AND_TERMINATE],
+)
+def test_violation_actions(
+    make_net: MakeNet, tls_servers: Path, certs: Path, tmp_path: Path, action: ViolationAction
+) -> None:
+    n = start(make_net, certs, table(action))
+    stopped: list[str] = []
+    n.call(lambda: setattr(n.net, "on_terminate", stopped.append))
+    ca = sandbox_ca(n, tmp_path)
+    cap = Capture(tls_servers)
+    other = f"api.{NAME}"
+    n.run(["curl", "-sS", "-m", "10", "--cacert", str(ca), "--resolve", f"{other}:443:{SERVER_V4}",
+           "-H", f"X-Key: {PLACEHOLDER}", f"https://{other}/echo"])  # fmt: skip
+    assert PLACEHOLDER.encode() not in cap.read()
+    logged = [e for e in events(n) if "API_KEY" in str(e["reason"])]
+    if action is ViolationAction.BLOCK:
+        assert logged == []
+    else:
+        assert logged and all(e["action"] == "deny" for e in logged), logged
+    assert bool(stopped) == (action is ViolationAction.BLOCK_AND_TERMINATE), stopped
+    assert VALUE not in audit_text(n) and all(VALUE not in s for s in stopped)
