@@ -35,6 +35,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from corral.config import DNS_PORT
 from corral.config.values import IPAddress
 from corral.net.audit import AuditLog
 from corral.net.dns import wire
@@ -53,8 +54,6 @@ _log = logging.getLogger(__name__)
 
 IP_RECVORIGDSTADDR = 20
 IPV6_RECVORIGDSTADDR = 74
-
-DNS_PORT = 53
 
 #: Datagrams (or accepted connections) handled per wake-up before the loop serves others.
 #: Same batch as the UDP relay and the TCP proxy's accept loop.

@@ -11,7 +11,7 @@ import ipaddress
 import os
 from pathlib import Path
 
-from corral.config import DEFAULT_DNS_QUERY_TIMEOUT_MS, NetworkConfig
+from corral.config import DEFAULT_DNS_QUERY_TIMEOUT_MS, DNS_PORT, NetworkConfig
 
 #: The host's resolver list.
 RESOLV_CONF = Path("/etc/resolv.conf")
@@ -23,9 +23,7 @@ RESOLV_CONF_ENV = "CORRAL_RESOLV_CONF"
 MAX_RESOLV_NAMESERVERS = 3
 
 #: What glibc asks when resolv.conf names no nameserver (or does not exist): the host itself.
-FALLBACK_UPSTREAM = ("127.0.0.1", 53)
-
-DNS_PORT = 53
+FALLBACK_UPSTREAM = ("127.0.0.1", DNS_PORT)
 
 
 def parse_resolv_conf(text: str) -> list[tuple[str, int]]:
