@@ -145,7 +145,7 @@ def create_netns(names: LinkNames) -> None:
         # group, as rootless container engines do. What the echo may reach is still the
         # policy's business.
         _sysctl("net.ipv4.ping_group_range", PING_GROUP_RANGE, missing_ok=False)
-        _mount("/proc/thread-self/ns/net", path, _MS_BIND)
+        _mount(kernel_netns.THREAD_NETNS, path, _MS_BIND)
 
     try:
         in_netns(None, setup, unshare=True)
