@@ -32,6 +32,15 @@ class Message:
         )
 
 
+def _switches(m: Message) -> bool:
+    """Whether a request may turn the connection into a tunnel (what follows is not HTTP)."""
+    head = m.head
+    assert isinstance(head, h11.Request)
+    return head.method == b"CONNECT" or any(
+        n.lower() == b"upgrade" for n, _ in head.headers.raw_items()
+    )
+
+
 def read_requests(data: bytes) -> list[Message]:
     """Every request in ``data`` as a server would see it (the last may be incomplete)."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=1 << 20)
@@ -40,7 +49,7 @@ def read_requests(data: bytes) -> list[Message]:
     while True:
         ev = conn.next_event()
         if ev is h11.NEED_DATA or ev is h11.PAUSED:
-            if ev is h11.PAUSED and out and out[-1].complete:
+            if ev is h11.PAUSED and out and out[-1].complete and not _switches(out[-1]):
                 # Answer so the next pipelined request is read.
                 conn.send(h11.Response(status_code=204, headers=[]))
                 conn.send(h11.EndOfMessage())
@@ -55,9 +64,7 @@ def read_requests(data: bytes) -> list[Message]:
             out[-1].trailers = list(ev.headers.raw_items())
             out[-1].complete = True
             if conn.our_state is h11.SEND_RESPONSE and conn.their_state is h11.DONE:
-                if out[-1].head.method == b"CONNECT" or any(  # type: ignore[union-attr]
-                    n.lower() == b"upgrade" for n, _ in out[-1].head.headers.raw_items()
-                ):
+                if _switches(out[-1]):
                     break
                 conn.send(h11.Response(status_code=204, headers=[]))
                 conn.send(h11.EndOfMessage())

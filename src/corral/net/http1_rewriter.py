@@ -41,6 +41,7 @@ upstream only and not masked toward the guest.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections import deque
@@ -370,6 +371,26 @@ class _BodyReader:
                 if len(self.trailer_lines) > MAX_HEADER_FIELDS:
                     raise HttpError(self.status, "too many trailer fields")
         return pos, pieces, None, False
+
+
+def _without_upgrade(fields: Fields) -> Fields:
+    """``fields`` minus Upgrade, HTTP2-Settings and the ``upgrade`` token of Connection."""
+    out: Fields = []
+    for n, v in fields:
+        low = n.lower()
+        if low in (b"upgrade", b"http2-settings"):
+            continue
+        if low == b"connection":
+            tokens = [
+                t.strip()
+                for t in v.split(b",")
+                if t.strip().lower() not in (b"upgrade", b"http2-settings") and t.strip()
+            ]
+            if not tokens:
+                continue
+            v = b", ".join(tokens)
+        out.append((n, v))
+    return out
 
 
 def _chunk(data: bytes) -> bytes:
@@ -729,7 +750,7 @@ class Http1Rewriter:
         hosts = head.get(b"host")
         if len(hosts) > 1:
             raise HttpError(400, "two Host fields")
-        if head.version == b"HTTP/1.1" and not hosts and head.method != b"CONNECT":
+        if head.version == b"HTTP/1.1" and not hosts:  # RFC 9112 3.2, CONNECT included
             raise HttpError(400, "an HTTP/1.1 request without Host")
         host = hosts[0] if hosts else None
         if head.method == b"CONNECT":
@@ -751,6 +772,10 @@ class Http1Rewriter:
         framing, length = request_framing(head)
         authority = self._authority(head)
         scope = self.table.scope(sni=self.sni, pinned=self.pinned, authority=authority)
+        if head.method == b"CONNECT":
+            # Tunnel metadata is never a place for a value (SPEC lists it as a violation
+            # channel): a placeholder in a CONNECT head is judged, never substituted.
+            scope = dataclasses.replace(scope, injectable=())
         used: set[str] = set()
         if scope.injectable:
             if scope.wants_query:
@@ -767,7 +792,13 @@ class Http1Rewriter:
                 used |= names
             head.fields = new_fields
         upgrade = bool(head.get(b"upgrade")) and head.method != b"CONNECT"
-        websocket = upgrade and any(v.lower() == b"websocket" for v in head.get(b"upgrade"))
+        websocket = upgrade and all(v.strip().lower() == b"websocket" for v in head.get(b"upgrade"))
+        if upgrade and not websocket and self.table:
+            # Only WebSocket is followed into its protocol (scanned, masked). Any other
+            # upgrade (h2c) is taken off the request, so the server answers in HTTP/1.1
+            # (RFC 9110 7.8: a server may ignore Upgrade) and corral keeps reading it.
+            head.fields = _without_upgrade(head.fields)
+            upgrade = False
         if websocket and self.table:
             head.fields = [
                 (n, v) for n, v in head.fields if n.lower() != b"sec-websocket-extensions"
@@ -1023,8 +1054,16 @@ class Http1Rewriter:
 
     def _opaque_upstream(self, data: bytes, step: Step) -> Step:
         frames = self._ws_upstream
-        if frames is None or not self._masker.active:
+        if not self._masker.active:
             step.to_guest.append(data)
+            return step
+        if frames is None:
+            # A CONNECT tunnel from a host that may have been sent a value on this connection:
+            # its protocol is unknown, so the bytes are masked as a stream. Harmless unless a
+            # value is in them, and then the guest must not have it either way.
+            out = self._masker.feed(data)
+            if out:
+                step.to_guest.append(out)
             return step
         for kind, piece in frames.feed(data):
             if kind == "header":
@@ -1195,6 +1234,10 @@ class Http1Rewriter:
 
     def upstream_eof(self) -> Step:
         step = Step(close=True)
+        if self._resp_state == "opaque" and self._ws_upstream is None and self._masker.active:
+            tail = self._masker.flush()
+            if tail:
+                step.to_guest.append(tail)
         if self._resp_state == "body" and self._resp_reader is not None:
             if self._resp_reader.kind is Framing.CLOSE:
                 if self._resp_mask:

@@ -443,12 +443,21 @@ class PlaceholderDetector:
     def active(self) -> bool:
         return bool(self._p.owner)
 
-    def _search_view(self, k: int, out: bytes, where: list[int], stop: int | None = None) -> None:
+    def _search_view(self, k: int, out: bytes, where: list[int]) -> None:
         """Search view ``k`` (tail + ``out``) at the seam and around each decoded escape."""
         keep, tail = self._keep, self._tails[k]
+        p, found = self._p, self.found
+        if not where:
+            # Only the seam can hold something the view below did not: no copy of ``out``.
+            if tail:
+                p.search(tail + out[:keep], found)
+            if len(out) >= keep:
+                self._tails[k] = out[len(out) - keep :] if keep else b""
+            else:
+                self._tails[k] = (tail + out)[-keep:]
+            return
         view = tail + out if tail else out
         off = len(tail)
-        p, found = self._p, self.found
         if off:
             p.search(view[: off + keep], found)
         lo_prev = -1
@@ -468,11 +477,17 @@ class PlaceholderDetector:
     def feed(self, data: bytes | bytearray | memoryview) -> frozenset[str]:
         if not self._p.owner or not data:
             return frozenset(self.found)
-        chunk = bytes(data)
+        chunk = data if type(data) is bytes else bytes(data)
         p, keep = self._p, self._keep
-        raw = self._raw_tail + chunk if self._raw_tail else chunk
-        p.search(raw, self.found)
-        self._raw_tail = raw[-keep:] if keep else b""
+        tail = self._raw_tail
+        if tail and len(chunk) > 4 * keep:  # search the seam apart: no copy of a big chunk
+            p.search(tail + chunk[:keep], self.found)
+            p.search(chunk, self.found)
+            self._raw_tail = chunk[len(chunk) - keep :]
+        else:
+            raw = tail + chunk if tail else chunk
+            p.search(raw, self.found)
+            self._raw_tail = raw[-keep:] if keep else b""
         incoming = chunk
         pending = b""  # the view below's tentative tail, for this view's peek
         for k, stage in enumerate(self._stages):
