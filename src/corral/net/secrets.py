@@ -17,7 +17,7 @@ API (stable; ``http1_rewriter`` and the HTTP/2 rewriter are built on it)::
     scope.injectable                # secrets whose value may go into this request
     scope.substitute_header(name, value)   -> (new_value, frozenset[secret names used])
     scope.substitute_target(target)        -> (new_target, names)   # the query only
-    scope.wants_body                        # some injectable secret has inject_body
+    scope.wants_body, scope.wants_query     # some injectable secret has inject_body/_query
     scope.substitute_body(body, content_type) -> (new_body, names)
     scope.judge(found_names, channel)      -> list[Violation | PlaceholderPassed]
 
@@ -29,6 +29,11 @@ API (stable; ``http1_rewriter`` and the HTTP/2 rewriter are built on it)::
     masker.mask(header_value)       -> bytes            # one piece
     masker.feed(chunk) -> bytes; masker.flush() -> bytes   # a body, across chunk edges
     masker.active, masker.may_change_length, masker.add_pair(real, shown)
+
+    decode_basic(token) -> bytes | None     # Basic credentials, for labelling basic-auth finds
+    most_severe(violations) -> Violation | None   # the one whose action applies
+    normalize_host(name) -> str | None      # how SNI/Host/:authority are compared
+    MAX_SUBSTITUTED_BODY_BYTES              # the body-buffering bound both rewriters use
 
 The rule every caller keeps: after substitution, anything :meth:`SecretTable.find` (or a
 detector) still finds is judged; a :class:`Violation` means the request is not forwarded and
@@ -73,6 +78,8 @@ __all__ = [
     "Secret",
     "SecretTable",
     "Violation",
+    "decode_basic",
+    "decode_escapes",
     "most_severe",
     "normalize_host",
 ]
