@@ -411,6 +411,16 @@ class SandboxNetwork:
                 _log.warning("pinning %d addresses in nftables failed: %s", len(items), exc)
 
     # -- step 3 -----------------------------------------------------------------------------
+    def quiesce(self) -> None:
+        """The first step of a stop, while the init is still being stopped: close the ICMP
+        relay. Its packet sockets' close waits for an RCU grace period (8-15 ms here), which
+        so elapses beside the init's stop instead of after it; pings go unanswered from here
+        on, everything else is served until :meth:`close`. On the data path's loop."""
+        for part in [p for p in self._parts if isinstance(p, IcmpRelay)]:
+            with contextlib.suppress(Exception):
+                part.close()
+            self._parts.remove(part)
+
     async def close(self, *, leave_link: bool = False) -> None:
         """Stop every proxy and remove every kernel object and the lease. Idempotent.
 

@@ -144,6 +144,15 @@ class NetworkThread:
             except BaseException as exc:
                 _log(f"closing the network failed: {exc!r}")
 
+    def quiesce(self) -> None:
+        """Begin the network's stop (SandboxNetwork.quiesce) on its loop; returns at once."""
+        loop = self._loop
+        if loop is not None and self._thread.is_alive() and not loop.is_closed():
+            try:  # noqa: SIM105 - contextlib is not on the lean import path
+                loop.call_soon_threadsafe(self._network.quiesce)  # type: ignore[attr-defined]
+            except RuntimeError:  # the loop closed meanwhile
+                pass
+
     def close(self) -> None:
         """Stop serving and release the network (netns, veth, nft table, listeners)."""
         loop, event = self._loop, self._stop_event
@@ -461,6 +470,8 @@ class Supervisor:
                 os.unlink(self.control_path)
             except FileNotFoundError:
                 pass
+        if self.network_thread is not None:
+            self.network_thread.quiesce()  # its slow part overlaps the init's stop
         if self.launched is not None:
             try:
                 from corral.runtime.launcher import stop
