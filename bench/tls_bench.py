@@ -1,0 +1,262 @@
+"""TLS interception benchmark: HTTPS through corral's interception vs the same without it.
+
+    .venv/bin/python bench/tls_bench.py [--seconds 4] [--rounds 3]
+
+Builds a private test world (tests/support/world.py) and one supervisor-like process holding
+two real SandboxNetworks: ``plain`` (public-only, TLS spliced end to end) and ``intercepted``
+(the same policy with ``tls`` on: corral terminates the guest's TLS with a leaf of the
+sandbox's CA and opens its own TLS upstream, verified against a test CA). The same HTTPS
+server (an asyncio Protocol server of this file, TLS 1.3, ECDSA P-256, in the internet ns)
+answers both; the same clients run in both sandbox netns:
+
+- keep-alive requests/s: ``wrk -c 16`` over persistent connections;
+- new connections/s: ``wrk -H 'Connection: close'`` (a TLS handshake per request; two, through
+  interception);
+- download MiB/s: ``curl -o /dev/null`` of a 512 MiB body;
+- leaf issuance: minting a leaf and building its guest-facing SSLContext, in process.
+
+Rounds alternate the two paths; medians are printed, with the ratios. Targets (issue 8):
+>= 2,000 keep-alive req/s and >= 500 new connections/s through interception, download
+>= 50% of direct.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))
+
+from tests.support import world as world_mod  # noqa: E402
+from tests.support.tls_servers import NAME, make_certs  # noqa: E402
+from tests.support.world import SERVER_V4  # noqa: E402
+
+BIG = 512 << 20
+
+SERVER = """
+import asyncio, ssl, sys
+BODY = b"hello\\n"
+OK = b"HTTP/1.1 200 OK\\r\\nContent-Length: 6\\r\\nContent-Type: text/plain\\r\\n\\r\\n" + BODY
+CLOSE = b"HTTP/1.1 200 OK\\r\\nContent-Length: 6\\r\\nConnection: close\\r\\n\\r\\n" + BODY
+CHUNK = b"x" * (1 << 20)
+class Http(asyncio.Protocol):
+    def connection_made(self, t):
+        self.t = t; self.buf = b""
+    def data_received(self, data):
+        self.buf += data
+        while b"\\r\\n\\r\\n" in self.buf:
+            head, _, self.buf = self.buf.partition(b"\\r\\n\\r\\n")
+            if b"GET /big" in head:
+                asyncio.ensure_future(self.big())
+                return
+            if b"onnection: close" in head or b"onnection: Close" in head:
+                self.t.write(CLOSE); self.t.close(); return
+            self.t.write(OK)
+    async def big(self):
+        n = int(sys.argv[3])
+        self.t.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n" % n)
+        self.t.set_write_buffer_limits(4 << 20)
+        self.drained = asyncio.Event(); self.drained.set()
+        while n:
+            piece = CHUNK[: min(n, len(CHUNK))]
+            n -= len(piece)
+            self.t.write(piece)
+            if self.t.get_write_buffer_size() > (4 << 20):
+                self.drained.clear(); await self.drained.wait()
+    def pause_writing(self):
+        pass
+    def resume_writing(self):
+        if hasattr(self, "drained"):
+            self.drained.set()
+async def main():
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(sys.argv[2] + "/good.pem", sys.argv[2] + "/good.key")
+    ctx.set_alpn_protocols(["http/1.1"])
+    srv = await asyncio.get_running_loop().create_server(Http, sys.argv[1], 443, ssl=ctx, backlog=4096, reuse_address=True)
+    print("ready", flush=True)
+    await srv.serve_forever()
+asyncio.run(main())
+"""
+
+SUPERVISOR = """
+import asyncio, signal, sys, pathlib
+from corral.config import NetworkConfig, NetworkPolicy, TLSConfig
+from corral.net.addressing import AddressPool
+from corral.net.datapath import SandboxNetwork
+async def main():
+    tmp = pathlib.Path(sys.argv[1]); pool = AddressPool(tmp / "pool")
+    tls = NetworkConfig(policy="public-only", max_connections=4096,
+                        tls=TLSConfig(upstream_ca_certs=[sys.argv[2] + "/ca.pem"]))
+    plain = NetworkConfig(policy="public-only", max_connections=4096)
+    nets = [SandboxNetwork.reserve("bench-p", plain, tmp / "p", pool=pool),
+            SandboxNetwork.reserve("bench-i", tls, tmp / "i", pool=pool)]
+    for n in nets:
+        await n.start()
+    print(nets[0].names.netns, nets[1].names.netns, flush=True)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for n in nets:
+            await n.close()
+asyncio.run(main())
+"""
+
+
+def in_ns(ns: str, argv: list[str], timeout: float) -> str:
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, *argv], capture_output=True, text=True, check=True,
+        timeout=timeout,
+    ).stdout  # fmt: skip
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, all threads (the data path's CPU)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(ns: str, seconds: int, close: bool) -> float:
+    argv = ["wrk", "-t", "1", "-c", "16", "-d", f"{seconds}s"]
+    if close:
+        argv += ["-H", "Connection: close"]
+    out = in_ns(ns, [*argv, f"https://{NAME}/"], seconds + 30)
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if m is None:
+        raise RuntimeError(f"wrk output not understood: {out}")
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: .*", out)
+    if (
+        errors
+        and "Socket errors" in errors.group(0)
+        and "connect 0, read 0, write 0, timeout 0" not in errors.group(0)
+    ):
+        print(f"  ({ns}: {errors.group(0).strip()})", flush=True)
+    return float(m.group(1))
+
+
+def download(ns: str) -> float:
+    out = in_ns(
+        ns, ["curl", "-sS", "-k", "-o", "/dev/null", "-w", "%{size_download} %{time_total}",
+             f"https://{NAME}/big"], 300,
+    )  # fmt: skip
+    size, seconds = out.split()
+    if int(size) != BIG:
+        raise RuntimeError(f"download was {size} bytes, not {BIG}")
+    return int(size) / float(seconds) / (1 << 20)
+
+
+def leaf_issuance(count: int = 200) -> tuple[float, float]:
+    """ms per leaf (minted), ms per leaf + guest context (what a new SNI costs)."""
+    from corral.net.tls_ca import InterceptionCA, LeafCache
+
+    ca = InterceptionCA.generate("bench")
+    t = time.perf_counter()
+    for i in range(count):
+        ca.issue(f"host{i}.bench.example")
+    mint = (time.perf_counter() - t) * 1000 / count
+    cache = LeafCache(ca)
+    t = time.perf_counter()
+    for i in range(count):
+        cache.server_context(f"name{i}.bench.example", "h2")
+    ctx = (time.perf_counter() - t) * 1000 / count
+    return mint, ctx
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+
+    w = world_mod.build(f"t{int(time.time()) % 10000}")
+    supervisor: subprocess.Popen[str] | None = None
+    tmp = tempfile.TemporaryDirectory()
+    etc_dirs: list[Path] = []
+    try:
+        certs = Path(tmp.name) / "certs"
+        make_certs(certs)
+        server = w.spawn_inet(
+            [sys.executable, "-c", SERVER, SERVER_V4, str(certs), str(BIG)], stdout=subprocess.PIPE
+        )
+        assert server.stdout is not None and b"ready" in server.stdout.readline()
+        supervisor = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{w.host_ns}", sys.executable, "-c", SUPERVISOR,
+             tmp.name, str(certs)],
+            stdout=subprocess.PIPE, text=True, cwd=str(ROOT), start_new_session=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        )  # fmt: skip
+        assert supervisor.stdout is not None
+        names = supervisor.stdout.readline().split()
+        if len(names) != 2:
+            raise RuntimeError("the supervisor did not start")
+        paths = dict(zip(("plain", "intercepted"), names, strict=True))
+        for ns in names:
+            # `ip netns exec` bind-mounts /etc/netns/<ns>/hosts over /etc/hosts: the clients
+            # find the server's name without DNS.
+            d = Path("/etc/netns") / ns
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "hosts").write_text(f"127.0.0.1 localhost\n{SERVER_V4} {NAME}\n")
+            etc_dirs.append(d)
+
+        samples: dict[str, dict[str, list[float]]] = {
+            p: {"keepalive": [], "newconn": [], "mib": [], "cpu_ms": []} for p in paths
+        }
+        for rnd in range(args.rounds):
+            line = []
+            for path, ns in paths.items():
+                s = samples[path]
+                s["keepalive"].append(wrk(ns, args.seconds, close=False))
+                before = cpu_seconds(supervisor.pid)
+                rate = wrk(ns, args.seconds, close=True)
+                used = cpu_seconds(supervisor.pid) - before
+                s["newconn"].append(rate)
+                s["cpu_ms"].append(used * 1000 / max(1.0, rate * args.seconds))
+                s["mib"].append(download(ns))
+                line.append(
+                    f"{path}: {s['keepalive'][-1]:.0f} req/s, {s['newconn'][-1]:.0f} conn/s, "
+                    f"{s['mib'][-1]:.0f} MiB/s, {s['cpu_ms'][-1]:.2f} ms CPU/conn"
+                )
+            print(f"round {rnd + 1}: " + "; ".join(line), flush=True)
+        mint, ctx = leaf_issuance()
+        p = {k: statistics.median(v) for k, v in samples["plain"].items()}
+        i = {k: statistics.median(v) for k, v in samples["intercepted"].items()}
+        print(f"medians of {args.rounds} alternating rounds:")
+        print(f"{'':30}{'spliced':>12}{'intercepted':>14}{'ratio':>8}")
+        print(f"{'keep-alive HTTPS req/s':30}{p['keepalive']:12.0f}{i['keepalive']:14.0f}"
+              f"{i['keepalive'] / p['keepalive']:8.2f}   target >= 2000 intercepted")  # fmt: skip
+        print(f"{'new HTTPS connections/s':30}{p['newconn']:12.0f}{i['newconn']:14.0f}"
+              f"{i['newconn'] / p['newconn']:8.2f}   target >= 500 intercepted")  # fmt: skip
+        print(f"{'data path CPU ms per new conn':30}{p['cpu_ms']:12.2f}{i['cpu_ms']:14.2f}"
+              f"   -> {1000 / i['cpu_ms']:.0f} intercepted conn/s per core")  # fmt: skip
+        print(f"{'download MiB/s (512 MiB)':30}{p['mib']:12.0f}{i['mib']:14.0f}"
+              f"{i['mib'] / p['mib']:8.2f}   target >= 0.50")  # fmt: skip
+        print(f"leaf issuance: {mint:.2f} ms per leaf; {ctx:.2f} ms per leaf + guest SSLContext")
+        print("(server: one asyncio process, TLS 1.3 ECDSA P-256; clients wrk -t1 -c16 and curl)")
+    finally:
+        for d in etc_dirs:
+            (d / "hosts").unlink(missing_ok=True)
+            d.rmdir()
+        if supervisor is not None:
+            os.killpg(supervisor.pid, signal.SIGTERM)
+            try:
+                supervisor.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(supervisor.pid, signal.SIGKILL)
+                supervisor.wait()
+        world_mod.destroy(w)
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
