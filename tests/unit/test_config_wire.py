@@ -286,7 +286,7 @@ def test_parse_publish_forms() -> None:
     assert parse_publish("[::1]:5353:53/udp") == PortBinding(
         bind="::1", host_port=5353, guest_port=53, protocol="udp"
     )
-    for bad in ("8080", "a:b", "1:2:3:4", "8080:80/sctp", "[::1:53:53"):
+    for bad in ("a:b", "1:2:3:4", "8080:80/sctp", "[::1:53:53", "", "[::1]:80"):
         with pytest.raises(ConfigError) as err:
             parse_publish(bad)
         assert err.value.path == "-p"

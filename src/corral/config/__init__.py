@@ -3,6 +3,7 @@
 Pure: nothing here does I/O or imports from net/runtime.
 """
 
+from corral.config.enforcement import refuse_unsupported, unsupported
 from corral.config.enums import (
     NetworkPolicyPreset,
     PolicyAction,
@@ -58,5 +59,7 @@ __all__ = [
     "parse_publish",
     "parse_rule",
     "parse_secret",
+    "refuse_unsupported",
+    "unsupported",
     "validate_secrets",
 ]

@@ -351,7 +351,11 @@ class TLSConfig:
 
 @dataclass(frozen=True)
 class PortBinding:
-    """A published port: ``bind:host_port`` on the host forwards to ``guest_port``."""
+    """A published port: ``bind:host_port`` on the host forwards to ``guest_port``.
+
+    ``host_port=0`` asks for a free port chosen by the kernel when the sandbox starts (as
+    docker's ``-p 80``); ``corral port NAME`` and the sandbox's state show which.
+    """
 
     bind: str = DEFAULT_BIND
     host_port: int = 0
@@ -361,7 +365,10 @@ class PortBinding:
     def __post_init__(self) -> None:
         bind = self.bind if self.bind not in (None, "") else DEFAULT_BIND
         _set(self, "bind", str(parse_ip(str(bind).strip("[]"), "bind")))
-        _set(self, "host_port", parse_port(self.host_port, "host_port"))
+        if self.host_port not in (0, "0"):
+            _set(self, "host_port", parse_port(self.host_port, "host_port"))
+        else:
+            _set(self, "host_port", 0)
         _set(self, "guest_port", parse_port(self.guest_port, "guest_port"))
         _set(self, "protocol", coerce_enum(PortProtocol, self.protocol or "tcp", "protocol"))
 
@@ -373,6 +380,8 @@ class PortBinding:
         """Two bindings that could not both listen: same protocol and port, overlapping address."""
         if self.protocol != other.protocol or self.host_port != other.host_port:
             return False
+        if self.host_port == 0:
+            return False  # each gets a port of its own
         a, b = self.bind_address, other.bind_address
         return a == b or a.is_unspecified or b.is_unspecified
 
@@ -625,7 +634,7 @@ class NetworkConfig:
             )
         ports: dict[int, int] = {}
         for host, guest in self.ports.items():
-            hp = parse_port(host, f"ports[{host!r}]")
+            hp = 0 if host in (0, "0") else parse_port(host, f"ports[{host!r}]")  # 0: random
             ports[hp] = parse_port(guest, f"ports[{host!r}]")
         _set(self, "ports", ports)
         bindings = tuple(
@@ -707,7 +716,10 @@ class NetworkConfig:
                 b
                 for b in bindings
                 if not (
-                    b.protocol == PortProtocol.UDP and b.host_port == h and b.bind == DEFAULT_BIND
+                    b.protocol == PortProtocol.UDP
+                    and b.host_port == h
+                    and h != 0
+                    and b.bind == DEFAULT_BIND
                 )
             ]
             bindings.append(PortBinding(host_port=h, guest_port=g, protocol=PortProtocol.UDP))
@@ -762,7 +774,7 @@ class NetworkConfig:
         if "ports" in kwargs and isinstance(kwargs["ports"], Mapping):
             ports: dict[int, int] = {}
             for k, v in kwargs["ports"].items():
-                ports[parse_port(k, f"ports[{k!r}]")] = v
+                ports[0 if k in (0, "0") else parse_port(k, f"ports[{k!r}]")] = v
             kwargs["ports"] = ports
         for key in ("ipv4_pool", "ipv6_pool"):
             if kwargs.get(key) is None:

@@ -5,8 +5,9 @@
     ``allow@.internal:tcp,udp:8000-9000,9443``, ``allow@[2001:db8::/32]:any:443``.
     PROTOCOLS is a comma list or ``any``; PORTS a comma list of ``N`` / ``A-B`` or ``any``.
     IPv6 destinations go in brackets because the fields are colon-separated.
-``-p [BIND:]HOST:GUEST[/udp]``
-    ``8080:80``, ``0.0.0.0:8080:80``, ``[::1]:5353:53/udp``.
+``-p [BIND:][HOST:]GUEST[/udp]``
+    ``8080:80``, ``0.0.0.0:8080:80``, ``[::1]:5353:53/udp``; without HOST (``80``,
+    ``127.0.0.1::80``) or with HOST 0 (``0:80``) the kernel picks a free host port.
 ``--secret ENV@HOST[,HOST...]``
     the secret's value is read from the host's environment variable ENV.
 """
@@ -49,7 +50,7 @@ def parse_rule(text: str, flag: str = "--rule") -> PolicyRule:
 
 
 def parse_publish(text: str, flag: str = "-p") -> PortBinding:
-    """A PortBinding from ``[BIND:]HOST:GUEST[/udp]``."""
+    """A PortBinding from ``[BIND:][HOST:]GUEST[/udp]`` (no HOST, or 0: a random port)."""
     body, _, proto = text.partition("/")
     bind = None
     if body.startswith("["):
@@ -62,8 +63,11 @@ def parse_publish(text: str, flag: str = "-p") -> PortBinding:
         bind, host, guest = parts
     elif len(parts) == 2:
         host, guest = parts
+    elif len(parts) == 1 and bind is None:
+        host, guest = "0", parts[0]
     else:
-        raise ConfigError(flag, f"{text!r} is not [BIND:]HOST:GUEST[/udp]")
+        raise ConfigError(flag, f"{text!r} is not [BIND:][HOST:]GUEST[/udp]")
+    host = host or "0"
     try:
         return PortBinding(
             bind=bind or "127.0.0.1",

@@ -211,6 +211,12 @@ class SandboxNetwork:
                 out += [(name, str(gw)) for name in HOST_NAMES]
         return out
 
+    def published_ports(self) -> list[tuple[str, int, int, str]]:
+        """(bind, host port, guest port, protocol) of each published port as bound: a host
+        port of 0 in the config is the one the kernel chose."""
+        bound = self.ports.published if self.ports is not None else self._published
+        return [(str(p.bind), p.host_port, p.guest_port, p.protocol) for p in bound]
+
     def resolv_conf(self) -> str:
         """The guest's /etc/resolv.conf. Queries to any resolver are diverted anyway; the
         gateway is named so that tools which insist on a nameserver line have one."""

@@ -68,6 +68,7 @@ def bind_published(bind: IPAddress, host_port: int, guest_port: int, protocol: s
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind((str(bind), host_port))
+        host_port = sock.getsockname()[1]  # port 0 asks the kernel for a free one
         if kind == socket.SOCK_STREAM:
             sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
