@@ -11,6 +11,7 @@ diff_ids when unpacked.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -135,21 +136,23 @@ def _read_json(opener: _Opener, rel: str, path: Path, limit: int) -> Any:
         raise ImageError(f"{path}: {rel} is not valid JSON ({exc}).") from None
 
 
-def import_path(store: ImageStore, path: Path, name: str | None) -> Image:
+def import_path(store: ImageStore, path: Path, name: str | None, *, tag: bool = True) -> Image:
+    """Import ``path``; ``tag=False`` records only the digest (``localhost/x@sha256:...``),
+    for images run straight from a path, which must not take over a tag."""
     with store.busy():
-        return _import(store, path, name)
+        return _import(store, path, name, tag)
 
 
-def _import(store: ImageStore, path: Path, name: str | None) -> Image:
+def _import(store: ImageStore, path: Path, name: str | None, tag: bool = True) -> Image:
     if not path.exists():
         raise ImageError(f"image source {path} does not exist.")
     if path.is_dir() and not (path / "oci-layout").is_file():
-        return _import_rootfs(store, path, name)
+        return _import_rootfs(store, path, name, tag)
     with _open_source(path) as (opener, exists):
         if exists("oci-layout") and exists("index.json"):
-            return _import_oci(store, path, name, opener)
+            return _import_oci(store, path, name, opener, tag)
         if exists("manifest.json"):
-            return _import_docker_save(store, path, name, opener)
+            return _import_docker_save(store, path, name, opener, tag)
     raise ImageError(
         f"{path} is not a rootfs directory, an OCI image layout or a docker save archive "
         "(no oci-layout/index.json or manifest.json)."
@@ -162,7 +165,9 @@ def _blob_rel(digest: str) -> str:
     return f"blobs/{algo}/{hexpart}"
 
 
-def _import_oci(store: ImageStore, path: Path, name: str | None, opener: _Opener) -> Image:
+def _import_oci(
+    store: ImageStore, path: Path, name: str | None, opener: _Opener, tag: bool = True
+) -> Image:
     index_doc = _read_json(opener, "index.json", path, MAX_MANIFEST_BYTES)
     index = parse_manifest_or_index(
         json.dumps({"mediaType": "application/vnd.oci.image.index.v1+json", **index_doc}).encode(),
@@ -217,7 +222,8 @@ def _import_oci(store: ImageStore, path: Path, name: str | None, opener: _Opener
         return write
 
     parsed = parse_reference(reference)
-    aliases = [reference, f"{parsed.name}@{desc.digest}"]
+    aliases = [reference] if tag else []
+    aliases.append(f"{parsed.name}@{desc.digest}")
     return store.install(reference, desc.digest, body, document, source, aliases)
 
 
@@ -227,6 +233,7 @@ def _synthesized(
     config_body: bytes,
     config_type: str,
     layers: list[tuple[Descriptor, Callable[[BinaryIO], None]]],
+    tag: bool = True,
 ) -> Image:
     """Install an image whose manifest we write ourselves (docker save, rootfs dirs)."""
     config_desc = Descriptor(
@@ -260,11 +267,14 @@ def _synthesized(
         return writers[d.digest]
 
     parsed = parse_reference(reference)
-    aliases = [reference, f"{parsed.name}@{manifest_digest}"]
+    aliases = [reference] if tag else []
+    aliases.append(f"{parsed.name}@{manifest_digest}")
     return store.install(reference, manifest_digest, body, manifest, source, aliases)
 
 
-def _import_docker_save(store: ImageStore, path: Path, name: str | None, opener: _Opener) -> Image:
+def _import_docker_save(
+    store: ImageStore, path: Path, name: str | None, opener: _Opener, tag: bool = True
+) -> Image:
     entries = _read_json(opener, "manifest.json", path, MAX_MANIFEST_BYTES)
     if (
         not isinstance(entries, list)
@@ -307,7 +317,7 @@ def _import_docker_save(store: ImageStore, path: Path, name: str | None, opener:
         reference = str(parse_reference(tags[0]))
     else:
         reference = _default_name(path)
-    return _synthesized(store, reference, config_body, DOCKER_CONFIG, layers)
+    return _synthesized(store, reference, config_body, DOCKER_CONFIG, layers, tag)
 
 
 def _shifted_back(info: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -320,7 +330,7 @@ def _shifted_back(info: tarfile.TarInfo) -> tarfile.TarInfo:
     return info
 
 
-def _import_rootfs(store: ImageStore, path: Path, name: str | None) -> Image:
+def _import_rootfs(store: ImageStore, path: Path, name: str | None, tag: bool = True) -> Image:
     reference = str(parse_reference(name)) if name else _default_name(path)
     fd, tmp = tempfile.mkstemp(dir=store.root / "tmp", prefix="import-")
     try:
@@ -344,9 +354,103 @@ def _import_rootfs(store: ImageStore, path: Path, name: str | None) -> Image:
             "rootfs": {"type": "layers", "diff_ids": [digest]},
         }
         body = json.dumps(config, sort_keys=True).encode()
-        return _synthesized(store, reference, body, OCI_CONFIG, [(desc, write)])
+        return _synthesized(store, reference, body, OCI_CONFIG, [(desc, write)], tag)
     except OSError as exc:
         raise ImageError(f"importing {path} failed: {exc.strerror or exc}.") from None
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+
+
+# --- images run straight from a path ---------------------------------------------------------
+
+#: What ``corral run`` takes for a path rather than an image name: references never start
+#: with "/" or "." (their grammar has no such component), so these are unambiguous.
+_PATH_PREFIXES = ("/", "./", "../", "~")
+
+#: The cache of path imports: source path -> fingerprint and the image it gave.
+SOURCES_FILE = "sources.json"
+
+
+def looks_like_path(image: str) -> bool:
+    """True when ``image`` (as given to ``run``/``create``) is a path, not a name."""
+    return image in (".", "..") or image.startswith(_PATH_PREFIXES)
+
+
+def fingerprint(path: Path) -> str:
+    """A digest of what ``path`` holds as far as stat tells (names, types, modes, owners,
+    sizes, mtimes in ns, inode numbers, link targets; a tar file's own stat), without
+    reading file contents: a changed file changes its size or mtime (or, if replaced, its
+    inode), so a changed source is imported again while an unchanged one costs a walk."""
+    hasher = hashlib.sha256()
+
+    def add(rel: str, st: os.stat_result, target: str = "") -> None:
+        hasher.update(
+            f"{rel}\0{st.st_mode}\0{st.st_uid}\0{st.st_gid}\0{st.st_size}\0"
+            f"{st.st_mtime_ns}\0{st.st_ino}\0{st.st_dev}\0{target}\n".encode(
+                "utf-8", "surrogateescape"
+            )
+        )
+
+    top = os.lstat(path)
+    add(".", top)
+    if path.is_dir():
+        for dirpath, dirnames, filenames in os.walk(path):
+            dirnames.sort()
+            for entry in sorted(dirnames + filenames):
+                full = os.path.join(dirpath, entry)
+                st = os.lstat(full)
+                link = os.readlink(full) if os.path.islink(full) else ""
+                add(os.path.relpath(full, path), st, link)
+    return "sha256:" + hasher.hexdigest()
+
+
+def import_cached(store: ImageStore, path: Path) -> Image:
+    """The image of a rootfs directory, OCI layout or docker-save tar at ``path``, imported
+    on first use and again only when the source changed (see :func:`fingerprint`).
+
+    Path imports get no tag (only ``localhost/<name>@<digest>``), so running a directory
+    never takes over a name; the Image's ``reference`` is the absolute path, as shown by
+    ``corral ls``. Same content, same digest: two copies of one tree share one image.
+    """
+    source = Path(os.path.expanduser(str(path))).resolve()
+    if not source.exists():
+        raise ImageError(f"image path {path} does not exist.")
+    try:
+        mark = fingerprint(source)
+    except OSError as exc:
+        raise ImageError(f"image path {source} cannot be read: {exc.strerror or exc}.") from None
+    key = str(source)
+    with store._lock("sources"):
+        cached = _read_sources(store).get(key)
+    if isinstance(cached, dict) and cached.get("fingerprint") == mark:
+        digest = str(cached.get("digest", ""))
+        image = store._load(digest, key) if digest.startswith("sha256:") else None
+        if image is not None and image.rootfs.is_dir():
+            return dataclasses.replace(image, reference=key)
+    image = import_path(store, source, None, tag=False)
+    with store.busy(), store._lock("sources"):
+        sources = _read_sources(store)
+        sources[key] = {"fingerprint": mark, "digest": image.digest}
+        _write_sources(store, sources)
+    return dataclasses.replace(image, reference=key)
+
+
+def _read_sources(store: ImageStore) -> dict[str, Any]:
+    try:
+        data = json.loads((store.root / SOURCES_FILE).read_text())
+    except (OSError, ValueError):
+        return {}  # a lost cache costs one import, nothing else
+    return data if isinstance(data, dict) else {}
+
+
+def _write_sources(store: ImageStore, sources: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=store.root / "tmp", prefix="sources-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(sources, f, indent=1, sort_keys=True)
+        os.replace(tmp, store.root / SOURCES_FILE)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

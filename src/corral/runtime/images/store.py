@@ -45,7 +45,7 @@ from corral.runtime.images.manifest import (
     parse_manifest_or_index,
     select_platform,
 )
-from corral.runtime.images.reference import parse_reference
+from corral.runtime.images.reference import DEFAULT_REGISTRY, parse_reference
 from corral.runtime.images.registry import CHUNK_SIZE, RegistryClient
 from corral.runtime.images.unpack import LayerApplier
 
@@ -76,6 +76,15 @@ class Image:
     size: int
     created: str | None
     layers: tuple[str, ...] = field(default=())
+
+
+def local_alias(ref: str) -> str | None:
+    """``localhost/<ref>`` for a reference that names no registry host, else None."""
+    first, sep, _rest = ref.partition("/")
+    parsed = parse_reference(ref)
+    if parsed.registry != DEFAULT_REGISTRY or (sep and first in ("docker.io", "index.docker.io")):
+        return None
+    return f"localhost/{ref}"
 
 
 def _hex(digest: str) -> str:
@@ -211,7 +220,11 @@ class ImageStore:
         )
 
     def lookup(self, ref: str) -> Image | None:
-        """The local image for ``ref``, or None; never touches the network."""
+        """The local image for ``ref``, or None; never touches the network.
+
+        An image the index knows but whose files are missing or unreadable is an ImageError
+        naming it (never None: the caller would pull instead and hide the damage).
+        """
         parsed = parse_reference(ref)
         refs = self._read_refs()
         key = f"{parsed.name}@{parsed.digest}" if parsed.digest else str(parsed)
@@ -220,11 +233,30 @@ class ImageStore:
             digest = parsed.digest
         if digest is None:
             return None
-        return self._load(digest, str(parsed))
+        image = self._load(digest, str(parsed))
+        if image is None or not image.rootfs.is_dir():
+            what = "image.json" if image is None else "rootfs"
+            raise ImageError(
+                f"local image {parsed} ({digest}) is damaged: its {what} in "
+                f"{self.image_dir(digest)} is missing or unreadable; remove it with "
+                f"'corral images rm {parsed}' and pull or import it again."
+            )
+        return image
 
     def resolve(self, ref: str, *, progress: ProgressSink | None = None) -> Image:
-        """The local image for ``ref`` if there is one (no network), else pull it."""
-        return self.lookup(ref) or self.pull(ref, progress=progress)
+        """The local image for ``ref`` if there is one (no network), else pull it.
+
+        Local first, as users of ``images import`` expect: ``ref`` as given (normalised,
+        ``alpine`` is ``docker.io/library/alpine:latest``), then - for a name that names no
+        registry - the same name under ``localhost/`` (where imports without a registry
+        land); only then the registry.
+        """
+        image = self.lookup(ref)
+        if image is None:
+            local_name = local_alias(ref)
+            if local_name is not None:
+                image = self.lookup(local_name)
+        return image or self.pull(ref, progress=progress)
 
     def list(self) -> builtins.list[Image]:
         """One entry per tag in the store (digest-only images once), sorted by reference."""
