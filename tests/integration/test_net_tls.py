@@ -25,7 +25,7 @@ from tests.integration.test_net_datapath import (  # noqa: F401 - fixtures
     make_net,
     servers,
 )
-from tests.support.servers import RunningNetwork
+from tests.support.servers import ECHO_PORT, RunningNetwork
 from tests.support.tls_servers import (
     EXPIRED_PORT,
     GOOD_PORT,
@@ -319,3 +319,19 @@ def test_large_download_and_upload_stream_through(
     assert (
         lines(out)[0] == f"hello {NAME} {'h2' if version == '--http2' else 'http/1.1'}"
     ), out.stderr
+
+
+@pytest.mark.parametrize("block", [True, False])
+def test_block_quic_drops_udp_to_intercepted_ports(
+    make_net: MakeNet, tls_servers: Path, certs: Path, block: bool
+) -> None:
+    # The world's UDP echo (port 7) stands in for a QUIC server: port 7 is made intercepted.
+    tls = TLSConfig(upstream_ca_certs=[str(certs / "ca.pem")], intercepted_ports=[443, ECHO_PORT],
+                    block_quic=block)  # fmt: skip
+    n = make_net(NetworkConfig(policy="public-only", tls=tls))
+    out = n.exchange("udp", SERVER_V4, ECHO_PORT, "quic?", timeout=2.0)
+    if block:
+        assert out == "ERR timeout", out
+        assert any("block_quic" in str(e["reason"]) for e in events(n))
+    else:
+        assert out == "OK quic?", out

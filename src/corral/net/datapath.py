@@ -323,7 +323,11 @@ class SandboxNetwork:
             tls=interceptor,
         )  # fmt: skip
         self._parts.append(self.tcp)
-        self.udp = UdpRelay(self.gate, guests, gateways)
+        quic = self.tls_settings
+        self.udp = UdpRelay(
+            self.gate, guests, gateways,
+            blocked_ports=quic.ports if quic is not None and quic.block_quic else frozenset(),
+        )  # fmt: skip
         self._parts.append(self.udp)
         self.icmp = IcmpRelay(self.gate, names.link, guests, ipv6=slot.ipv6 is not None)
         self._parts.append(self.icmp)

@@ -32,6 +32,7 @@ from collections import OrderedDict
 from corral.net.gate import FlowGate, IPAddress
 from corral.net.icmp import checksum
 from corral.net.tcp_proxy import IP_TRANSPARENT, IPV6_TRANSPARENT, transparent_listener
+from corral.net.tls_interceptor import REASON_PREFIX as QUIC_REASON_PREFIX
 
 _log = logging.getLogger(__name__)
 
@@ -125,8 +126,12 @@ class UdpRelay:
         listen: list[IPAddress],
         *,
         idle_timeout: float = UDP_IDLE_TIMEOUT,
+        blocked_ports: frozenset[int] = frozenset(),
     ) -> None:
         self.gate = gate
+        #: ``tls.block_quic``: UDP to these (the intercepted) ports is dropped after the
+        #: verdict allowed it, so QUIC clients fall back to TLS over TCP, which is intercepted.
+        self.blocked_ports = blocked_ports
         self.guests = frozenset(guests)
         self.idle_timeout = idle_timeout
         self.listeners = [transparent_listener(a, socket.SOCK_DGRAM) for a in listen]
@@ -220,6 +225,18 @@ class UdpRelay:
             raise
         if not verdict.allowed or verdict.target is None:
             self.gate.release()
+            self._denied[key] = now + DENIED_MEMORY_SECONDS
+            while len(self._denied) > DENIED_MEMORY:
+                self._denied.popitem(last=False)
+            return None
+        if dport in self.blocked_ports:
+            self.gate.release()
+            self.gate.audit.record(
+                direction="egress", protocol="udp", source=guest[0], destination=str(dst),
+                port=dport, action="deny",
+                reason=f"{QUIC_REASON_PREFIX}UDP to intercepted port {dport} is dropped "
+                "(block_quic: QUIC falls back to TLS over TCP, which is intercepted)",
+            )  # fmt: skip
             self._denied[key] = now + DENIED_MEMORY_SECONDS
             while len(self._denied) > DENIED_MEMORY:
                 self._denied.popitem(last=False)
