@@ -53,7 +53,7 @@ import dns.rrset
 
 from corral.config import DestinationKind, Group, PolicyAction, PolicyProtocol
 from corral.config.values import IPAddress
-from corral.net.dns import wire
+from corral.net.dns import answer, wire
 from corral.net.dns.cache import (
     MAX_CACHE_TTL,
     MAX_NEGATIVE_TTL,
@@ -183,7 +183,6 @@ class _Waiter:
 @dataclass(slots=True)
 class _Pending:
     key: CacheKey
-    qname: dns.name.Name
     name: str
     waiters: list[_Waiter]
     upstream: int = 0
@@ -386,8 +385,7 @@ class SandboxResolver:
         ):
             step.replies.append((client, wire.question_response(q, wire.SERVFAIL)))
             return step
-        qname = dns.name.from_wire(q.key_name, 0)[0]
-        pending = _Pending(key, qname, q.name, [waiter])
+        pending = _Pending(key, q.name, [waiter])
         self._pending[key] = pending
         step.attempts.append(
             self._attempt(pending, 0, tcp=False, deadline=now + self.query_timeout)
@@ -455,30 +453,30 @@ class SandboxResolver:
             return Step()
         if struct.unpack_from("!H", data)[0] != attempt.id:
             return Step()  # not the answer to this try: ignored, the try goes on
-        data, records = wire.trim_message(data, MAX_UPSTREAM_RECORDS)
-        self.upstream_budget.charge(1 + records)
+        key_name, qtype = attempt.key
+        self.upstream_budget.charge(1 + wire.record_count(data, MAX_UPSTREAM_RECORDS))
         try:
-            msg = dns.message.from_wire(data)
-        except Exception:  # any garbage under our ID: this resolver failed
-            return self.upstream_failed(attempt, "an unreadable answer")
-        if (
-            not msg.flags & dns.flags.QR
-            or msg.opcode() != 0
-            or len(msg.question) != 1
-            or msg.question[0].name != pending.qname
-            or msg.question[0].rdtype != attempt.key[1]
-            or msg.question[0].rdclass != dns.rdataclass.IN
-        ):
+            up = answer.parse_upstream(data, key_name, qtype, MAX_UPSTREAM_RECORDS)
+        except answer.Mismatch:
             return Step()  # another question: spoofed or confused, ignored
-        if msg.flags & dns.flags.TC and not attempt.tcp:
+        except answer.NeedsDnspython:
+            try:
+                trimmed, _ = wire.trim_message(data, MAX_UPSTREAM_RECORDS)
+                up = answer.from_dnspython(dns.message.from_wire(trimmed))
+            except Exception:  # any garbage under our ID: this resolver failed
+                return self.upstream_failed(attempt, "an unreadable answer")
+        except (ValueError, struct.error):
+            return self.upstream_failed(attempt, "an unreadable answer")
+        if up.truncated:
+            if attempt.tcp:
+                return self.upstream_failed(attempt, "a truncated answer over TCP")
             retry = self._attempt(pending, attempt.upstream, tcp=True, deadline=attempt.deadline)
             return Step(attempts=[retry])
-        rcode = msg.rcode()
-        if rcode not in _ANSWER_RCODES:
-            return self.upstream_failed(attempt, f"rcode {dns.rcode.to_text(rcode)}")
+        if up.rcode not in _ANSWER_RCODES:
+            return self.upstream_failed(attempt, f"rcode {up.rcode}")
         now = self._clock()
         try:
-            digest = self._digest(pending, msg, now)
+            digest = self._digest(pending, up, now)
         except _Failure:
             return self._finish_failure(pending, now)
         return self._finish(pending, digest, now)
@@ -532,102 +530,80 @@ class SandboxResolver:
         return step
 
     # -- answers -----------------------------------------------------------------------------
-    def _digest(self, pending: _Pending, msg: dns.message.Message, now: float) -> _Digest:
-        qname, qtype = pending.qname, pending.key[1]
-        rcode = msg.rcode()
-        index: dict[tuple[dns.name.Name, int], dns.rrset.RRset] = {}
-        for rrset in msg.answer:
-            if rrset.rdclass == dns.rdataclass.IN:
-                index.setdefault((rrset.name, rrset.rdtype), rrset)
-        chain: list[dns.rrset.RRset] = []
-        names = [qname]
-        current = qname
-        final: dns.rrset.RRset | None = None
+    def _digest(self, pending: _Pending, up: answer.UpstreamAnswer, now: float) -> _Digest:
+        key, qtype = pending.key
+        index = up.answer
+        chain: list[answer.RRset] = []
+        names = [key]
+        current = key
+        final: answer.RRset | None = None
         while True:
             final = index.get((current, qtype))
-            if final is not None or qtype == dns.rdatatype.CNAME:
+            if final is not None or qtype == wire.TYPE_CNAME:
                 break
-            cname = index.get((current, dns.rdatatype.CNAME))
-            if cname is None or len(cname) == 0:
+            cname = index.get((current, wire.TYPE_CNAME))
+            if cname is None:
                 break
-            target = next(iter(cname)).target
+            target = cname.rdatas[0]  # a CNAME RRset has one record (RFC 2181 10.1)
             if target in names:
-                raise _Failure(f"CNAME loop at {target}")
+                raise _Failure("CNAME loop")
             if len(names) > MAX_CNAME_CHAIN:
                 raise _Failure(f"CNAME chain longer than {MAX_CNAME_CHAIN}")
             chain.append(cname)
             names.append(target)
             current = target
-        texts = [name_text(n) for n in names]
+        texts = [wire.name_text(answer.labels_of(n)) for n in names]
         events: list[tuple[str, str]] = []
         for text in texts[1:]:
             why = self._denied_alias(text)
             if why is not None:
                 events.append((texts[0], f"the answer's CNAME chain reaches {text}: {why}"))
                 return self._refused(pending, now, tuple(events))
+        records = [
+            (c.owner, wire.TYPE_CNAME, min(c.ttl, MAX_CACHE_TTL), c.rdatas[0]) for c in chain
+        ]
         addresses: list[IPAddress] = []
-        if final is not None and qtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
-            kept: list[dns.rdata.Rdata] = []
-            removed: list[IPAddress] = []
-            for rdata in final:
-                addr = ipaddress.ip_address(rdata.address)
-                if self.rebind_protection and self._rebinds(addr):
-                    removed.append(addr)
-                    continue
-                if len(kept) < MAX_ADDRESSES_PER_ANSWER:
-                    kept.append(rdata)
-                    addresses.append(addr)
-            if removed:
-                events.append(
-                    (
-                        texts[0],
-                        "rebind protection removed "
-                        + ", ".join(str(a) for a in removed[:8])
-                        + (f" and {len(removed) - 8} more" if len(removed) > 8 else "")
-                        + f" from the answer for {texts[-1]}",
+        if final is not None:
+            ttl = min(final.ttl, MAX_CACHE_TTL)
+            kept = final.rdatas
+            if qtype in (wire.TYPE_A, wire.TYPE_AAAA):
+                kept = []
+                removed: list[IPAddress] = []
+                make = ipaddress.IPv4Address if qtype == wire.TYPE_A else ipaddress.IPv6Address
+                for rdata in final.rdatas:
+                    addr = make(rdata)
+                    if self.rebind_protection and self._rebinds(addr):
+                        removed.append(addr)
+                    elif len(kept) < MAX_ADDRESSES_PER_ANSWER:
+                        kept.append(rdata)
+                        addresses.append(addr)
+                if removed:
+                    events.append(
+                        (
+                            texts[0],
+                            "rebind protection removed "
+                            + ", ".join(str(a) for a in removed[:8])
+                            + (f" and {len(removed) - 8} more" if len(removed) > 8 else "")
+                            + f" from the answer for {texts[-1]}",
+                        )
                     )
-                )
-                if not kept:
-                    return self._refused(pending, now, tuple(events))
-            if removed or len(kept) < len(final):
-                final = dns.rrset.from_rdata_list(final.name, final.ttl, kept)
-        records = [*chain, *([final] if final is not None else [])]
-        authority: list[dns.rrset.RRset] = []
-        negative = final is None
-        if negative:
-            soa: dns.rrset.RRset | None = next(
-                (
-                    r
-                    for r in msg.authority
-                    if r.rdtype == dns.rdatatype.SOA
-                    and r.rdclass == dns.rdataclass.IN
-                    and len(r) > 0
-                    and current.is_subdomain(r.name)
-                ),
-                None,
-            )
-            if soa is not None:
-                ttl = min(soa.ttl, next(iter(soa)).minimum, MAX_NEGATIVE_TTL)
-                authority.append(dns.rrset.from_rdata_list(soa.name, ttl, list(soa)))
-        for r in records:
-            if r.ttl > MAX_CACHE_TTL:
-                r.ttl = MAX_CACHE_TTL
-        response = dns.message.Message(id=0)
-        response.flags = dns.flags.QR | dns.flags.RA
-        response.set_rcode(rcode)
-        response.question.append(
-            dns.rrset.RRset(qname, dns.rdataclass.IN, dns.rdatatype.RdataType.make(qtype))
-        )
-        response.answer.extend(records)
-        response.authority.extend(authority)
+                    if not kept:
+                        return self._refused(pending, now, tuple(events))
+            records += [(final.owner, qtype, ttl, rdata) for rdata in kept]
+        authority: list[tuple[bytes, int, int, bytes]] = []
+        if final is None:
+            for soa, minimum in up.soas:
+                if answer.is_subdomain(current, soa.owner):
+                    ttl = min(soa.ttl, minimum, MAX_NEGATIVE_TTL)
+                    authority.append((soa.owner, wire.TYPE_SOA, ttl, soa.rdatas[0]))
+                    break
         try:
-            data = response.to_wire(max_size=wire.MAX_TCP_MESSAGE)
-        except dns.exception.DNSException as exc:
-            raise _Failure(f"the answer does not fit a message: {exc}") from None
-        template = wire.make_template(data, now)
-        ttls = [r.ttl for r in records] + [r.ttl for r in authority]
+            template = wire.build_template(key, qtype, up.rcode, records, authority, created=now)
+        except ValueError as exc:
+            raise _Failure(str(exc)) from None
+        ttls = [r[2] for r in records] + [r[2] for r in authority]
         cache_ttl = min(ttls) if ttls else 0
-        pin_ttl = float(min(r.ttl for r in records)) if addresses else 0.0
+        pin_ttl = float(min(r[2] for r in records)) if addresses else 0.0
         return _Digest(
             template,
             cache_ttl,

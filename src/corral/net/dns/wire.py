@@ -80,7 +80,7 @@ _POINTER_TO_QNAME = b"\xc0\x0c"
 #: name's ancestors in the DNS tree: a suffix or deny rule cannot be dodged by spelling.
 _PLAIN = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_*")
 _PLAIN_BYTES_AND_DOT = bytes(sorted(_PLAIN)) + b"."
-_LOWER = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"abcdefghijklmnopqrstuvwxyz")
+LOWER = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"abcdefghijklmnopqrstuvwxyz")
 
 
 class Unanswerable(Exception):
@@ -123,14 +123,14 @@ class Query:
 
 def name_text(labels: Sequence[bytes]) -> str:
     """The text form of a name's labels (root excluded): lower case, see _PLAIN."""
-    wire_name = b".".join(labels).translate(_LOWER)
+    wire_name = b".".join(labels).translate(LOWER)
     if (
         not wire_name.translate(None, _PLAIN_BYTES_AND_DOT)
         and wire_name.count(b".") == len(labels) - 1  # no label holds a dot itself
     ):
         return wire_name.decode("ascii")  # the common case, at C speed
     return ".".join(
-        "".join(chr(b) if b in _PLAIN else f"\\{b:03d}" for b in label.translate(_LOWER))
+        "".join(chr(b) if b in _PLAIN else f"\\{b:03d}" for b in label.translate(LOWER))
         for label in labels
     )
 
@@ -234,7 +234,7 @@ def parse_query(data: bytes) -> Query:
         id=_id,
         flags=flags,
         qname_wire=qname_wire,
-        key_name=qname_wire.translate(_LOWER),
+        key_name=qname_wire.translate(LOWER),
         name=name_text(labels),
         qtype=qtype,
         qclass=qclass,
@@ -283,26 +283,35 @@ class Template:
     rcode: int
 
 
-def _ttl_offsets(wire: bytes, records: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Where each record's TTL sits in ``wire`` (after one question), and its value."""
-    pos = _skip_name(wire, 12) + 4
+def build_template(
+    key_name: bytes,
+    qtype: int,
+    rcode: int,
+    answer: Sequence[tuple[bytes, int, int, bytes]],
+    authority: Sequence[tuple[bytes, int, int, bytes]] = (),
+    *,
+    created: float,
+) -> Template:
+    """A template from records (owner, type, ttl, data) with uncompressed names: an owner
+    equal to the question's name is written as a pointer to it, everything else in full.
+    ValueError when the message would exceed 65535 bytes."""
+    parts = [
+        _HEADER.pack(0, _QR | _RA | (rcode & 0xF), 1, len(answer), len(authority), 0),
+        key_name,
+        struct.pack("!HH", qtype, CLASS_IN),
+    ]
+    pos = 12 + len(key_name) + 4
     offsets: list[int] = []
     ttls: list[int] = []
-    for _ in range(records):
-        pos = _skip_name(wire, pos)
-        _t, _c, ttl, rdlen = _RR_FIXED.unpack_from(wire, pos)
-        offsets.append(pos + 4)
+    for owner, rtype, ttl, rdata in (*answer, *authority):
+        head = _POINTER_TO_QNAME if owner == key_name else owner
+        parts.append(head + _RR_FIXED.pack(rtype, CLASS_IN, ttl, len(rdata)) + rdata)
+        offsets.append(pos + len(head) + 4)
         ttls.append(ttl)
-        pos += 10 + rdlen
-    return tuple(offsets), tuple(ttls)
-
-
-def make_template(wire: bytes, created: float) -> Template:
-    """A template from a complete response (one question, any records, no OPT)."""
-    _id, flags, _qd, an, ns, ar = _HEADER.unpack_from(wire)
-    offsets, ttls = _ttl_offsets(wire, an + ns + ar)
-    clean = _HEADER.pack(0, flags & ~_RD, 1, an, ns, ar) + wire[12:]
-    return Template(clean, offsets, ttls, created, flags & 0xF)
+        pos += len(head) + 10 + len(rdata)
+    if pos > MAX_TCP_MESSAGE:
+        raise ValueError(f"the answer would take {pos} bytes (at most {MAX_TCP_MESSAGE})")
+    return Template(b"".join(parts), tuple(offsets), tuple(ttls), created, rcode & 0xF)
 
 
 def synthetic_template(
@@ -314,17 +323,9 @@ def synthetic_template(
 ) -> Template:
     """A template corral makes itself: ``records`` are (type, ttl, rdata) owned by the
     question's name (host names, refusals, empty answers)."""
-    flags = _QR | _RA | (rcode & 0xF)
-    parts = [_HEADER.pack(0, flags, 1, len(records), 0, 0), key_name, struct.pack("!HH", qtype, 1)]
-    offsets: list[int] = []
-    ttls: list[int] = []
-    pos = sum(len(p) for p in parts)
-    for rtype, ttl, rdata in records:
-        parts.append(_POINTER_TO_QNAME + _RR_FIXED.pack(rtype, CLASS_IN, ttl, len(rdata)) + rdata)
-        offsets.append(pos + 2 + 4)
-        ttls.append(ttl)
-        pos += 2 + 10 + len(rdata)
-    return Template(b"".join(parts), tuple(offsets), tuple(ttls), created, rcode)
+    return build_template(
+        key_name, qtype, rcode, [(key_name, t, ttl, d) for t, ttl, d in records], created=created
+    )
 
 
 def render(template: Template, query: Query, now: float, limit: int | None) -> tuple[bytes, bool]:
@@ -365,6 +366,17 @@ def response_rcode(message: bytes) -> int:
 #: A negative answer needs one SOA; a referral-style authority section carries a few NS
 #: records; the additional section carries the OPT record and glue. Eight each.
 MAX_UPSTREAM_SECTION = 8
+
+
+def record_count(data: bytes, max_answer: int) -> int:
+    """How many records of an upstream message are read at most (what :func:`trim_message`
+    keeps): the work the upstream budget is charged for."""
+    if len(data) < 12:
+        return 0
+    _id, _flags, _qd, an, ns, ar = _HEADER.unpack_from(data)
+    if an > max_answer:
+        return max_answer
+    return int(an + min(ns, MAX_UPSTREAM_SECTION) + min(ar, MAX_UPSTREAM_SECTION))
 
 
 def trim_message(data: bytes, max_answer: int) -> tuple[bytes, int]:
