@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from corral.kernel import procfs
-from corral.runtime import syscalls
+from corral.runtime import syscalls, tree_serve
 from corral.runtime.channel_wire import (
     EXIT_TIMED_OUT,
     FRAME_PREFIX,
@@ -92,6 +92,9 @@ class InitConfig:
     env: Mapping[str, str]
     workdir: str
     user: str | None
+    #: A host file (launcher.COMMAND_LOG) that detached commands write their output to;
+    #: -1 when there is none.
+    command_log: int = -1
 
 
 # --- pid 1 ------------------------------------------------------------------------------------
@@ -654,8 +657,61 @@ class Worker:
         return fd
 
 
+def _op_exec_detached(worker: Worker, request: Mapping[str, Any]) -> bool | None:
+    """Start a command that outlives its connection (``corral run -d``): stdin /dev/null,
+    stdout and stderr appended to the sandbox's command log, a session of its own; when
+    this worker exits it is reparented to the init, which reaps it. Replies ``started``."""
+    argv = [str(a) for a in request.get("argv") or []]
+    env = dict(worker.config.env)
+    env.update({str(k): str(v) for k, v in (request.get("env") or {}).items()})
+    env.setdefault("PATH", DEFAULT_PATH)
+    cwd = str(request.get("cwd") or worker.config.workdir)
+    user_spec = request.get("user") or worker.config.user
+    try:
+        uid, gid, groups = resolve_user(str(user_spec) if user_spec else None)
+    except LookupError:
+        worker.error("exec", str(user_spec), kind="bad_user")
+        return None
+    env.setdefault("HOME", _home_of(uid))
+    if not os.path.isdir(cwd):
+        worker.error("exec", cwd, kind="cwd_not_found")
+        return None
+    log = worker.config.command_log
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log if log >= 0 else subprocess.DEVNULL,
+            stderr=log if log >= 0 else subprocess.DEVNULL,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+            user=uid if uid != 0 else None,
+            group=gid if gid != 0 else None,
+            extra_groups=groups or None,
+            close_fds=True,
+        )
+    except FileNotFoundError:
+        worker.error("exec", argv[0] if argv else "", kind="command_not_found")
+        return None
+    except PermissionError:
+        worker.error("exec", argv[0], kind="not_executable")
+        return None
+    except BlockingIOError:
+        worker.error("exec", argv[0], kind="pids_limit")
+        return None
+    except (OSError, ValueError, IndexError) as e:
+        worker.error("exec", argv[0] if argv else "", e if isinstance(e, OSError) else OSError(0, str(e)))
+        return None
+    _raise_oom_score(proc.pid)
+    worker.reply(t="started", pid=proc.pid)
+    return None  # the connection stays usable: nothing of the command is tied to it
+
+
 _HANDLERS: dict[str, Any] = {
     "exec": Worker.op_exec,
+    "exec_detached": _op_exec_detached,
+    **tree_serve.HANDLERS,
     "read": Worker.op_read,
     "write": Worker.op_write,
     "list": Worker.op_list,

@@ -71,7 +71,7 @@ from typing import NoReturn
 
 from corral.errors import SandboxError
 from corral.kernel import mountinfo, netns, procfs
-from corral.runtime import capabilities, cgroups, init, seccomp_profile, syscalls
+from corral.runtime import capabilities, cgroups, init, seccomp_profile, syscalls, volumes
 from corral.runtime.cgroups import Cgroup, CgroupLimits
 from corral.runtime.channel_wire import short_unix_path
 from corral.runtime.images.idmap import ID_RANGE, UID_BASE
@@ -79,6 +79,8 @@ from corral.runtime.images.idmap import ID_RANGE, UID_BASE
 #: Files in the state directory.
 CHANNEL_SOCKET = "channel.sock"
 CGROUP_RECORD = "cgroup.json"
+#: Output of commands started detached (``corral run -d``, ``exec(..., detach=True)``).
+COMMAND_LOG = "command.log"
 ROOT_DIR = "root"
 UPPER_DIR = "upper"
 WORK_DIR = "work"
@@ -97,6 +99,9 @@ DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 #: needs CAP_SYS_RESOURCE on the host; without it the init stays at 0 and is protected only by
 #: the commands' higher adj (corral.runtime.init.COMMAND_OOM_SCORE_ADJ).
 INIT_OOM_SCORE_ADJ = -1000
+
+#: The sysctl that lets unprivileged users bind low ports, in the netns of whoever opens it.
+UNPRIVILEGED_PORT_START = "/proc/sys/net/ipv4/ip_unprivileged_port_start"
 
 #: Kernel hostname limit (HOST_NAME_MAX).
 MAX_HOSTNAME = 64
@@ -134,6 +139,10 @@ class LaunchSpec:
     #: without a network stack); `corral gc` then only has cgroups left to remove. The kernel
     #: ties this to the caller's main thread: it must live as long as the process.
     die_with_parent: bool = True
+    #: The sandbox's hostname (default: its name); also in /etc/hostname and /etc/hosts.
+    hostname: str | None = None
+    #: Host directories or files mounted into the sandbox (corral.runtime.volumes).
+    volumes: Sequence[volumes.Volume] = ()
 
 
 @dataclass
@@ -333,6 +342,11 @@ def _validate(spec: LaunchSpec) -> None:
                 f"{what} {str(path)!r} contains a character overlayfs cannot take in a path "
                 "(, : \\ or newline)"
             )
+    if spec.hostname is not None and not _NAME.fullmatch(spec.hostname):
+        raise SandboxError(
+            f"hostname {spec.hostname!r} is not a valid hostname (1-{MAX_HOSTNAME} letters, "
+            "digits, '.', '_' or '-', starting with a letter or digit)"
+        )
     if spec.pids_max < 8:
         raise SandboxError(f"pids_max {spec.pids_max} is too small to run the init and a command")
     if not spec.workdir.startswith("/"):
@@ -614,6 +628,8 @@ def _spec_to_wire(spec: LaunchSpec) -> bytes:
             "resolv_conf": spec.resolv_conf,
             "extra_files": {k: v.hex() for k, v in spec.extra_files.items()},
             "die_with_parent": spec.die_with_parent,
+            "hostname": spec.hostname,
+            "volumes": [v.to_wire() for v in spec.volumes],
         }
     ).encode()
 
@@ -635,6 +651,8 @@ def _spec_from_wire(data: bytes) -> LaunchSpec:
         resolv_conf=obj["resolv_conf"],
         extra_files={k: bytes.fromhex(v) for k, v in obj["extra_files"].items()},
         die_with_parent=obj["die_with_parent"],
+        hostname=obj["hostname"],
+        volumes=[volumes.Volume.from_wire(v) for v in obj["volumes"]],
     )
 
 
@@ -656,6 +674,15 @@ def _stage_a(
                 netns.join_path(spec.netns_path)
             except OSError as e:
                 raise _step("join network namespace", spec.netns_path, e) from None
+            # The netns belongs to the host's user namespace, so the sandbox's root has no
+            # CAP_NET_BIND_SERVICE there: let every user bind every port, as docker does
+            # (the policy, not the port number, decides who may reach it).
+            try:
+                with open(UNPRIVILEGED_PORT_START, "w") as f:
+                    f.write("0")
+            except OSError as e:
+                raise _step("allow low ports in the network namespace:", UNPRIVILEGED_PORT_START,
+                            e) from None
 
         try:
             syscalls.unshare(syscalls.CLONE_NEWNS)
@@ -677,6 +704,14 @@ def _stage_a(
             os.chdir(root)
         except OSError as e:
             raise _step("enter", root, e) from None
+        # Host-side things stage B needs, opened while we are still the host's root: the
+        # volumes' detached mounts and the log of detached commands.
+        trees = _open_volumes(spec)
+        try:
+            command_log = os.open(state / COMMAND_LOG,
+                                  os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise _step("open the log of detached commands", state / COMMAND_LOG, e) from None
 
         flags = (
             syscalls.CLONE_NEWUSER
@@ -703,7 +738,7 @@ def _stage_a(
 
         pid = os.fork()
         if pid == 0:
-            _stage_b(spec, listener, seccomp, rd, wr)
+            _stage_b(spec, listener, seccomp, rd, wr, trees, command_log)
         _send(wr, "init", pid=pid)
         code = 0
     except _Fail as e:
@@ -712,6 +747,39 @@ def _stage_a(
         _report(wr, f"launch sandbox (stage A): {type(e).__name__}: {e}")
     finally:
         os._exit(code)
+
+
+def _open_volumes(spec: LaunchSpec) -> list[tuple[int, bool]]:
+    """(detached mount fd, is a directory) of each volume, made by stage A as host root."""
+    if not spec.volumes:
+        return []
+    uid, gid = _volume_owner(spec)
+    trees: list[tuple[int, bool]] = []
+    for volume in spec.volumes:
+        try:
+            is_dir = os.path.isdir(volume.host)
+            trees.append((volumes.open_volume(volume, uid, gid, UID_BASE), is_dir))
+        except OSError as e:
+            for tree, _ in trees:
+                os.close(tree)
+            raise _step("prepare volume", volume.host, e) from None
+    return trees
+
+
+def _volume_owner(spec: LaunchSpec) -> tuple[int, int]:
+    """The sandbox's (uid, gid) that owns its volumes: its user's, as far as stage A can
+    tell without trusting the image (numeric ids as given; a name from the image's own
+    /etc/passwd, unless that is a symlink, which would point at the host's files here)."""
+    etc = spec.rootfs / "etc"
+    if any(os.path.islink(p) for p in (etc, etc / "passwd", etc / "group")):
+        return 0, 0
+    try:
+        uid, gid, _groups = init.resolve_user(spec.user, etc=str(etc))
+    except LookupError:
+        return 0, 0  # stage B refuses such a user with its own sentence
+    if not (0 <= uid < ID_RANGE and 0 <= gid < ID_RANGE):
+        return 0, 0
+    return uid, gid
 
 
 def _report(wr: int, message: str) -> None:
@@ -723,15 +791,21 @@ def _report(wr: int, message: str) -> None:
 
 
 def _stage_b(
-    spec: LaunchSpec, listener: socket.socket, seccomp: bytes, rd: int, wr: int
+    spec: LaunchSpec,
+    listener: socket.socket,
+    seccomp: bytes,
+    rd: int,
+    wr: int,
+    trees: Sequence[tuple[int, bool]] = (),
+    command_log: int = -1,
 ) -> NoReturn:
     root = Path(".")  # the overlay's root, entered by stage A
     try:
         os.setsid()
         try:
-            syscalls.sethostname(spec.name)
+            syscalls.sethostname(spec.hostname or spec.name)
         except OSError as e:
-            raise _step("set hostname", spec.name, e) from None
+            raise _step("set hostname", spec.hostname or spec.name, e) from None
         if spec.netns_path is None:
             _loopback_up()
 
@@ -743,6 +817,12 @@ def _stage_b(
         _write_etc(spec)
         for path, data in spec.extra_files.items():
             _write_file(path, data)
+        for volume, (tree, is_dir) in zip(spec.volumes, trees, strict=True):
+            try:
+                volumes.attach_volume(tree, volume, is_dir)
+            except OSError as e:
+                raise _step(f"mount volume {volume.host} on", volume.guest, e) from None
+            os.close(tree)
         try:
             init.resolve_user(spec.user)  # fail at create, not at every exec
         except LookupError as e:
@@ -776,9 +856,11 @@ def _stage_b(
             raise _Fail(f"drop capabilities: {e.strerror}") from None
         if spec.die_with_parent:
             syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
-        config = init.InitConfig(env=dict(spec.env), workdir=spec.workdir, user=spec.user)
+        config = init.InitConfig(
+            env=dict(spec.env), workdir=spec.workdir, user=spec.user, command_log=command_log
+        )
         os.set_inheritable(listener.fileno(), False)
-        _close_fds_except({listener.fileno(), wr})
+        _close_fds_except({listener.fileno(), wr, command_log})
         _redirect_stdio()
     except _Fail as e:
         _report(wr, str(e))
@@ -900,19 +982,29 @@ def _pivot(root: Path) -> None:
         raise _step("pivot_root into", root, e) from None
 
 
+def hosts_lines(entries: Sequence[tuple[str, str]]) -> list[str]:
+    """/etc/hosts lines for (name, address) pairs: the address first, as hosts(5) wants,
+    then every name of that address, in the order given."""
+    names: dict[str, list[str]] = {}
+    for name, address in entries:
+        names.setdefault(address, []).append(name)
+    return [f"{address}\t{' '.join(group)}" for address, group in names.items()]
+
+
 def _write_etc(spec: LaunchSpec) -> None:
     """/etc/hostname, /etc/hosts, /etc/resolv.conf as corral decides them (replaced, never
     written through: an image may ship them as symlinks)."""
+    hostname = spec.hostname or spec.name
     hosts = [
         "127.0.0.1\tlocalhost",
         "::1\tlocalhost ip6-localhost ip6-loopback",
+        *hosts_lines(spec.hosts),
+        f"127.0.1.1\t{hostname}",
     ]
-    hosts += [f"{addr}\t{name}" for addr, name in spec.hosts]
-    hosts.append(f"127.0.1.1\t{spec.name}")
     resolv = spec.resolv_conf
     if resolv is None:
         resolv = "# corral: this sandbox has no network (policy none)\n"
-    _write_file("/etc/hostname", f"{spec.name}\n".encode())
+    _write_file("/etc/hostname", f"{hostname}\n".encode())
     _write_file("/etc/hosts", ("\n".join(hosts) + "\n").encode())
     _write_file("/etc/resolv.conf", resolv.encode())
 

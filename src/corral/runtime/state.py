@@ -47,6 +47,8 @@ PID_FILE = "supervisor.pid"
 STOPPED_FILE = "stopped"
 CONTROL_SOCKET = "control.sock"
 LOG_FILE = "supervisor.log"
+#: Output of detached commands (``run -d``); the launcher's COMMAND_LOG, written by them.
+COMMAND_LOG = "command.log"
 
 #: Version of the state.json layout; bump when a field changes meaning.
 STATE_VERSION = 1
@@ -56,6 +58,8 @@ CREATING = "creating"
 RUNNING = "running"
 STOPPED = "stopped"
 CRASHED = "crashed"
+#: The directory is gone: the sandbox was removed (by this handle or another process).
+REMOVED = "removed"
 
 
 def validate_name(name: object) -> str:
@@ -97,6 +101,13 @@ class SandboxState:
     #: The image's Entrypoint and Cmd, used by ``corral run`` when no command is given.
     entrypoint: list[str] = field(default_factory=list)
     cmd: list[str] = field(default_factory=list)
+    #: The hostname inside the sandbox when it is not the name (``--hostname``).
+    hostname: str | None = None
+    #: Host paths mounted into the sandbox (corral.runtime.volumes.Volume.to_wire()).
+    volumes: list[dict[str, Any]] = field(default_factory=list)
+    #: The published ports as bound (a host port of 0 asked: the one the kernel chose),
+    #: from the supervisor's ready message: {bind, host_port, guest_port, protocol}.
+    published: list[dict[str, Any]] = field(default_factory=list)
     created_at: float = field(default_factory=time.time)
     #: Filled in from the supervisor's ready message.
     init_pid: int | None = None
@@ -225,9 +236,11 @@ def stopped_reason(directory: Path) -> str | None:
 
 
 def status(directory: Path) -> str:
-    """creating, running, stopped or crashed (see the module docstring)."""
+    """creating, running, stopped, crashed or removed (see the module docstring)."""
     if supervisor_alive(directory):
         return RUNNING if (directory / CONTROL_SOCKET).exists() else CREATING
     if stopped_reason(directory) is not None:
         return STOPPED
+    if not directory.is_dir():
+        return REMOVED
     return CRASHED

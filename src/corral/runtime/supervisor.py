@@ -220,6 +220,7 @@ class Supervisor:
                         str(p) for p in getattr(getattr(self.launched, "cgroup", None), "paths", ())
                     ),
                     "netns_path": getattr(self.network, "netns_path", None),
+                    "published": self._published(),
                 }
             )
         )
@@ -256,6 +257,7 @@ class Supervisor:
         from pathlib import Path
 
         from corral.runtime.launcher import LaunchSpec, launch
+        from corral.runtime.volumes import Volume
 
         env = loaded.get("env") or {}
         assert isinstance(env, dict)
@@ -272,6 +274,8 @@ class Supervisor:
             pids_max=_optional_int(loaded.get("pids_max")) or DEFAULT_PIDS_MAX,
             hosts=hosts,
             resolv_conf=resolv_conf,
+            hostname=str(loaded["hostname"]) if loaded.get("hostname") else None,
+            volumes=[Volume.from_wire(v) for v in loaded.get("volumes") or ()],
         )
         launch_start = time.monotonic()
         zygote, self.zygote = self.zygote, None
@@ -343,6 +347,16 @@ class Supervisor:
                 pass
             os.close(self.released_fd)
             self.released_fd = -1
+
+    def _published(self) -> list[dict[str, object]]:
+        """The published ports as bound (random host ports resolved), for state.json."""
+        ports = getattr(self.network, "published_ports", None)
+        if ports is None:
+            return []
+        return [
+            {"bind": bind, "host_port": host, "guest_port": guest, "protocol": proto}
+            for bind, host, guest, proto in ports()
+        ]
 
     def _init_pid(self) -> int:
         return int(getattr(self.launched, "init_pid", 0) or 0)

@@ -166,3 +166,33 @@ def capget() -> tuple[int, int, int]:
     inh = data[0].inheritable | (data[1].inheritable << 32)
     return eff, perm, inh
 
+
+
+# mount_setattr(2) (Linux 5.12): change a mount's attributes, among them its idmapping.
+_SYS_MOUNT_SETATTR = 442
+AT_EMPTY_PATH = 0x1000
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_IDMAP = 0x100000
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [  # noqa: RUF012 - ctypes reads this class attribute
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+def mount_setattr(fd: int, attr_set: int, *, userns_fd: int = 0, recursive: bool = True) -> None:
+    """Set ``attr_set`` on the (detached) mount ``fd``; with MOUNT_ATTR_IDMAP, ``userns_fd``
+    names the user namespace whose id map the mount applies to its files' owners."""
+    attr = _MountAttr(attr_set, 0, 0, userns_fd)
+    flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
+    _check(
+        _libc.syscall(ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_int(fd), b"",
+                      ctypes.c_uint(flags), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr))),
+        "mount_setattr",
+    )
