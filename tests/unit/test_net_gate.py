@@ -141,7 +141,7 @@ def test_audit_lines_are_json_with_every_field(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "net-audit.jsonl").read_text())
     assert set(data) == {
         "time", "sandbox", "direction", "protocol", "source", "destination", "port", "names",
-        "rule", "action", "reason",
+        "rule", "action", "reason", "revealed",
     }  # fmt: skip
 
 
