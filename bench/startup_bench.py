@@ -34,6 +34,7 @@ import argparse
 import collections
 import contextlib
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -56,6 +57,10 @@ TARGET_MS = 50.0
 TARGET_RATIO = 2.0
 
 IMAGE = "corral-bench/busybox:1"
+
+#: The supervisor's own account of its start (runtime/supervisor.py logs it at "ready"):
+#: from its first instruction to ready, and the launch() part of that.
+READY_LINE = re.compile(r"ready: init pid \d+ after ([\d.]+) ms \(launch ([\d.]+) ms\)")
 
 # -- the kernel's process events connector (linux/connector.h, linux/cn_proc.h) ------------
 NETLINK_CONNECTOR = 11
@@ -192,7 +197,14 @@ class Variant:
     network: Any
     ports: dict[int, int] | None = None
     phases: dict[str, list[float]] = field(
-        default_factory=lambda: {"total": [], "create": [], "exec": [], "remove": []}
+        default_factory=lambda: {
+            "total": [],
+            "create": [],
+            "exec": [],
+            "remove": [],
+            "supervisor ready": [],
+            "launch": [],
+        }  # fmt: skip
     )
     processes: list[Counts] = field(default_factory=list)
 
@@ -214,6 +226,7 @@ def cycle(variant: Variant, name: str, events: ProcessEvents, record: bool) -> N
         events.sandbox_init(int(sb.state.init_pid))
     result = sb.exec("true")
     t2 = time.perf_counter()
+    ready = READY_LINE.search((sb.directory / "supervisor.log").read_text())
     try:
         sb.remove()
     except Exception:
@@ -229,6 +242,9 @@ def cycle(variant: Variant, name: str, events: ProcessEvents, record: bool) -> N
         variant.phases["exec"].append((t2 - t1) * 1000)
         variant.phases["remove"].append((t3 - t2) * 1000)
         variant.phases["total"].append((t3 - t0) * 1000)
+        if ready is not None:
+            variant.phases["supervisor ready"].append(float(ready.group(1)))
+            variant.phases["launch"].append(float(ready.group(2)))
         variant.processes.append(events.counts() - before)
 
 
@@ -339,6 +355,9 @@ def main() -> None:
         print(summary(v.label, v.phases["total"]))
         for phase in ("create", "exec", "remove"):
             print(summary(f"  of which {phase}", v.phases[phase]))
+        for phase in ("supervisor ready", "launch"):
+            if v.phases[phase]:
+                print(summary(f"    {phase} (its log)", v.phases[phase]))
         print(process_report(v))
     print(summary("bare bwrap --unshare-all true", bare_bwrap))
     print(summary("bare process (/bin/true)", bare_process))
