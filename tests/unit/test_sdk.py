@@ -25,15 +25,21 @@ from corral.sdk import sandbox as sdk
         ("256M", 256 * 1024**2),
         ("256MiB", 256 * 1024**2),
         ("1g", 1024**3),
-        ("4096k", 4 * 1024**2),
-        ("8388608", 8 * 1024**2),
+        ("16384k", 16 * 1024**2),
+        ("16777216", 16 * 1024**2),
+        ("1.5g", 1536 * 1024**2),
+        ("1.5G", 1536 * 1024**2),
+        ("0.5gb", 512 * 1024**2),
+        ("64 m", 64 * 1024**2),
     ],
 )
 def test_parse_memory(value: object, expected: int | None) -> None:
     assert sdk.parse_memory(value) == expected  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("value", ["", "m", "12x", "-1m", "1.5g", True, 1.5, "1m", 100, "²", "٣m"])
+@pytest.mark.parametrize(
+    "value", ["", "m", "12x", "-1m", "1.5.1g", True, 1.5, "1m", "8m", 100, "²", "٣m", "1e9"]
+)
 def test_parse_memory_rejects(value: object) -> None:
     with pytest.raises(ConfigError) as info:
         sdk.parse_memory(value)  # type: ignore[arg-type]

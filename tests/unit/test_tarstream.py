@@ -4,6 +4,7 @@ bytes, it either yields events or raises TarError, never anything else."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import random
 import tarfile
@@ -170,17 +171,16 @@ def _events(data: bytes) -> None:
         if event is None or event is ARCHIVE_END:
             return
         if isinstance(event, TarEntry):
-            member_path_parts(event.path) if not event.path.startswith("/") else None
+            with contextlib.suppress(TarError):
+                member_path_parts(event.path)
     raise AssertionError("the reader did not end")
 
 
 @given(st.binary(max_size=3000))
 @settings(max_examples=300)
 def test_random_bytes_never_crash(data: bytes) -> None:
-    try:
+    with contextlib.suppress(TarError):
         _events(data)
-    except TarError:
-        pass
 
 
 def test_seeded_mutations_never_crash() -> None:
@@ -197,7 +197,5 @@ def test_seeded_mutations_never_crash() -> None:
                 del data[pos : pos + rng.randint(1, 600)]
             else:
                 data[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 40)))
-        try:
+        with contextlib.suppress(TarError):
             _events(bytes(data))
-        except TarError:
-            pass

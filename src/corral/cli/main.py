@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from corral.cli import images, policy, sandbox
+from corral.cli import copy, images, meta, policy, port, sandbox
 from corral.errors import CorralError
 
 #: Exit code after Ctrl-C (128 + SIGINT, as a shell).
@@ -42,6 +42,10 @@ def cli() -> None:
 sandbox.register(cli)
 policy.register(cli)
 images.register(cli)
+copy.register(cli)
+port.register(cli)
+meta.register(cli)
+meta.install_completions(cli)  # last: it walks every command registered above
 
 
 def main() -> None:

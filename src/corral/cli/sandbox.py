@@ -84,6 +84,16 @@ def build_network(
     dns_nameservers: Sequence[str] = (),
     tls: bool = False,
     tls_bypass: Sequence[str] = (),
+    dns_query_timeout_ms: int | None = None,
+    dns_rebind_protection: bool | None = None,
+    tls_upstream_ca_certs: Sequence[str] = (),
+    tls_verify_upstream: bool | None = None,
+    block_quic: bool = False,
+    on_secret_violation: str | None = None,
+    tls_intercepted_ports: Sequence[int] = (),
+    tls_ca_cert: str | None = None,
+    tls_ca_key: str | None = None,
+    trust_host_cas: bool = False,
 ) -> NetworkConfig:
     """The NetworkConfig the network flags describe (SPEC section 1, one flag per field).
 
@@ -130,12 +140,37 @@ def build_network(
         suffixes = [d for d in deny_domains if d.startswith(".")]
         changes["deny_domains"] = (*config.deny_domains, *exact)
         changes["deny_domain_suffixes"] = (*config.deny_domain_suffixes, *suffixes)
+    dns_changes: dict[str, Any] = {}
     if dns_nameservers:
-        base_dns = config.dns or DNSConfig()
-        changes["dns"] = dataclasses.replace(base_dns, nameservers=tuple(dns_nameservers))
-    if tls or tls_bypass:
-        base_tls = config.tls or TLSConfig()
-        changes["tls"] = dataclasses.replace(base_tls, bypass=(*base_tls.bypass, *tls_bypass))
+        dns_changes["nameservers"] = tuple(dns_nameservers)
+    if dns_query_timeout_ms is not None:
+        dns_changes["query_timeout_ms"] = dns_query_timeout_ms
+    if dns_rebind_protection is not None:
+        dns_changes["rebind_protection"] = dns_rebind_protection
+    if dns_changes:
+        changes["dns"] = _replace_flagged(config.dns or DNSConfig(), dns_changes, _DNS_FLAGS)
+    tls_changes: dict[str, Any] = {}
+    base_tls = config.tls or TLSConfig()
+    if tls_bypass:
+        tls_changes["bypass"] = (*base_tls.bypass, *tls_bypass)
+    if tls_upstream_ca_certs:
+        tls_changes["upstream_ca_certs"] = (*base_tls.upstream_ca_certs, *tls_upstream_ca_certs)
+    if tls_verify_upstream is not None:
+        tls_changes["verify_upstream"] = tls_verify_upstream
+    if block_quic:
+        tls_changes["block_quic"] = True
+    if tls_intercepted_ports:
+        tls_changes["intercepted_ports"] = (*base_tls.intercepted_ports, *tls_intercepted_ports)
+    if tls_ca_cert is not None:
+        tls_changes["ca_cert"] = tls_ca_cert
+    if tls_ca_key is not None:
+        tls_changes["ca_key"] = tls_ca_key
+    if trust_host_cas:
+        changes["trust_host_cas"] = True
+    if tls or tls_changes:
+        changes["tls"] = _replace_flagged(base_tls, tls_changes, _TLS_FLAGS)
+    if on_secret_violation is not None:
+        changes["on_secret_violation"] = on_secret_violation
     if changes:
         try:
             config = dataclasses.replace(config, **changes)
@@ -145,6 +180,115 @@ def build_network(
     if publish:
         config = config.merged_ports(port_bindings=[parse_publish(p) for p in publish])
     return config
+
+
+#: The flags that set DNSConfig's and TLSConfig's fields, for their error sentences.
+_DNS_FLAGS = {
+    "nameservers": "--dns-nameserver",
+    "query_timeout_ms": "--dns-query-timeout-ms",
+    "rebind_protection": "--no-dns-rebind-protection",
+}
+_TLS_FLAGS = {
+    "bypass": "--tls-bypass",
+    "upstream_ca_certs": "--tls-upstream-ca-cert",
+    "verify_upstream": "--tls-no-verify-upstream",
+    "block_quic": "--block-quic",
+    "intercepted_ports": "--tls-intercepted-port",
+    "ca_cert": "--tls-ca-cert",
+    "ca_key": "--tls-ca-key",
+}
+
+
+def _replace_flagged(base: Any, changes: dict[str, Any], flags: dict[str, str]) -> Any:
+    """``dataclasses.replace(base, **changes)`` with a ConfigError naming the flag."""
+    try:
+        return dataclasses.replace(base, **changes)
+    except ConfigError as exc:
+        field = exc.path.split(".")[0].split("[")[0]
+        raise ConfigError(flags.get(field, field), exc.message) from None
+
+
+def parse_env_file(path: str, flag: str = "--env-file") -> dict[str, str]:
+    """The variables of an env file as docker reads one: ``KEY=VALUE`` per line, taken
+    verbatim (no quotes removed), ``#`` comments and blank lines skipped, a bare ``KEY``
+    takes the host's value (and is skipped when the host has none)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+        raise ConfigError(flag, f"cannot read {path}: {reason}") from None
+    env: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.lstrip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        key, sep, value = stripped.partition("=")
+        if not key or any(c.isspace() for c in key) or "\0" in line:
+            raise ConfigError(flag, f"{path} line {number} is not KEY=VALUE: {line[:60]!r}")
+        if not sep:
+            if key in os.environ:
+                env[key] = os.environ[key]
+            continue
+        env[key] = value
+    return env
+
+
+def check_timeout_flag(timeout: float | None, flag: str = "--timeout") -> float | None:
+    """``--timeout`` checked as the SDK checks ``timeout`` (ConfigError naming the flag)."""
+    from corral.sdk.sandbox import check_timeout
+
+    return check_timeout(timeout, flag)
+
+
+def run_argv(command: Sequence[str], sandbox_state: Any, entrypoint: str | None) -> list[str]:
+    """What ``run`` executes, as docker decides it: the image's Entrypoint followed by
+    COMMAND, or by the image's Cmd when no COMMAND is given; ``--entrypoint`` replaces the
+    Entrypoint and drops the Cmd (``--entrypoint ''`` clears it)."""
+    if entrypoint is not None:
+        return ([entrypoint] if entrypoint else []) + list(command)
+    return [*sandbox_state.entrypoint, *(list(command) or sandbox_state.cmd)]
+
+
+def _run_detached(
+    image: str,
+    command: list[str],
+    entrypoint: str | None,
+    opts: dict[str, Any],
+    others: tuple[bool, bool, bool, float | None],
+) -> None:
+    """``run -d``: create, start the command detached, print the name; the sandbox stays
+    (like ``create``) and the command's output goes to ``corral logs NAME``."""
+    interactive, tty, keep, timeout = others
+    for flag, given in (("-i", interactive), ("-t", tty), ("--timeout", timeout is not None)):
+        if given:
+            raise ConfigError(flag, "cannot be combined with -d (the command runs detached)")
+    del keep  # a detached sandbox is always kept
+
+    async def go() -> str | int:
+        sandbox = await _create_from_options(image, opts)
+        try:
+            argv = run_argv(command, sandbox.state, entrypoint)
+            if not argv:
+                raise ConfigError(
+                    "COMMAND", f"the image {image!r} has no Entrypoint or Cmd; give a command"
+                )
+            await sandbox.exec_detached(argv[0], argv[1:])
+        except SandboxError as exc:
+            await sandbox.remove()
+            code = command_exit_code(exc)
+            if code is None:
+                raise
+            click.echo(f"corral: {exc}", err=True)
+            return code
+        except BaseException:
+            await sandbox.remove()
+            raise
+        return str(sandbox.name)
+
+    result = asyncio.run(go())
+    if isinstance(result, int):
+        sys.exit(result)
+    click.echo(result)
 
 
 def command_exit_code(error: SandboxError) -> int | None:
@@ -223,6 +367,44 @@ def sandbox_options(func: F) -> F:
         click.option("--tls", is_flag=True, help="Turn on TLS interception."),
         click.option("--tls-bypass", multiple=True, metavar="PATTERN"),
         click.option(
+            "--tls-upstream-ca-cert",
+            "tls_upstream_ca_certs",
+            multiple=True,
+            metavar="FILE",
+            help="Also trust this CA for upstream servers (repeatable).",
+        ),
+        click.option(
+            "--tls-no-verify-upstream",
+            is_flag=True,
+            help="Do not verify upstream certificates.",
+        ),
+        click.option("--block-quic", is_flag=True, help="Drop UDP to intercepted ports."),
+        click.option(
+            "--tls-intercepted-port",
+            "tls_intercepted_ports",
+            multiple=True,
+            type=int,
+            metavar="PORT",
+            help="Intercept TLS on this TCP port (repeatable; default 443).",
+        ),
+        click.option("--tls-ca-cert", metavar="FILE", help="Your own interception CA (PEM)."),
+        click.option("--tls-ca-key", metavar="FILE", help="The key of --tls-ca-cert (PEM)."),
+        click.option(
+            "--trust-host-cas", is_flag=True, help="Also ship the host's CA bundle to the guest."
+        ),
+        click.option(
+            "--on-secret-violation",
+            type=click.Choice(["block", "block-and-log", "block-and-terminate"]),
+        ),
+        click.option(
+            "--dns-query-timeout-ms", type=int, metavar="MS", help="Bound of each upstream query."
+        ),
+        click.option(
+            "--no-dns-rebind-protection",
+            is_flag=True,
+            help="Keep private addresses in DNS answers.",
+        ),
+        click.option(
             "--secret",
             "secret_specs",
             multiple=True,
@@ -233,6 +415,23 @@ def sandbox_options(func: F) -> F:
         click.option("--cpus", type=float, help="CPU limit (e.g. 0.5)."),
         click.option("--memory", metavar="SIZE", help="Memory limit (e.g. 256m, 1g)."),
         click.option("--workdir", metavar="PATH", help="Working directory (default: image's)."),
+        click.option(
+            "-v",
+            "--volume",
+            "volumes",
+            multiple=True,
+            metavar="HOST:GUEST[:ro]",
+            help="Mount a host directory or file (repeatable).",
+        ),
+        click.option("-u", "--user", metavar="USER[:GROUP]", help="User of every command."),
+        click.option("--hostname", metavar="NAME", help="Hostname (default: the name)."),
+        click.option(
+            "--env-file",
+            "env_files",
+            multiple=True,
+            metavar="FILE",
+            help="Read KEY=VALUE lines (repeatable; -e wins).",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -256,16 +455,41 @@ async def _create_from_options(image: str, opts: dict[str, Any]) -> Any:
         dns_nameservers=opts["dns_nameservers"],
         tls=opts["tls"],
         tls_bypass=opts["tls_bypass"],
+        dns_query_timeout_ms=opts["dns_query_timeout_ms"],
+        dns_rebind_protection=False if opts["no_dns_rebind_protection"] else None,
+        tls_upstream_ca_certs=opts["tls_upstream_ca_certs"],
+        tls_verify_upstream=False if opts["tls_no_verify_upstream"] else None,
+        block_quic=opts["block_quic"],
+        on_secret_violation=opts["on_secret_violation"],
+        tls_intercepted_ports=opts["tls_intercepted_ports"],
+        tls_ca_cert=opts["tls_ca_cert"],
+        tls_ca_key=opts["tls_ca_key"],
+        trust_host_cas=opts["trust_host_cas"],
     )
+    env: dict[str, str] = {}
+    for path in opts["env_files"]:
+        env.update(parse_env_file(path))
+    env.update(parse_env(opts["env_pairs"]))
+    volumes = list(opts["volumes"])
+    if volumes:
+        from corral.runtime.volumes import check_volumes
+
+        try:
+            check_volumes(volumes)
+        except ConfigError as exc:
+            raise ConfigError("-v", exc.message) from None
     return await Sandbox.create(
         opts["name"] or default_name(image),
         image=image,
         network=network,
         secrets=[parse_secret(s) for s in opts["secret_specs"]],
-        env=parse_env(opts["env_pairs"]),
+        env=env,
         cpus=opts["cpus"],
         memory=opts["memory"],
         workdir=opts["workdir"],
+        user=opts["user"],
+        hostname=opts["hostname"],
+        volumes=volumes or None,
     )
 
 
@@ -286,6 +510,7 @@ async def _stream_command(
     cwd: str | None = None,
     timeout: float | None = None,
     interactive: bool = False,
+    user: str | None = None,
 ) -> int:
     """Run argv in the sandbox with its output streamed to ours; the exit code."""
     try:
@@ -296,6 +521,7 @@ async def _stream_command(
             cwd=cwd,
             timeout=timeout,
             stdin=_host_stdin() if interactive else None,
+            user=user,
         )
     except SandboxError as exc:
         start_code = command_exit_code(exc)
@@ -327,6 +553,10 @@ async def _stream_command(
 @click.option("--keep", is_flag=True, help="Keep the sandbox after the command exits.")
 @click.option("-i", "--interactive", is_flag=True, help="Stream this terminal's stdin in.")
 @click.option("--timeout", type=float, help="Kill the command after this many seconds.")
+@click.option("--entrypoint", metavar="CMD", help="Replace the image's Entrypoint (and Cmd).")
+@click.option(
+    "-d", "--detach", is_flag=True, help="Start COMMAND in the background, print the name."
+)
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(
@@ -335,17 +565,24 @@ def run(
     keep: bool,
     interactive: bool,
     timeout: float | None,
+    entrypoint: str | None,
+    detach: bool,
     **opts: Any,
 ) -> None:
     """Create a sandbox from IMAGE, run COMMAND in it, remove it; exit with COMMAND's code.
 
     Without COMMAND the image's Entrypoint and Cmd run. Put COMMAND after `--`.
     """
+    timeout = check_timeout_flag(timeout)
+    if detach:
+        _run_detached(image, strip_separator(command), entrypoint, opts, (interactive, False, keep,
+                      timeout))  # fmt: skip
+        return
 
     async def go() -> int:
         sandbox = await _create_from_options(image, opts)
         try:
-            argv = strip_separator(command) or [*sandbox.state.entrypoint, *sandbox.state.cmd]
+            argv = run_argv(strip_separator(command), sandbox.state, entrypoint)
             if not argv:
                 raise ConfigError(
                     "COMMAND", f"the image {image!r} has no Entrypoint or Cmd; give a command"
@@ -378,6 +615,9 @@ def create(image: str, **opts: Any) -> None:
 @click.option("-w", "--workdir", metavar="PATH", help="Working directory of the command.")
 @click.option("--timeout", type=float, help="Kill the command after this many seconds.")
 @click.option("-i", "--interactive", is_flag=True, help="Stream this terminal's stdin in.")
+@click.option("-u", "--user", metavar="USER[:GROUP]", help="Run as this user.")
+@click.option("--env-file", "env_files", multiple=True, metavar="FILE", help="KEY=VALUE lines.")
+@click.option("-d", "--detach", is_flag=True, help="Start COMMAND in the background.")
 @click.argument("name")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec_command(
@@ -387,6 +627,9 @@ def exec_command(
     workdir: str | None,
     timeout: float | None,
     interactive: bool,
+    user: str | None,
+    env_files: tuple[str, ...],
+    detach: bool,
 ) -> None:
     """Run COMMAND in the running sandbox NAME; exit with its code. Put COMMAND after `--`."""
     from corral.sdk.sandbox import Sandbox
@@ -394,16 +637,42 @@ def exec_command(
     argv = strip_separator(command)
     if not argv:
         raise click.UsageError("give the command to run after NAME (corral exec NAME -- CMD)")
+    timeout = check_timeout_flag(timeout)
+    env: dict[str, str] = {}
+    for path in env_files:
+        env.update(parse_env_file(path))
+    env.update(parse_env(env_pairs))
+    if detach:
+        for flag, given in (("-i", interactive), ("--timeout", timeout is not None)):
+            if given:
+                raise ConfigError(flag, "cannot be combined with -d (the command runs detached)")
+
+        async def start_detached() -> int:
+            sandbox = await Sandbox.get(name)
+            try:
+                await sandbox.exec_detached(
+                    argv[0], argv[1:], env=env or None, cwd=workdir, user=user
+                )
+            except SandboxError as exc:
+                code = command_exit_code(exc)
+                if code is None:
+                    raise
+                click.echo(f"corral: {exc}", err=True)
+                return code
+            return 0
+
+        sys.exit(asyncio.run(start_detached()))
 
     async def go() -> int:
         sandbox = await Sandbox.get(name)
         return await _stream_command(
             sandbox,
             argv,
-            env=parse_env(env_pairs) or None,
+            env=env or None,
             cwd=workdir,
             timeout=timeout,
             interactive=interactive,
+            user=user,
         )
 
     sys.exit(asyncio.run(go()))
@@ -472,10 +741,12 @@ def inspect(name: str) -> None:
 
 @click.command()
 @click.option("--net", "net_events", is_flag=True, help="Network audit events (JSON lines).")
+@click.option("--supervisor", is_flag=True, help="The supervisor's log even after run -d.")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until it stops.")
 @click.argument("name")
-def logs(net_events: bool, follow: bool, name: str) -> None:
-    """Print the supervisor's log of NAME, or with --net its network audit events."""
+def logs(net_events: bool, supervisor: bool, follow: bool, name: str) -> None:
+    """Print what NAME's detached commands wrote (run -d, exec -d) or, when there is none
+    (or with --supervisor), the supervisor's log; with --net its network audit events."""
     from corral.sdk.sandbox import Sandbox
 
     async def go() -> None:
@@ -484,11 +755,39 @@ def logs(net_events: bool, follow: bool, name: str) -> None:
             async for event in sandbox.logs(follow=follow):
                 click.echo(event.to_json())
             return
-        path = sandbox.directory / state.LOG_FILE
-        if path.exists():
-            click.echo(path.read_text(errors="replace"), nl=False)
+        path = sandbox.directory / state.COMMAND_LOG
+        if supervisor or not path.exists() or path.stat().st_size == 0:
+            path = sandbox.directory / state.LOG_FILE
+        await _print_file(path, follow, lambda: sandbox.status == state.RUNNING)
 
     asyncio.run(go())
+
+
+#: How often ``logs -f`` looks for new lines (a poll: the file is written by the sandbox).
+FOLLOW_INTERVAL = 0.2
+
+
+async def _print_file(path: Path, follow: bool, running: Callable[[], bool]) -> None:
+    """Copy ``path`` to stdout; with ``follow``, keep copying what is appended while
+    ``running()`` (and once more after it stops)."""
+    out = sys.stdout.buffer
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        return
+    with handle:
+        while True:
+            chunk = handle.read(1024 * 1024)
+            if chunk:
+                out.write(chunk)
+                out.flush()
+                continue
+            if not follow:
+                return
+            alive = running()
+            await asyncio.sleep(FOLLOW_INTERVAL)
+            if not alive:
+                follow = False  # read what was written up to the stop, then end
 
 
 @click.command()

@@ -17,6 +17,9 @@ import contextlib
 import contextvars
 import dataclasses
 import os
+import posixpath
+import re
+import stat
 import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -29,11 +32,13 @@ from corral.config import (
     NetworkPolicy,
     PortBinding,
     SecretEntry,
+    refuse_unsupported,
     validate_secrets,
 )
 from corral.errors import ConfigError, PermissionDenied, SandboxError
 from corral.runtime import control, gc, state
 from corral.runtime.channel import ChannelClient, ExecProcess, FileInfo
+from corral.runtime.volumes import Volume, check_volumes
 from corral.sdk import lifecycle
 
 T = TypeVar("T")
@@ -48,15 +53,26 @@ DEFAULT_STOP_TIMEOUT = control.DEFAULT_STOP_TIMEOUT
 #: Seconds a control request (other than stop) may take before the supervisor is deemed hung.
 CONTROL_TIMEOUT = 10.0
 
-#: Memory size suffixes accepted by ``memory=`` (binary units, as docker and cgroups use them).
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+#: Memory size units accepted by ``memory=`` (binary, as docker and cgroups use them).
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4, "p": 1024**5}
 
-#: Smallest memory limit accepted: below this even busybox's init cannot start.
-MIN_MEMORY = 4 * 1024 * 1024
+#: A memory size as docker's ``RAMInBytes`` reads it: a decimal number (``1.5``), an
+#: optional space, an optional unit letter, an optional ``i`` and ``b`` (``512MiB``, ``1gb``).
+_SIZE_PATTERN = re.compile(r"([0-9]+(?:\.[0-9]+)?) ?([kmgtp]?)i?b?", re.IGNORECASE)
+
+#: Smallest memory limit accepted. Measured here (2026-12): a busybox sandbox's init plus a
+#: shell fail to start at 5 MiB now and then and start at 6 MiB (docker's own minimum is
+#: 6 MB); the init's pages grow with its workers (one per concurrent exec or file
+#: operation, a pty), so the floor leaves room for a few of those and a small command.
+MIN_MEMORY = 16 * 1024 * 1024
+
+#: Largest memory limit: cgroups store it as a signed 64-bit count of bytes.
+MAX_MEMORY = 2**63 - 1
 
 
 def parse_memory(value: int | str | None, field: str = "memory") -> int | None:
-    """Bytes from ``268435456``, ``"256m"``, ``"1g"``, ``"512MiB"``; None stays None."""
+    """Bytes from ``268435456``, ``"256m"``, ``"1.5g"``, ``"512MiB"`` (docker's forms);
+    None stays None. Below MIN_MEMORY is an error: such a sandbox could not start."""
     if value is None:
         return None
     if isinstance(value, bool):
@@ -64,17 +80,41 @@ def parse_memory(value: int | str | None, field: str = "memory") -> int | None:
     if isinstance(value, int):
         amount = value
     elif isinstance(value, str):
-        text = value.strip().lower().removesuffix("ib").removesuffix("b")
-        digits = text.rstrip("kmgt")
-        unit = text[len(digits) :]
-        if not (digits.isascii() and digits.isdigit()) or unit not in _SIZE_UNITS:
-            raise ConfigError(field, f"{value!r} is not a memory size (like 256m or 1g)")
-        amount = int(digits) * _SIZE_UNITS[unit]
+        match = _SIZE_PATTERN.fullmatch(value.strip())
+        if match is None:
+            raise ConfigError(field, f"{value!r} is not a memory size (like 256m, 1.5g or 1g)")
+        amount = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
     else:
-        raise ConfigError(field, f"{value!r} is not a memory size (like 256m or 1g)")
+        raise ConfigError(field, f"{value!r} is not a memory size (like 256m, 1.5g or 1g)")
+    if amount > MAX_MEMORY:
+        raise ConfigError(field, f"{value!r} is larger than any memory limit the kernel takes")
     if amount < MIN_MEMORY:
-        raise ConfigError(field, f"{value!r} is below the minimum of 4 MiB")
+        raise ConfigError(
+            field,
+            f"{value!r} is below the minimum of {MIN_MEMORY // 1024**2} MiB a sandbox needs "
+            "to start",
+        )
     return amount
+
+
+#: Longest exec timeout, in seconds: the sandbox's init waits with epoll, whose timeout is
+#: an int of milliseconds (INT_MAX ms, about 24.8 days); beyond it the wait itself fails.
+MAX_EXEC_TIMEOUT = (2**31 - 1) // 1000
+
+
+def check_timeout(value: float | int | None, field: str = "timeout") -> float | None:
+    """``value`` as seconds if it is a number in (0, MAX_EXEC_TIMEOUT], else ConfigError."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(field, f"{value!r} is not a number of seconds")
+    if not 0 < value <= MAX_EXEC_TIMEOUT:  # NaN fails both comparisons
+        raise ConfigError(
+            field,
+            f"{value!r} is not a timeout in seconds (more than 0, at most {MAX_EXEC_TIMEOUT}, "
+            "about 24 days)",
+        )
+    return float(value)
 
 
 def parse_cpus(value: float | int | str | None, field: str = "cpus") -> float | None:
@@ -161,6 +201,26 @@ def _resolve_secrets(
     return tuple(resolved)
 
 
+def _exec_argv(cmd: object, args: object) -> list[str]:
+    """``[cmd, *args]``, or TypeError/ConfigError saying how the call should look."""
+    if not isinstance(cmd, str):
+        raise TypeError(f"cmd must be a str (the program), not {type(cmd).__name__}")
+    if not cmd:
+        raise ConfigError("cmd", "the command is empty")
+    if args is None:
+        return [cmd]
+    if isinstance(args, str | bytes):
+        raise TypeError(
+            f"args must be a sequence of strings, not a {type(args).__name__}: write "
+            f"exec({cmd!r}, [{args!r}]) (a str would be taken letter by letter)"
+        )
+    items = list(args)  # type: ignore[call-overload]
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise TypeError(f"args[{i}] must be a str, not {type(item).__name__}")
+    return [cmd, *items]
+
+
 #: Exit code of a command killed by SIGKILL (128 + 9), which is what the OOM killer sends.
 OOM_EXIT_CODE = 137
 
@@ -203,6 +263,7 @@ class ExecStream:
         self._oom_kills = oom_kills
         self._oom_before = oom_kills() if oom_kills is not None else 0
         self._oom_killed = False
+        self._kills: set[asyncio.Task[None]] = set()
 
     def __aiter__(self) -> AsyncIterator[tuple[str, bytes]]:
         return self._chunks()
@@ -233,8 +294,17 @@ class ExecStream:
         """True when the exec's ``timeout`` expired and the command was killed."""
         return self._process.timed_out
 
-    async def kill(self) -> None:
-        await self._process.kill()
+    def kill(self) -> asyncio.Task[None]:
+        """SIGKILL everything the command started; ``wait()`` then returns 137 (128 + 9).
+
+        Works with or without ``await``, as the blocking twin's ``kill()`` does: the request
+        is sent on the running loop at its next step (``await proc.kill()`` waits until it
+        was sent). After the command has ended it does nothing.
+        """
+        task = asyncio.get_running_loop().create_task(self._process.kill())
+        self._kills.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(self._kills.discard)
+        return task
 
 
 class SandboxFs:
@@ -253,9 +323,17 @@ class SandboxFs:
         async for chunk in client.read_file(path):
             yield bytes(chunk)
 
-    async def write(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
+    async def write(
+        self, path: str, data: bytes | str, mode: int = 0o644, *, parents: bool = False
+    ) -> None:
+        """Write (replace atomically) a file; ``parents=True`` first makes its missing
+        parent directories, as ``mkdir -p`` would."""
         client = await self._sandbox._channel()
         payload = data.encode() if isinstance(data, str) else bytes(data)
+        if parents:
+            parent = posixpath.dirname(path)
+            if parent and parent != "/":
+                await client.mkdir(parent, True)
         await client.write_file(path, payload, mode)
 
     async def list(self, path: str) -> list[FileInfo]:
@@ -278,11 +356,38 @@ class SandboxFs:
         client = await self._sandbox._channel()
         return await client.exists(path)
 
-    async def copy_in(self, host_path: str | os.PathLike[str], path: str) -> None:
-        """Copy a host file into the sandbox, streamed in COPY_CHUNK pieces."""
+    async def copy_in(
+        self, host_path: str | os.PathLike[str], path: str, *, archive: bool = False
+    ) -> None:
+        """Copy a host file or directory tree to ``path`` in the sandbox, streamed.
+
+        A file is written whole or not at all (COPY_CHUNK pieces). A directory becomes
+        ``path`` (missing parents are made; an existing directory there is merged into,
+        files in it replaced): files, directories and symlinks with their modes and mtimes, as a
+        tar stream over the channel. Everything belongs to the sandbox's root unless
+        ``archive`` keeps the host's numeric owners.
+        """
+        from corral.runtime import tree_copy
+
         source = Path(host_path)
         try:
-            mode = source.stat().st_mode & 0o7777
+            st = source.lstat()
+        except OSError as exc:
+            raise SandboxError(f"copy_in: cannot read {source}: {exc.strerror or exc}") from None
+        client = await self._sandbox._channel()
+        if stat.S_ISDIR(st.st_mode) or archive or stat.S_ISLNK(st.st_mode):
+            info = await _stat_or_none(client, path)
+            if info is not None and info.kind == "dir" and stat.S_ISDIR(st.st_mode):
+                await tree_copy.send_tree(client, source, path, None, archive=archive)
+            else:
+                parent, name = posixpath.split(path.rstrip("/") or "/")
+                if not name:
+                    raise ConfigError("path", f"{path!r} names no file to copy to")
+                if parent and parent != "/":
+                    await client.mkdir(parent, True)
+                await tree_copy.send_tree(client, source, parent or "/", name, archive=archive)
+            return
+        try:
             handle = open(source, "rb")  # noqa: SIM115 - closed by the generator below
         except OSError as exc:
             raise SandboxError(f"copy_in: cannot read {source}: {exc.strerror or exc}") from None
@@ -295,23 +400,50 @@ class SandboxFs:
                         return
                     yield chunk
 
-        client = await self._sandbox._channel()
-        await client.write_file(path, chunks(), mode)
+        await client.write_file(path, chunks(), st.st_mode & 0o7777)
 
-    async def copy_out(self, path: str, host_path: str | os.PathLike[str]) -> None:
-        """Copy a sandbox file to the host, streamed; the host file appears whole or not at all."""
+    async def copy_out(
+        self, path: str, host_path: str | os.PathLike[str], *, archive: bool = False
+    ) -> None:
+        """Copy a sandbox file or directory tree to ``host_path``, streamed.
+
+        A file appears whole or not at all (an existing host file is replaced). A directory
+        becomes ``host_path``, which must not exist (its parent must): what the sandbox sent
+        is only ever created there, never written through, symlinks are recreated as links,
+        set-uid/set-gid bits are dropped, and a failed copy removes what it made. Owned by
+        whoever runs corral, or with ``archive`` by the sandbox's numeric ids.
+        """
+        from corral.runtime import tree_copy
+
         target = Path(host_path)
+        client = await self._sandbox._channel()
+        info = await client.stat(path)
+        if info.kind == "dir" or archive:
+            if info.kind == "dir" and os.path.lexists(target):
+                raise SandboxError(f"copy_out: {target} already exists on the host")
+            await tree_copy.receive_tree(
+                client, path, target.parent, target.name, archive=archive
+            )
+            return
         tmp = target.with_name(f".{target.name}.corral-{os.getpid()}.part")
         try:
             with open(tmp, "wb") as out:
                 async for chunk in self.read_stream(path):
                     await asyncio.to_thread(out.write, chunk)
+            os.chmod(tmp, info.mode & 0o1777)
             os.replace(tmp, target)
         except OSError as exc:
             raise SandboxError(f"copy_out: cannot write {target}: {exc.strerror or exc}") from None
         finally:
             if tmp.exists():
                 tmp.unlink()
+
+
+async def _stat_or_none(client: ChannelClient, path: str) -> FileInfo | None:
+    """``stat`` of a sandbox path, None when it does not exist."""
+    if not await client.exists(path):
+        return None
+    return await client.stat(path)
 
 
 class Sandbox:
@@ -369,8 +501,15 @@ class Sandbox:
         cpus: float | int | str | None = None,
         memory: int | str | None = None,
         workdir: str | None = None,
+        user: str | None = None,
+        hostname: str | None = None,
+        volumes: Iterable[str | Volume] | None = None,
     ) -> Sandbox:
         """Create and start a sandbox; returns once it accepts exec and files.
+
+        ``user`` ("name", "uid" or "uid:gid", as docker's ``--user``) replaces the image's
+        User for every command; ``hostname`` the hostname (default: the name); ``volumes``
+        are ``"HOST:GUEST[:ro]"`` strings or ``Volume`` objects (see docs/sdk.md, Volumes).
 
         ``network=None`` means ``NetworkPolicy.public_only()``. ``memory`` takes bytes or
         ``"256m"``; ``cpus`` a fraction of CPUs. Errors are one sentence (ConfigError for a bad
@@ -385,27 +524,29 @@ class Sandbox:
             raise ConfigError("network", f"{type(config).__name__} is not a NetworkConfig")
         if ports or ports_udp or port_bindings:
             config = config.merged_ports(ports, ports_udp, port_bindings)
-        resolved_secrets = _resolve_secrets(secrets)
+        secret_list = list(secrets or ())
+        refuse_unsupported(config, secret_list)
+        resolved_secrets = _resolve_secrets(secret_list)
         user_env = _check_env(env)
         memory_bytes = parse_memory(memory)
         cpu_count = parse_cpus(cpus)
         if workdir is not None and (not isinstance(workdir, str) or not workdir.startswith("/")):
             raise ConfigError("workdir", f"{workdir!r} is not an absolute path")
+        options = _launch_options(user, hostname, volumes)
         check_privileges()
 
         def prepare_and_start() -> state.SandboxState:
-            return _start(
-                _prepare_state(
-                    name,
-                    image,
-                    config,
-                    resolved_secrets,
-                    user_env,
-                    cpu_count,
-                    memory_bytes,
-                    workdir,
-                )
+            prepared = _prepare_state(
+                name,
+                image,
+                config,
+                resolved_secrets,
+                user_env,
+                cpu_count,
+                memory_bytes,
+                workdir,
             )
+            return _start(dataclasses.replace(prepared, **options))
 
         return cls(await in_caller_netns(prepare_and_start, undo=_abandon))
 
@@ -523,17 +664,45 @@ class Sandbox:
         cwd: str | None = None,
         timeout: float | None = None,
         stdin: bytes | str | AsyncIterable[bytes] | None = None,
+        user: str | None = None,
     ) -> ExecStream:
-        """Start ``cmd args...`` in the sandbox and stream its output (see ExecStream)."""
-        argv = [cmd, *(args or ())]
-        if not cmd:
-            raise ConfigError("cmd", "the command is empty")
+        """Start ``cmd args...`` in the sandbox and stream its output (see ExecStream).
+        ``user`` runs it as another user than the sandbox's (a name, uid or uid:gid)."""
+        argv = _exec_argv(cmd, args)
+        timeout = check_timeout(timeout)
         client = await self._channel()
         payload = stdin.encode() if isinstance(stdin, str) else stdin
         process = await client.exec(
-            argv, env=_check_env(env) or None, cwd=cwd, stdin=payload, timeout=timeout
-        )
+            argv, env=_check_env(env) or None, cwd=cwd, stdin=payload, timeout=timeout,
+            user=_check_user(user),
+        )  # fmt: skip
         return ExecStream(process, argv, self._oom_kills)
+
+    async def exec_detached(
+        self,
+        cmd: str,
+        args: Sequence[str] | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+    ) -> int:
+        """Start ``cmd args...`` in the background (``corral run -d``, ``exec -d``) and
+        return its pid in the sandbox. It outlives this call and this process: stdin is
+        /dev/null, stdout and stderr are appended to ``sb.directory / "command.log"`` (a host
+        file, what ``corral logs NAME`` prints), and the sandbox's init reaps it."""
+        argv = _exec_argv(cmd, args)
+        client = await self._channel()
+        reply = await client._call(
+            {
+                "op": "exec_detached",
+                "argv": argv,
+                "env": _check_env(env),
+                "cwd": cwd,
+                "user": _check_user(user),
+            }
+        )
+        return int(reply.get("pid", 0))
 
     def _oom_kills(self) -> int:
         """OOM kills in the sandbox's cgroup so far (0 when it cannot be read)."""
@@ -556,9 +725,12 @@ class Sandbox:
         cwd: str | None = None,
         timeout: float | None = None,
         stdin: bytes | str | AsyncIterable[bytes] | None = None,
+        user: str | None = None,
     ) -> ExecResult:
         """Run ``cmd args...`` to completion; stdout and stderr are collected separately."""
-        stream = await self.exec_stream(cmd, args, env=env, cwd=cwd, timeout=timeout, stdin=stdin)
+        stream = await self.exec_stream(
+            cmd, args, env=env, cwd=cwd, timeout=timeout, stdin=stdin, user=user
+        )
         out: list[bytes] = []
         err: list[bytes] = []
         async for which, data in stream:
@@ -750,6 +922,57 @@ def _image_store() -> Any:
         return store
 
 
+#: Hostnames: what the kernel takes (HOST_NAME_MAX 64) in RFC 1123 characters.
+_HOSTNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+#: Longest ``user`` accepted: a name of /etc/passwd (32 on most systems) or "uid:gid".
+MAX_USER_SPEC = 256
+
+
+def _check_user(user: object, field: str = "user") -> str | None:
+    if user is None:
+        return None
+    if (
+        not isinstance(user, str)
+        or not user
+        or len(user) > MAX_USER_SPEC
+        or user.count(":") > 1
+        or any(c.isspace() or c in "\0/" for c in user)
+    ):
+        raise ConfigError(field, f"{user!r} is not a user (name, uid or uid:gid)")
+    return user
+
+
+def _launch_options(
+    user: object, hostname: object, volumes: object
+) -> dict[str, Any]:
+    """The state fields of ``create``'s user, hostname and volumes, checked."""
+    out: dict[str, Any] = {}
+    if user is not None:
+        out["user"] = _check_user(user)
+    if hostname is not None:
+        if not isinstance(hostname, str) or not _HOSTNAME.fullmatch(hostname):
+            raise ConfigError(
+                "hostname",
+                f"{hostname!r} is not a hostname (1-64 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit)",
+            )
+        out["hostname"] = hostname
+    if volumes is not None:
+        out["volumes"] = [v.to_wire() for v in check_volumes(volumes)]
+    return out
+
+
+def _resolve_image(image_ref: str) -> Any:
+    """The image for ``image_ref``: a path (``./rootfs``, ``/abs/dir``, an OCI layout or a
+    docker-save tar) is imported, cached by content; a name is looked up locally first."""
+    from corral.runtime.images import local
+
+    if local.looks_like_path(image_ref):
+        return local.import_cached(_image_store(), Path(image_ref))
+    return _image_store().resolve(image_ref)
+
+
 def _prepare_state(
     name: str,
     image_ref: str,
@@ -761,7 +984,7 @@ def _prepare_state(
     workdir: str | None,
 ) -> state.SandboxState:
     """Resolve the image (pulling it if needed) and compute what the supervisor launches."""
-    image = _image_store().resolve(image_ref)
+    image = _resolve_image(image_ref)
     image_config = image.config.get("config", image.config) or {}
     env = _env_list_to_dict(image_config.get("Env") or ())
     env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
@@ -820,6 +1043,7 @@ def _with_runtime(
         channel_path=str(ready.get("channel_path") or "") or None,
         cgroup=str(ready.get("cgroup") or "") or None,
         netns_path=str(ready.get("netns_path") or "") or None,
+        published=[dict(p) for p in ready.get("published") or () if isinstance(p, dict)],  # type: ignore[attr-defined]
     )
 
 

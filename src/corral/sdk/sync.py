@@ -22,6 +22,7 @@ from corral.config import NetworkConfig, PortBinding, SecretEntry
 from corral.kernel import netns
 from corral.runtime import state
 from corral.runtime.channel import FileInfo
+from corral.runtime.volumes import Volume
 from corral.sdk import sandbox as async_sdk
 from corral.sdk.sandbox import ExecResult
 
@@ -83,7 +84,9 @@ class ExecStream:
         return _run(self._stream.wait())
 
     def kill(self) -> None:
-        _run(self._stream.kill())
+        """SIGKILL everything the command started (returns once the request is sent);
+        ``wait()`` then returns 137."""
+        _run(_kill(self._stream))
 
     @property
     def timed_out(self) -> bool:
@@ -92,6 +95,10 @@ class ExecStream:
     @property
     def oom_killed(self) -> bool:
         return self._stream.oom_killed
+
+
+async def _kill(stream: async_sdk.ExecStream) -> None:
+    await stream.kill()
 
 
 async def _anext(iterator: Any) -> Any:
@@ -115,8 +122,10 @@ class SandboxFs:
             except StopAsyncIteration:
                 return
 
-    def write(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
-        _run(self._fs.write(path, data, mode))
+    def write(
+        self, path: str, data: bytes | str, mode: int = 0o644, *, parents: bool = False
+    ) -> None:
+        _run(self._fs.write(path, data, mode, parents=parents))
 
     def list(self, path: str) -> list[FileInfo]:
         return _run(self._fs.list(path))
@@ -133,11 +142,15 @@ class SandboxFs:
     def exists(self, path: str) -> bool:
         return _run(self._fs.exists(path))
 
-    def copy_in(self, host_path: str | os.PathLike[str], path: str) -> None:
-        _run(self._fs.copy_in(host_path, path))
+    def copy_in(
+        self, host_path: str | os.PathLike[str], path: str, *, archive: bool = False
+    ) -> None:
+        _run(self._fs.copy_in(host_path, path, archive=archive))
 
-    def copy_out(self, path: str, host_path: str | os.PathLike[str]) -> None:
-        _run(self._fs.copy_out(path, host_path))
+    def copy_out(
+        self, path: str, host_path: str | os.PathLike[str], *, archive: bool = False
+    ) -> None:
+        _run(self._fs.copy_out(path, host_path, archive=archive))
 
 
 class Sandbox:
@@ -189,6 +202,9 @@ class Sandbox:
         cpus: float | int | str | None = None,
         memory: int | str | None = None,
         workdir: str | None = None,
+        user: str | None = None,
+        hostname: str | None = None,
+        volumes: Iterable[str | Volume] | None = None,
     ) -> Sandbox:
         return cls(
             _run_here(
@@ -204,6 +220,9 @@ class Sandbox:
                     cpus=cpus,
                     memory=memory,
                     workdir=workdir,
+                    user=user,
+                    hostname=hostname,
+                    volumes=volumes,
                 )
             )
         )
@@ -248,8 +267,11 @@ class Sandbox:
         cwd: str | None = None,
         timeout: float | None = None,
         stdin: bytes | str | AsyncIterable[bytes] | None = None,
+        user: str | None = None,
     ) -> ExecResult:
-        return _run(self._inner.exec(cmd, args, env=env, cwd=cwd, timeout=timeout, stdin=stdin))
+        return _run(
+            self._inner.exec(cmd, args, env=env, cwd=cwd, timeout=timeout, stdin=stdin, user=user)
+        )
 
     def exec_stream(
         self,
@@ -260,12 +282,26 @@ class Sandbox:
         cwd: str | None = None,
         timeout: float | None = None,
         stdin: bytes | str | AsyncIterable[bytes] | None = None,
+        user: str | None = None,
     ) -> ExecStream:
         return ExecStream(
             _run(
-                self._inner.exec_stream(cmd, args, env=env, cwd=cwd, timeout=timeout, stdin=stdin)
+                self._inner.exec_stream(
+                    cmd, args, env=env, cwd=cwd, timeout=timeout, stdin=stdin, user=user
+                )
             )
         )
+
+    def exec_detached(
+        self,
+        cmd: str,
+        args: Sequence[str] | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+    ) -> int:
+        return _run(self._inner.exec_detached(cmd, args, env=env, cwd=cwd, user=user))
 
     def logs(self, *, follow: bool = False) -> Iterator[Any]:
         iterator = self._inner.logs(follow=follow).__aiter__()
