@@ -45,9 +45,11 @@ if [[ ! -x .venv/bin/python ]]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.corral-installed
-if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
+if [[ ! -f $stamp || pyproject.toml -nt $stamp || constraints.txt -nt $stamp ]]; then
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e '.[dev]'
+  # pyproject.toml says which versions corral works with (ranges); constraints.txt pins
+  # the exact ones CI tests, so every machine gets the same.
+  .venv/bin/pip install -q -c constraints.txt -e '.[dev]'
   touch "$stamp"
 fi
 echo "install.sh: ready (.venv/bin/corral)"
