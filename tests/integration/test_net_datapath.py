@@ -192,7 +192,18 @@ def test_public_only_cannot_escape_to_any_group(make_net: MakeNet, target: str) 
     assert opened.exchange("udp", target, ECHO_PORT) == "OK ping"
 
 
-def test_host_group_gateway_and_loopback(make_net: MakeNet) -> None:
+def test_host_group_gateway_and_loopback(make_net: MakeNet, world: World) -> None:
+    # An echo on the host's own port 53 (as a local resolver would listen): never reached.
+    echo53 = world.spawn_host(
+        [sys.executable, "-c",
+         "import socket\n"
+         "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+         "s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+         "s.bind(('127.0.0.1',53)); print('ready',flush=True)\n"
+         "while True:\n d,a=s.recvfrom(65535); s.sendto(d,a)\n"],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert echo53.stdout is not None and b"ready" in echo53.stdout.readline()
     closed = make_net(NetworkPolicy.public_only())
     gw4, gw6 = str(closed.net.gateway_ipv4), str(closed.net.gateway_ipv6)
     for gw in (gw4, gw6):
@@ -201,8 +212,11 @@ def test_host_group_gateway_and_loopback(make_net: MakeNet) -> None:
         assert not closed.ping(gw, wait=1)
     # The guest's loopback is its own: the host's loopback servers are not there.
     assert closed.exchange("tcp", "127.0.0.1", HTTP_PORT) == "ERR ECONNREFUSED"
-    # Port 53 of the host stays closed even though public-only allows "host udp,tcp 53".
+    # Port 53 of the gateway is the sandbox's DNS interceptor (it answers DNS, and a
+    # datagram that is no DNS message gets silence), never the host's own port 53.
     assert denied(closed.exchange("udp", gw4, 53, timeout=1.5))
+    out = closed.run(["dig", "+short", "+time=3", "+tries=1", f"@{gw4}", "host.corral.internal"])
+    assert out.stdout.split() == [gw4], out
     # allow-all: the gateway is the host's loopback, same port.
     opened = make_net(NetworkPolicy.allow_all())
     gw4, gw6 = str(opened.net.gateway_ipv4), str(opened.net.gateway_ipv6)
@@ -211,6 +225,8 @@ def test_host_group_gateway_and_loopback(make_net: MakeNet) -> None:
     out = opened.run(["curl", "-sS", "-m", "5", f"http://[{gw6}]/"]).stdout.strip()
     assert out == "reached ::1:80"
     assert opened.exchange("udp", gw4, ECHO_PORT) == "OK ping"
+    assert denied(opened.exchange("udp", gw4, 53, timeout=1.5))  # allow-all too
+    world.stop_process(echo53)
     assert opened.ping(gw4)
     assert (
         opened.run(

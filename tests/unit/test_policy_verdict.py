@@ -147,3 +147,11 @@ def test_ingress_is_the_engine() -> None:
     p = compile_(cfg)
     assert not ingress(p, TCP, ip("10.0.0.1"), 22).allowed
     assert ingress(p, TCP, ip("10.0.0.1"), 80).allowed
+
+
+def test_the_presets_resolver_rule_keeps_no_host_address_in_an_answer() -> None:
+    host = ip("10.0.0.7")
+    p = Policy.compile(NetworkPolicy.public_only(), host_addresses=[GW, host])
+    assert not p.rebind_allowed(GW) and not p.rebind_allowed(host)
+    mine = NetworkConfig(policy="public-only", rules=[PolicyRule(action="allow", destination="host")])
+    assert Policy.compile(mine, host_addresses=[GW, host]).rebind_allowed(host)

@@ -41,7 +41,7 @@ from corral.policy.matcher import (
     keyed,
 )
 from corral.policy.names import name_suffixes, normalize_name, suffix_matches
-from corral.policy.presets import defaults, expand
+from corral.policy.presets import DNS_RULE, defaults, expand, preset_rules
 
 _V4 = ipaddress.IPv4Address
 _MAPPED_PREFIX = 0xFFFF
@@ -161,11 +161,15 @@ class Policy:
             for d in _DIRECTIONS
         }
         # Rebind: allow rules count whatever their protocols/ports (they explicitly allow
-        # the address for something); deny rules only when they deny it for everything.
+        # the address for something); deny rules only when they deny it for everything. The
+        # presets' "allow host udp,tcp 53" is there to reach the sandbox's own resolver, not
+        # to keep the host's addresses in DNS answers: it does not count.
+        n_preset = len(preset_rules(config))
         self._rebind = AddressIndex.build(
             (i, r)
             for i, r in per_direction[PolicyDirection.EGRESS]
             if r.target.is_address
+            and not (i < n_preset and r == DNS_RULE)
             and (r.action is PolicyAction.ALLOW or (not r.protocol_set and not r.port_ranges))
         )
 

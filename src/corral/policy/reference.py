@@ -13,7 +13,7 @@ from corral.config.values import DestinationKind, IPAddress, unmap
 from corral.policy.engine import Flow
 from corral.policy.groups import classify
 from corral.policy.names import deny_suffix_matches, normalize_name, suffix_matches
-from corral.policy.presets import defaults, expand
+from corral.policy.presets import DNS_RULE, defaults, expand, preset_rules
 
 
 def _port_ok(rule: PolicyRule, port: int | None) -> bool:
@@ -105,9 +105,12 @@ def rebind_allowed(
     group = classify(address, hosts)
     if group is None:
         return False
-    for rule in expand(config):
+    n_preset = len(preset_rules(config))
+    for index, rule in enumerate(expand(config)):
         if not rule.applies_to("egress"):  # type: ignore[arg-type]
             continue
+        if index < n_preset and rule == DNS_RULE:
+            continue  # the presets' resolver rule keeps no address in an answer
         t = rule.target
         if t.kind is DestinationKind.GROUP:
             hit = t.group == group
