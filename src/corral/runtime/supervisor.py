@@ -261,6 +261,12 @@ class Supervisor:
 
         env = loaded.get("env") or {}
         assert isinstance(env, dict)
+        trust_files: dict[str, bytes] = {}
+        if self.network is not None:
+            # TLS interception: the sandbox's CA (never its key) into the guest's trust
+            # bundles and the variables that point at them (docs/network.md "TLS").
+            trust_files = self.network.guest_files(Path(str(loaded["rootfs"])))  # type: ignore[attr-defined]
+            env = {**env, **self.network.guest_environment()}  # type: ignore[attr-defined]
         spec = LaunchSpec(
             name=name,
             rootfs=Path(str(loaded["rootfs"])),
@@ -274,6 +280,7 @@ class Supervisor:
             pids_max=_optional_int(loaded.get("pids_max")) or DEFAULT_PIDS_MAX,
             hosts=hosts,
             resolv_conf=resolv_conf,
+            extra_files=trust_files,
             hostname=str(loaded["hostname"]) if loaded.get("hostname") else None,
             volumes=[Volume.from_wire(v) for v in loaded.get("volumes") or ()],
         )
@@ -293,7 +300,28 @@ class Supervisor:
         config = NetworkConfig.from_json(leanjson.dumps(self.state.get("network") or {}))
         from pathlib import Path
 
-        return SandboxNetwork.reserve(name, config, Path(self.state_dir))
+        from corral.net.secret_handoff import secret_table, take_handoff
+
+        # Secret values: from the creator's hand-off into this process's memory only.
+        secrets = secret_table(
+            list(self.state.get("secrets") or ()),  # type: ignore[call-overload]
+            take_handoff(Path(self.state_dir)),
+            config.on_secret_violation,
+        )
+        network = SandboxNetwork.reserve(name, config, Path(self.state_dir), secrets=secrets)
+        network.on_terminate = self._terminate_for_network
+        return network
+
+    def _terminate_for_network(self, reason: str) -> None:
+        """A secret's block-and-terminate fired (called on the network thread): stop the
+        whole sandbox now. The serve loop wakes on the signal pipe and finds the reason."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        if self.signal_pipe is not None:
+            try:  # noqa: SIM105 - contextlib is not on the lean import path
+                os.write(self.signal_pipe[1], b"t")
+            except OSError:
+                pass
 
     def _listen(self) -> None:
         try:  # noqa: SIM105 - contextlib is not on the lean import path

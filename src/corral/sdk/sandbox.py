@@ -546,7 +546,8 @@ class Sandbox:
                 memory_bytes,
                 workdir,
             )
-            return _start(dataclasses.replace(prepared, **options))
+            values = {e.env_var: str(e.value) for e in resolved_secrets}
+            return _start(dataclasses.replace(prepared, **options), values)
 
         return cls(await in_caller_netns(prepare_and_start, undo=_abandon))
 
@@ -1000,7 +1001,9 @@ def _prepare_state(
         rootfs=str(image.rootfs),
         network=config.to_dict(),
         offline=config.is_offline,
-        secrets=[s.to_dict() for s in secrets],
+        # Values never go into state.json: _start hands them to the supervisor, whose
+        # memory is the only place they live (SPEC "Secrets and violations").
+        secrets=[{k: v for k, v in s.to_dict().items() if k != "value"} for s in secrets],
         env=env,
         workdir=workdir or image_config.get("WorkingDir") or "/",
         user=image_config.get("User") or "0",
@@ -1012,8 +1015,14 @@ def _prepare_state(
     )
 
 
-def _start(new_state: state.SandboxState) -> state.SandboxState:
-    """Claim the name (after gc of a crashed namesake), write state, spawn, wait for ready."""
+def _start(
+    new_state: state.SandboxState, secret_values: dict[str, str] | None = None
+) -> state.SandboxState:
+    """Claim the name (after gc of a crashed namesake), write state, spawn, wait for ready.
+
+    ``secret_values`` (env var -> value) go to the supervisor through a 0600 hand-off file
+    in the state directory that it reads and unlinks before anything else (never in
+    state.json; see docs/network.md "Secrets: where values live")."""
     name = new_state.name
     with state.name_lock(name):
         directory = state.sandbox_dir(name)
@@ -1023,6 +1032,10 @@ def _start(new_state: state.SandboxState) -> state.SandboxState:
         directory = state.claim(name)
         try:
             state.write_state(directory, new_state)
+            if secret_values:
+                from corral.net.secret_handoff import write_handoff
+
+                write_handoff(directory, secret_values)
             new_state = _with_runtime(new_state, lifecycle.spawn_supervisor(directory))
             state.write_state(directory, new_state)
         except BaseException:
