@@ -24,6 +24,7 @@ from corral.net.addressing import AddressPool
 from corral.net.dns import resolver as resolver_mod
 from corral.net.dns.interceptor import MAX_TCP_CONNECTIONS
 from tests.support.dns_server import RunningDnsServer, start_dns_server
+from tests.support.explain_check import mismatches
 from tests.support.servers import RunningNetwork
 from tests.support.world import DNS_V4, DNS_V6, World
 
@@ -94,13 +95,17 @@ def make_net(world: World, dns_server: RunningDnsServer, tmp_path: Path) -> Iter
     def make(config: NetworkConfig, **kw: object) -> RunningNetwork:
         sid = "d" + uuid.uuid4().hex[:8]
         kw.setdefault("pool", pool)
+        kw.setdefault("log_allowed", True)  # every query audited: explain is checked on each
         n = RunningNetwork(world.host_ns, sid, config, tmp_path / sid, **kw)
         made.append(n)
         return n
 
     yield make
+    # `corral policy explain --query` must say what the interceptor did, for every query.
+    wrong = [m for n in made if n.net is not None for m in mismatches(n.net)]
     for n in made:
         n.close()
+    assert wrong == [], "\n".join(wrong)
 
 
 def cfg(**kw: Any) -> NetworkConfig:
