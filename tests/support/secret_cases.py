@@ -473,3 +473,33 @@ def check_upstream(case: SecretCase, upstream: bytes) -> None:
         assert remaining == {case.secret}, (case.id, remaining)
     else:
         assert not remaining, (case.id, remaining)
+
+
+# -- HTTP/2 only (appended for the HTTP/2 rewriter) -----------------------------------------
+# h2 sends each cookie crumb as its own field (RFC 9113 8.2.3) and carries the authority as a
+# pseudo-header any bytes can fill; both must be judged like the rest of the header block.
+H2_CASES: tuple[SecretCase, ...] = (
+    SecretCase(
+        "cookie-crumbs-substituted-h2",
+        "api.github.com",
+        True,
+        "api.github.com",
+        "/",
+        (("cookie", "a=1"), ("cookie", f"t={GH}")),
+        upstream_contains=(f"t={GH_VALUE}".encode(),),
+        protocols=frozenset({"h2"}),
+    ),
+    SecretCase(
+        "placeholder-as-authority-h2",
+        "evil.test",
+        True,
+        GH,
+        "/",
+        expect="violation",
+        secret="GH_TOKEN",
+        channel=Channel.HEADER,
+        action=LOG,
+        protocols=frozenset({"h2"}),
+    ),
+)
+CASES = CASES + H2_CASES

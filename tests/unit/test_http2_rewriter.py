@@ -1055,3 +1055,151 @@ def test_placeholder_passes_inert_to_allow_placeholder_for_hosts() -> None:
     w.pump()
     assert w.up.messages[1].header(b"x-k") == b"$CORRAL_SECRET_K"
     assert [(p.secret, p.host, p.channel) for p in w.passed] == [("K", "llm.test", Channel.HEADER)]
+
+
+def test_violation_with_deny_response_gets_a_readable_403() -> None:
+    w = World(sc.table(), sni="evil.test")
+    w.relay = Http2Relay(sc.table(), sni="evil.test", pinned=True, deny_format="json")
+    w.take(w.relay.start())
+    sid = w.guest.request(authority=b"evil.test", headers=[(b"x-k", sc.GH.encode())])
+    w.pump()
+    resp = w.guest.messages[sid]
+    assert resp.header(b":status") == b"403" and resp.ended and resp.reset is None
+    doc = json.loads(bytes(resp.body))
+    assert doc["host"] == "evil.test" and "GH_TOKEN" in doc["reason"]
+    assert sc.GH_VALUE not in bytes(resp.body).decode()
+    assert not w.up.messages and w.close is None
+
+
+def test_terminate_with_deny_response_answers_then_goes_away() -> None:
+    w = World(sc.table(), sni="evil.test")
+    w.relay = Http2Relay(sc.table(), sni="evil.test", pinned=True, deny_format="text")
+    w.take(w.relay.start())
+    sid = w.guest.request(authority=b"evil.test", headers=[(b"x-k", sc.TERM.encode())])
+    w.pump()
+    assert w.guest.messages[sid].header(b":status") == b"403"
+    assert b"TERM_KEY" in bytes(w.guest.messages[sid].body)
+    assert w.close is not None and w.guest.goaway is not None
+
+
+def test_readable_denial_matches_http1_word_for_word() -> None:
+    from corral.net.http1_rewriter import deny_response
+
+    for fmt in ("text", "json"):
+        ctype, body = hr.readable_denial("evil.test", fmt=fmt, reason="not allowed")
+        raw = deny_response("evil.test", fmt=fmt, reason="not allowed")
+        assert raw.endswith(b"\r\n\r\n" + body) and b"Content-Type: " + ctype in raw
+    responder = Http2DenialResponder.readable("evil.test", fmt="json", reason="not allowed")
+    guest = Guest()
+    guest.receive(responder.start().to_guest)
+    sid = guest.request(authority=b"evil.test")
+    guest.receive(responder.receive_guest(guest.conn.data_to_send()).to_guest)
+    assert guest.messages[sid].header(b"content-type") == b"application/json"
+    assert json.loads(bytes(guest.messages[sid].body))["host"] == "evil.test"
+
+
+def test_a_huge_header_table_from_the_peer_is_not_used() -> None:
+    """A guest announcing a 2 GiB HPACK table must not make corral keep every header."""
+    from hpack import Decoder
+
+    w = World(handler=None, raw_guest=True)
+    settings = SettingsFrame(0, settings={SettingsFrame.HEADER_TABLE_SIZE: 1 << 31})
+    enc = Encoder()
+    fs = [settings]
+    for i in range(20):
+        fs.append(
+            HeadersFrame(1 + 2 * i, data=block(REQ, enc), flags=["END_HEADERS", "END_STREAM"])
+        )
+    w.feed_guest(client_bytes(*fs))
+    w.pump()
+    for usid in w.up.messages:
+        w.up.conn.send_headers(
+            usid,
+            [(b":status", b"200"), (b"x-unique", b"v" * 200 + str(usid).encode())],
+            end_stream=True,
+        )
+    w.pump()
+    assert w.relay._guest.encoder.header_table_size <= hr.MAX_ENCODER_TABLE_SIZE
+    decoder = Decoder()  # allows only the default 4,096: decoding fails on a larger table
+    raw = bytes(w.guest_raw)
+    pos = 0
+    while len(raw) - pos >= 9:
+        length = int.from_bytes(raw[pos : pos + 3], "big")
+        if raw[pos + 3] == 0x1:
+            decoder.decode(raw[pos + 9 : pos + 9 + length])
+        pos += 9 + length
+
+
+def test_no_masking_where_no_value_can_have_gone() -> None:
+    """Not pinned: nothing is substituted, so responses keep their Content-Length."""
+    w = World(sc.table(), pinned=False, handler=answer_echo)
+    sid = w.guest.request()
+    w.pump()
+    assert w.guest.messages[sid].header(b"content-length") is not None
+
+
+# -- figures for docs/network.md (not a test) -----------------------------------------------
+def measure(requests: int = 2000, mib: int = 64) -> None:
+    """CPU time the relay itself spends (its calls only, not the peers'), printed.
+
+    ``.venv/bin/python -c "from tests.unit.test_http2_rewriter import measure; measure()"``
+    """
+    import time
+
+    def relay_cpu(w: World) -> list[float]:
+        spent = [0.0]
+        relay = w.relay
+        guest_in, up_in = relay.receive_guest, relay.receive_upstream
+
+        def timed_guest(data: bytes) -> RelayOutput:
+            t = time.process_time()
+            out = guest_in(data)
+            spent[0] += time.process_time() - t
+            return out
+
+        def timed_up(data: bytes) -> RelayOutput:
+            t = time.process_time()
+            out = up_in(data)
+            spent[0] += time.process_time() - t
+            return out
+
+        relay.receive_guest, relay.receive_upstream = timed_guest, timed_up  # type: ignore[method-assign]
+        return spent
+
+    auth = [(b"authorization", b"Bearer " + sc.GH.encode()), (b"user-agent", b"curl/8.5")]
+    for label, table, sni, headers in (
+        ("no secrets", SecretTable([]), "api.github.com", auth[1:]),
+        ("3 secrets, another host", sc.table(), "other.example", auth[1:]),
+        ("substituted + masked", sc.table(), "api.github.com", auth),
+    ):
+        w = World(table, sni=sni, handler=answer_ok)
+        w.pump()
+        spent = relay_cpu(w)
+        for _ in range(requests):
+            w.guest.request(b"/x", authority=sni.encode(), headers=headers)
+            w.pump()
+        print(f"request + response, {label}: {spent[0] / requests * 1e6:.0f} us")
+
+    body = bytes(range(256)) * (4 * 1024)  # 1 MiB
+    for label, table, sni in (
+        ("download, no masking", SecretTable([]), "api.github.com"),
+        ("download, masked (host receives secrets)", sc.table(), "api.github.com"),
+    ):
+
+        def big(up: Upstream, sid: int, req: Message) -> None:
+            up.conn.send_headers(sid, [(b":status", b"200")])
+            up.send_body(sid, body * mib)
+
+        w = World(table, sni=sni, handler=big)
+        w.pump()
+        spent = relay_cpu(w)
+        w.guest.request(b"/big", authority=sni.encode())
+        w.pump()
+        print(f"{label}: {mib / spent[0]:.0f} MiB/s")
+    for label, table in (("upload, no secrets", SecretTable([])), ("upload, scanned", sc.table())):
+        w = World(table, handler=answer_ok)
+        w.pump()
+        spent = relay_cpu(w)
+        w.guest.request(b"/up", method=b"POST", body=body * mib)
+        w.pump()
+        print(f"{label}: {mib / spent[0]:.0f} MiB/s")

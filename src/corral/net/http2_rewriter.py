@@ -80,6 +80,7 @@ from h2.errors import ErrorCodes  # type: ignore[import-untyped]
 from hpack import NeverIndexedHeaderTuple
 
 from corral.config.enums import ViolationAction
+from corral.net.http1_rewriter import deny_response
 from corral.net.secrets import (
     MAX_SUBSTITUTED_BODY_BYTES,
     Channel,
@@ -101,6 +102,7 @@ __all__ = [
     "MAX_CONCURRENT_STREAMS",
     "MAX_CONSECUTIVE_EMPTY_FRAMES",
     "MAX_CONTINUATION_FRAMES",
+    "MAX_ENCODER_TABLE_SIZE",
     "MAX_FRAME_SIZE",
     "MAX_REQUEST_HEADER_BLOCK",
     "MAX_REQUEST_HEADER_LIST",
@@ -120,6 +122,7 @@ __all__ = [
     "Http2Relay",
     "PeerError",
     "RelayOutput",
+    "readable_denial",
 ]
 
 # -- bounds ---------------------------------------------------------------------------------
@@ -129,6 +132,13 @@ __all__ = [
 #: is buffered, so no frame costs more than 16 KiB of memory; the 9-byte header per 16 KiB
 #: costs nothing measurable in throughput.
 MAX_FRAME_SIZE = 16_384
+
+#: Largest HPACK dynamic table our encoders keep, whatever SETTINGS_HEADER_TABLE_SIZE the
+#: peer advertises (it is an upper bound the encoder may stay under, RFC 7541 section 4.2).
+#: A peer announcing 4 GiB would otherwise make corral remember every distinct header it
+#: ever sent there. Go caps its encoder at 4,096 (maxEncoderHeaderTableSize), nghttp2 too
+#: (max_deflate_dynamic_table_size); 4,096 is also the protocol's default.
+MAX_ENCODER_TABLE_SIZE = 4096
 
 #: Receive window per stream we advertise to each peer (SETTINGS_INITIAL_WINDOW_SIZE). The
 #: protocol default (65,535) caps a stream at 64 KiB per round trip (0.6 MiB/s at 100 ms).
@@ -485,6 +495,24 @@ def _h2(client_side: bool, header_list: int) -> h2.connection.H2Connection:
     return conn
 
 
+def _pairs_of(masker: EchoMasker) -> tuple[tuple[bytes, bytes], ...]:
+    """The (real, shown) pairs of a masker, to build one per stream without recomputing them
+    (``SecretTable.masker_for`` derives every encoding of every value: ~10 us per call)."""
+    return tuple(masker._pairs.items())
+
+
+def _cap_encoder_table(conn: h2.connection.H2Connection) -> None:
+    """Keep the encoder's dynamic table within :data:`MAX_ENCODER_TABLE_SIZE` (h2 takes the
+    peer's SETTINGS_HEADER_TABLE_SIZE as it comes); the next block tells the peer."""
+    encoder = conn.encoder
+    if encoder.header_table_size > MAX_ENCODER_TABLE_SIZE:
+        encoder.header_table_size = MAX_ENCODER_TABLE_SIZE
+        # Never signal the peer's huge size: only sizes we will really use.
+        encoder.table_size_changes = [
+            v for v in encoder.table_size_changes if v <= MAX_ENCODER_TABLE_SIZE
+        ]
+
+
 # -- per-stream state -----------------------------------------------------------------------
 class _Chunk:
     """Bytes waiting for the other side's flow-control window; ``ack`` is returned once sent."""
@@ -558,13 +586,27 @@ class Http2Relay:
     the upstream address was returned for that name by the sandbox's own DNS.
     """
 
-    def __init__(self, table: SecretTable, *, sni: str | None, pinned: bool) -> None:
+    def __init__(
+        self,
+        table: SecretTable,
+        *,
+        sni: str | None,
+        pinned: bool,
+        deny_format: str | None = None,
+    ) -> None:
         self._table = table
         self._sni = sni
         self._sni_host = normalize_host(sni)
         self._pinned = pinned
-        # Whether responses here can echo a value (built per stream: maskers hold state).
-        self._masks = bool(table) and table.masker_for(sni).active
+        self._deny_format = deny_format
+        # The value/placeholder pairs responses from here are masked with, worked out once
+        # (values go only where SNI and pin agree, as in http1_rewriter); each stream gets a
+        # masker of its own, since a masker holds a body's partial tail.
+        self._mask_pairs = (
+            _pairs_of(table.masker_for(self._sni_host))
+            if table and self._sni_host and pinned
+            else ()
+        )
         self._guest = _h2(False, MAX_REQUEST_HEADER_LIST)
         self._up = _h2(True, MAX_RESPONSE_HEADER_LIST)
         self._guest_guard = FrameGuard(
@@ -600,7 +642,9 @@ class Http2Relay:
                     if isinstance(part, GoAway):
                         self._on_guest_goaway(part)
                     else:
-                        self._guest_events(self._guest.receive_data(part), step)
+                        events = self._guest.receive_data(part)
+                        _cap_encoder_table(self._guest)
+                        self._guest_events(events, step)
                     if self._close is not None:
                         break
             except PeerError as e:
@@ -619,7 +663,9 @@ class Http2Relay:
                     if isinstance(part, GoAway):
                         self._on_upstream_goaway(part)
                     else:
-                        self._upstream_events(self._up.receive_data(part))
+                        events = self._up.receive_data(part)
+                        _cap_encoder_table(self._up)
+                        self._upstream_events(events)
                     if self._close is not None:
                         break
             except PeerError as e:
@@ -697,7 +743,7 @@ class Http2Relay:
             if self._table
             else None
         )
-        st = _Stream(gid, scope, self._table.masker_for(self._sni) if self._masks else EchoMasker())
+        st = _Stream(gid, scope, EchoMasker(self._mask_pairs))
         self._streams[gid] = st
         st.head_request = _header(headers, b":method") == b"HEAD"
         if scope is not None:
@@ -705,7 +751,8 @@ class Http2Relay:
             if not self._judge(st, scope, found, step):
                 return
         if self._sni_host is not None and normalize_host(authority) != self._sni_host:
-            self._answer(st, b"421", b"this connection serves only " + self._sni_host.encode())
+            text = f"this connection serves only {self._sni_host}\n".encode()
+            self._answer(st, b"421", text, b"text/plain; charset=utf-8")
             return
         if scope is not None and st.used:
             headers = [*_without(headers, b"accept-encoding"), (b"accept-encoding", b"identity")]
@@ -743,10 +790,12 @@ class Http2Relay:
                 out.append(field)  # as it came, with its never-indexed flag if it had one
         st.used = frozenset(used)
         found: dict[Channel, set[str]] = {}
-        # One search over the whole block; only a hit (rare) is attributed field by field.
-        if self._table.find(b"\n".join(n + b"\n" + v for n, v in out)):
-            for name, value in out:
-                for secret in self._table.find(name) | self._table.find(value):
+        # One search over the whole block (no encoding the detector knows spans a newline);
+        # only a hit, rare in real traffic, is attributed field by field.
+        joined = [n + b"\n" + v for n, v in out]
+        if self._table.find(b"\n".join(joined)):
+            for (name, value), text in zip(out, joined, strict=True):
+                for secret in self._table.find(text):
                     found.setdefault(_channel(name, value, secret, self._table), set()).add(secret)
         return out, found
 
@@ -766,17 +815,31 @@ class Http2Relay:
         step.violations.extend(violations)
         worst = most_severe(violations)
         assert worst is not None
+        self._reset_upstream(st, ErrorCodes.CANCEL)
+        if self._deny_format and not st.resp_started:
+            # The readable 403 http1_rewriter gives, on this stream (RST_STREAM otherwise).
+            content_type, body = readable_denial(
+                scope.host,
+                fmt=self._deny_format,
+                reason=f"it carries the placeholder of secret {worst.secret} ({worst.reason})",
+                how_to_allow=(
+                    f"send {worst.secret} only to its allowed hosts, or add {scope.host} to "
+                    "the secret's allowed_hosts (or allow_placeholder_for, to pass the "
+                    "placeholder unchanged)"
+                ),
+            )
+            self._answer(st, b"403", body, content_type)
+        else:
+            self._reset_guest(st, VIOLATION_RESET_CODE)
         if worst.action is ViolationAction.BLOCK_AND_TERMINATE:
             # Nothing more leaves: the sandbox is being stopped.
             self._close = f"a secret violation ({worst.describe()}) stops the sandbox"
             for other in list(self._streams.values()):
-                self._reset_guest(other, VIOLATION_RESET_CODE)
+                if other is not st:
+                    self._reset_guest(other, VIOLATION_RESET_CODE)
             self._up.close_connection(ErrorCodes.NO_ERROR)
             self._flush()
             self._to_guest += _goaway_frame(self._guest_last_id, VIOLATION_RESET_CODE)
-        else:
-            self._reset_upstream(st, ErrorCodes.CANCEL)
-            self._reset_guest(st, VIOLATION_RESET_CODE)
         return False
 
     def _on_request_data(self, event: object, step: _Step) -> None:
@@ -1100,13 +1163,13 @@ class Http2Relay:
             return
         self._guest_guard.frames_sent += 1
 
-    def _answer(self, st: _Stream, status: bytes, text: bytes) -> None:
+    def _answer(self, st: _Stream, status: bytes, body: bytes, content_type: bytes) -> None:
         """A response of our own on the guest's stream (the request is not forwarded)."""
-        body = text + b"\n"
         headers = [
             (b":status", status),
-            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-type", content_type),
             (b"content-length", str(len(body)).encode()),
+            (b"cache-control", b"no-store"),
         ]
         st.resp_started = True
         st.req_done = True
@@ -1266,6 +1329,21 @@ def _mask_credentials(masker: EchoMasker, old: bytes, new: bytes) -> None:
 
 
 # -- readable denials -----------------------------------------------------------------------
+def readable_denial(
+    host: str, *, fmt: str = "text", reason: str, how_to_allow: str | None = None
+) -> tuple[bytes, bytes]:
+    """(content type, body) of the readable 403 (SPEC "Readable denials"), word for word the
+    one ``http1_rewriter.deny_response`` writes, so an agent reads the same over both."""
+    raw = deny_response(host, fmt=fmt, reason=reason, how_to_allow=how_to_allow)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    content_type = b"text/plain; charset=utf-8"
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-type":
+            content_type = value.strip()
+    return content_type, body
+
+
 class Http2DenialResponder:
     """Answers every request on an HTTP/2 connection with one response (``deny_response``).
 
@@ -1294,6 +1372,16 @@ class Http2DenialResponder:
         self._pending: dict[int, int] = {}  # stream -> offset of the body still to send
         self._close: str | None = None
 
+    @classmethod
+    def readable(
+        cls, host: str, *, fmt: str = "text", reason: str, how_to_allow: str | None = None
+    ) -> Http2DenialResponder:
+        """The 403 of ``NetworkConfig.deny_response`` (``fmt`` "text" or "json") for ``host``."""
+        content_type, body = readable_denial(
+            host, fmt=fmt, reason=reason, how_to_allow=how_to_allow
+        )
+        return cls(body, content_type=content_type)
+
     def start(self) -> RelayOutput:
         return RelayOutput(to_guest=self._conn.data_to_send())
 
@@ -1304,7 +1392,9 @@ class Http2DenialResponder:
                     if isinstance(part, GoAway):
                         self._close = "the guest went away"
                         break
-                    for event in self._conn.receive_data(part):
+                    events = self._conn.receive_data(part)
+                    _cap_encoder_table(self._conn)
+                    for event in events:
                         self._on_event(event)
             except PeerError as e:
                 self._conn.close_connection(e.error_code, additional_data=e.reason.encode()[:200])
