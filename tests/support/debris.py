@@ -15,7 +15,8 @@ the tests registered with :func:`watch_home`, and this run's test world namespac
 Kernel object names are global, and on a shared development machine other people's test
 runs make the same kinds of objects at the same time. So, outside CI, the check excuses:
 what existed when the session started (a snapshot), and what demonstrably belongs to another
-live run: a netns whose veth peer is in another live process's test world, a cgroup whose
+live run: a netns whose veth peer is in another live process's test world or whose processes
+do not descend from this one, a cgroup whose
 processes or spare's maker descend from another process, a supervisor whose log is not under
 this run's temporary directory. What appeared during the run gets :data:`SETTLE_SECONDS` to
 go away. Excused objects are counted in the report, never silently dropped. Under
@@ -156,6 +157,21 @@ def _descends_from_us(pid: int) -> bool:
     return False
 
 
+def _processes_in(netns_file: str) -> list[int]:
+    """Pids of the processes whose network namespace is the one at ``netns_file``."""
+    try:
+        want = os.stat(netns_file).st_ino
+    except OSError:
+        return []
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{entry}/ns/net").st_ino == want:
+                    pids.append(int(entry))
+    return pids
+
+
 def _another_runs(thing: str, temp: Path | None) -> bool:
     """Whether ``thing`` demonstrably belongs to another live process's test run."""
     kind, _, rest = thing.partition(" ")
@@ -166,7 +182,8 @@ def _another_runs(thing: str, temp: Path | None) -> bool:
             match = _LINK_NETNS.search(line)
             if match and int(match[1]) != os.getpid() and Path(f"/proc/{match[1]}").exists():
                 return True  # its veth peer is in another live run's test world
-        return False
+        inside = _processes_in(f"/run/netns/{rest}")
+        return bool(inside) and not any(_descends_from_us(pid) for pid in inside)
     if kind == "cgroup":
         spare = _SPARE.search(rest)
         if spare:
