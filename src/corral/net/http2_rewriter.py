@@ -10,7 +10,8 @@ moves bytes and obeys :attr:`RelayOutput.close`.
 
 API::
 
-    relay = Http2Relay(table, sni="api.github.com", pinned=True)
+    relay = Http2Relay(table, sni="api.github.com", pinned=True,
+                       deny_format=config.deny_response)   # None, "text" or "json"
     out = relay.start()                    # our preface and SETTINGS for both sides
     out = relay.receive_guest(data)        # bytes from the guest's TLS
     out = relay.receive_upstream(data)     # bytes from the upstream's TLS
@@ -19,9 +20,12 @@ API::
     out.violations                         # secrets.Violation: audit / act on .action
     out.passed                             # secrets.PlaceholderPassed: audit
     out.close                              # None, or why: write the bytes, then close both
+    relay.open_streams, relay.buffered_bytes   # for metrics and tests
 
-    responder = Http2DenialResponder(body, content_type=b"text/plain; charset=utf-8")
+    responder = Http2DenialResponder.readable(host, fmt="text", reason="...")  # or (body, ...)
     out = responder.start(); out = responder.receive_guest(data)   # a 403 on every stream
+    out = responder.guest_closed()
+    readable_denial(host, fmt=..., reason=...) -> (content_type, body)  # http1's words
 
 The shell writes ``to_guest`` and ``to_upstream`` and waits for them to drain before it reads
 more from either side. That, with HTTP/2 flow control, is what bounds memory: data read from
@@ -45,11 +49,14 @@ Secrets (SPEC "Secrets and violations", the same rules as ``http1_rewriter``: bo
 - A violation means the request is not forwarded: headers never go upstream, or, when the
   placeholder arrives in the body, the chunk completing it is not forwarded and the upstream
   stream is reset, so the upstream never receives a complete request. ``block`` and
-  ``block-and-log`` reset the guest's stream (:data:`VIOLATION_RESET_CODE`), other streams
-  carry on; ``block-and-terminate`` closes the whole connection (the sandbox is stopped).
+  ``block-and-log`` reset the guest's stream (:data:`VIOLATION_RESET_CODE`), or answer it
+  with the readable 403 when ``deny_format`` is set; other streams carry on (HTTP/1 closes
+  its connection: here the connection's other streams are other requests).
+  ``block-and-terminate`` closes the whole connection (the sandbox is stopped).
 - A request with a substituted secret asks for ``accept-encoding: identity``, and responses
-  are echo-masked (headers, trailers, identity-encoded DATA across frame edges); masking that
-  may change a body's length drops its ``content-length`` (HTTP/2 ends a body by END_STREAM).
+  from a host a value can have gone to (SNI allowed, destination pinned) are echo-masked
+  (headers, trailers, 1xx, identity-encoded DATA across frame edges); masking that may change
+  a body's length drops its ``content-length`` (HTTP/2 ends a body by END_STREAM).
 - A request whose ``:authority`` is not the connection's SNI is answered ``421 Misdirected
   Request`` (RFC 9110 15.5.20: clients retry on a connection of its own, where the policy
   decides on that name) unless it carries a placeholder, which makes it a violation.
