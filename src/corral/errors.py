@@ -3,7 +3,8 @@
 Every error a user can cause or meet is one of these, and its message is one sentence that
 names what was at fault (a config field path, a CLI flag, an image reference, a step of the
 sandbox launch). The CLI prints ``str(error)`` and exits with ``error.exit_code``. Every
-subclass of :class:`CorralError` is defined here (``tests/unit/test_architecture.py`` checks).
+public subclass of :class:`CorralError` is defined here (``tests/unit/test_architecture.py``
+checks; a module-private one, like ``unpack._Missing``, never leaves its module).
 
 Other exception classes exist only inside one module or package, as signals between a
 sans-I/O core and the shell around it (a parser's ``FramingError``, the launcher's ``_Fail``,
