@@ -12,6 +12,7 @@ capture. Violations are checked per ViolationAction.
 from __future__ import annotations
 
 import ipaddress
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ from tests.integration.test_net_tls import (  # noqa: F401 - fixtures
     sandbox_ca,
     tls_servers,
 )
-from tests.support.servers import RunningNetwork
+from tests.support.servers import ECHO_PORT, RunningNetwork
 from tests.support.tls_servers import GOOD_PORT, NAME
 from tests.support.world import SERVER_V4
 
@@ -160,3 +161,35 @@ def test_violation_actions(
         assert logged and all(e["action"] == "deny" for e in logged), logged
     assert bool(stopped) == (action is ViolationAction.BLOCK_AND_TERMINATE), stopped
     assert VALUE not in audit_text(n) and all(VALUE not in s for s in stopped)
+
+
+def test_plain_http_and_unintercepted_ports_do_not_carry_the_placeholder(
+    make_net: MakeNet, tls_servers: Path, certs: Path
+) -> None:
+    """Plain HTTP goes through the HTTP/1 rewriter in detect-only mode; any other TCP
+    connection has its first flight searched. The echo server would send the placeholder
+    straight back if it had received it."""
+    n = start(make_net, certs, table())
+    # Plain HTTP to the world's HTTP server (port 80): positive control, then the placeholder.
+    ok = n.run(["curl", "-sS", "-m", "5", f"http://{SERVER_V4}/"])
+    assert ok.stdout.strip() == f"reached {SERVER_V4}:80", ok.stderr
+    out = n.run(["curl", "-sS", "-m", "5", "-H", f"X-Key: {PLACEHOLDER}", f"http://{SERVER_V4}/"])
+    assert "reached" not in out.stdout, out.stdout
+    # Keep-alive: a second request on the connection is read too (not only the first flight).
+    script = (
+        "import socket,sys\n"
+        "s=socket.create_connection((sys.argv[1],80),timeout=5)\n"
+        "s.sendall(b'GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n'); print(s.recv(4096).split(b'\\r\\n')[0].decode())\n"
+        "s.sendall(b'GET /?k=' + sys.argv[2].encode() + b' HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n')\n"
+        "try: print(repr(s.recv(4096)[:12]))\n"
+        "except OSError as e: print(type(e).__name__)\n"
+    )
+    got = n.run([sys.executable, "-c", script, SERVER_V4, PLACEHOLDER]).stdout.split("\n")
+    assert got[0] == "HTTP/1.1 200 OK" and "200 OK" not in got[1], got
+    # A TCP echo (not HTTP): the first flight is searched.
+    assert n.exchange("tcp", SERVER_V4, ECHO_PORT, "hello") == "OK hello"
+    out = n.exchange("tcp", SERVER_V4, ECHO_PORT, f"key={PLACEHOLDER}")
+    assert PLACEHOLDER not in out and out.startswith("ERR"), out
+    reasons = [str(e["reason"]) for e in events(n) if "API_KEY" in str(e["reason"])]
+    assert len(reasons) >= 3, reasons
+    assert VALUE not in audit_text(n)

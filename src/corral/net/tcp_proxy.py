@@ -218,7 +218,9 @@ class TcpProxy:
             raise
         guest.setblocking(False)
         if verdict.wait_for_name or (
-            verdict.allowed and self.tls is not None and self.tls.settings.intercepts(port)
+            verdict.allowed
+            and self.tls is not None
+            and (self.tls.settings.intercepts(port) or bool(self.tls.settings.secrets))
         ):
             self._hold(guest, str(source), dst, port, verdict)
             return
@@ -393,8 +395,10 @@ class TcpProxy:
             reset(held.guest)
             self.gate.release()
             return
-        if self.tls is not None and self.tls.settings.intercepts(held.port):
-            if self._intercepted(held, verdict, first):
+        if self.tls is not None:
+            if self.tls.settings.intercepts(held.port) and self._intercepted(held, verdict, first):
+                return
+            if self.tls.settings.secrets and self._scanned(held, verdict, first):
                 return
             dial = held.dial  # not TLS, or bypassed: spliced like any other connection
         if dial is None:
@@ -432,27 +436,59 @@ class TcpProxy:
             return True
         if self.tls.settings.bypassed(found.name):
             return False
-        upstream: socket.socket | None = None
-        dial = held.dial
-        held.dial = None
-        if dial is not None:
-            self._dials.discard(dial)
-            if dial.connected:
-                assert self._loop is not None
-                self._loop.remove_reader(dial.upstream.fileno())
-                upstream = dial.upstream
-            else:
-                self._close_dial_socket(dial)
         pinned = found.name in self.gate.pins.names_for(unmap(held.dst))
         self.tls.take(
             Accepted(
                 guest=held.guest, source=held.source, destination=held.dst, port=held.port,
                 target=verdict.target, sni=found.name, alpn=found.alpn, first=first,
-                pinned=pinned, upstream=upstream,
+                pinned=pinned, upstream=self._take_dial(held),
             ),
             self.gate.release,
         )  # fmt: skip
         return True
+
+    def _scanned(self, held: _Held, verdict: FlowVerdict, first: bytes) -> bool:
+        """Secrets exist and the connection is not intercepted TLS: plain HTTP/1 goes through
+        the HTTP/1 rewriter in detect-only mode (True); anything else has its first flight
+        searched for placeholders: found = not carried (True), else spliced (False)."""
+        assert self.tls is not None and verdict.target is not None
+        found = held.reader.result() or held.reader.finish()
+        if found.protocol == "http1" and found.valid:
+            self.tls.take_plain(
+                Accepted(
+                    guest=held.guest, source=held.source, destination=held.dst, port=held.port,
+                    target=verdict.target, sni=None, alpn=(), first=first, pinned=False,
+                    upstream=self._take_dial(held),
+                ),
+                self.gate.release,
+            )  # fmt: skip
+            return True
+        probe = Accepted(
+            guest=held.guest, source=held.source, destination=held.dst, port=held.port,
+            target=verdict.target, sni=found.name, alpn=(), first=first, pinned=False,
+            upstream=None,
+        )  # fmt: skip
+        if self.tls.scan_first_flight(probe):
+            self._drop_held(held)
+            return True
+        return False
+
+    def _take_dial(self, held: _Held) -> socket.socket | None:
+        """The early dial's socket when it is connected (the hold's reader removed), for a
+        handler of its own; an unfinished dial is dropped (the handler dials again)."""
+        dial = held.dial
+        held.dial = None
+        if dial is None:
+            return None
+        self._dials.discard(dial)
+        if dial.connected:
+            assert self._loop is not None
+            self._loop.remove_reader(dial.upstream.fileno())
+            if dial.timer is not None:
+                dial.timer.cancel()
+            return dial.upstream
+        self._close_dial_socket(dial)
+        return None
 
     def _end_hold(self, held: _Held) -> None:
         self._held.discard(held)

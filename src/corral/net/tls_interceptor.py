@@ -49,7 +49,7 @@ from corral.config.enums import ViolationAction
 from corral.config.values import host_pattern_matches
 from corral.net.audit import AuditLog
 from corral.net.gate import IPAddress
-from corral.net.secrets import PlaceholderPassed, SecretTable, Violation
+from corral.net.secrets import Channel, PlaceholderPassed, SecretTable, Violation
 from corral.net.splice import reset
 from corral.net.tls_ca import (
     InterceptionCA,
@@ -195,7 +195,7 @@ class Accepted:
     destination: IPAddress
     port: int
     target: IPAddress
-    sni: str
+    sni: str | None  # None: plain HTTP (take_plain)
     alpn: tuple[str, ...]
     first: bytes
     pinned: bool  # the sandbox's DNS returned the destination for the SNI
@@ -238,6 +238,35 @@ class TlsInterceptor:
         task = loop.create_task(conn.handshake())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def take_plain(self, accepted: Accepted, done: Callable[[], None]) -> None:
+        """Carry a plain-HTTP connection of a sandbox with secrets through the HTTP/1
+        rewriter in detect-only mode (``sni`` None: nothing is ever substituted there, and a
+        placeholder in any request is a violation). No TLS on either side."""
+        loop = asyncio.get_running_loop()
+        conn = _Connection(self, loop, accepted, done)
+        self._conns.add(conn)
+        task = loop.create_task(conn.plain())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def scan_first_flight(self, a: Accepted) -> bool:
+        """A connection that is spliced (not HTTP, not intercepted) while secrets exist:
+        its first flight is searched for placeholders (every encoding the detector knows).
+        True when one was found: the connection is not carried and the violation is acted
+        on. Only the first flight is searched; what follows it is spliced unread."""
+        table = self.settings.secrets
+        found = table.find(a.first) if table else frozenset()
+        if not found:
+            return False
+        host = a.sni or str(a.destination)
+        violations = tuple(
+            Violation(name, host, Channel.STREAM, table.secret(name).on_violation,
+                      "a connection corral does not intercept carried the placeholder")
+            for name in sorted(found)
+        )  # fmt: skip
+        self.violated(a, violations)
+        return True
 
     def session_for(self, key: tuple[object, ...]) -> ssl.SSLSession | None:
         sess = self._sessions.get(key)
@@ -369,7 +398,7 @@ class _End:
         "writing",
     )  # fmt: skip
 
-    def __init__(self, name: str, sock: socket.socket, tls: ssl.SSLObject,
+    def __init__(self, name: str, sock: socket.socket, tls: ssl.SSLObject | None,
                  incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> None:  # fmt: skip
         self.name = name
         self.sock = sock
@@ -406,10 +435,38 @@ class _Connection:
         self.session_key = (a.sni, str(a.target), a.port, a.alpn)
         self.session_kept = False
 
+    # -- plain HTTP --------------------------------------------------------------------------
+    async def plain(self) -> None:
+        a = self.a
+        try:
+            if self.upstream_sock is None:
+                self.upstream_sock = await self._dial()
+        except (TimeoutError, OSError) as exc:
+            why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+            self.owner.record(a, "deny", f"the upstream could not be reached ({why})")
+            self.abort()
+            return
+        except asyncio.CancelledError:
+            self.abort()
+            raise
+        from corral.net.http1_rewriter import Http1Rewriter
+
+        dummy = ssl.MemoryBIO()
+        self.guest = _End("guest", a.guest, None, dummy, dummy)
+        self.up = _End("upstream", self.upstream_sock, None, dummy, dummy)
+        rewriter = Http1Rewriter(
+            self.owner.settings.secrets, sni=None, pinned=False,
+            deny_format=self.owner.settings.deny_response,
+        )  # fmt: skip
+        self.relay = Http1Relay(rewriter)
+        self._start_relay(None, relay=self.relay)
+        self._deliver(self.guest, a.first)
+
     # -- handshakes ------------------------------------------------------------------------
     async def handshake(self) -> None:
         a = self.a
         s = self.owner.settings
+        assert a.sni is not None
         try:
             async with asyncio.timeout(self.owner.connect_timeout + self.owner.handshake_timeout):
                 if self.upstream_sock is None:
@@ -490,6 +547,7 @@ class _Connection:
         return sock
 
     async def _do_handshake(self, end: _End) -> None:
+        assert end.tls is not None
         while True:
             try:
                 end.tls.do_handshake()
@@ -522,12 +580,12 @@ class _Connection:
         self._finish()
 
     # -- the relay ---------------------------------------------------------------------------
-    def _start_relay(self, alpn: str | None) -> None:
+    def _start_relay(self, alpn: str | None, relay: PlaintextRelay | None = None) -> None:
         assert self.guest is not None and self.up is not None
         for end in (self.guest, self.up):
             with contextlib.suppress(OSError):
                 end.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.relay = self.owner.make_relay(self.a, alpn)
+        self.relay = relay if relay is not None else self.owner.make_relay(self.a, alpn)
         if self.relay is not None:
             self._apply(self.relay.start())
         # Bytes that arrived with the handshake's last flight are already in the BIOs.
@@ -558,6 +616,14 @@ class _Connection:
         except OSError:
             self.abort()  # reset by the peer: reset the other side too
             return
+        if end.tls is None:  # plain HTTP: the bytes are the plaintext
+            if data:
+                self._deliver(end, data)
+            elif not end.eof:
+                end.eof = True
+                self._pause(end)
+                self._ended(end)
+            return
         if data:
             end.incoming.write(data)
         else:
@@ -566,7 +632,7 @@ class _Connection:
 
     def _pump(self, end: _End) -> None:
         """Take every plaintext byte ``end``'s TLS can give and hand it on."""
-        if self.finished:
+        if self.finished or end.tls is None:
             return
         chunks: list[bytes] = []
         ended = False
@@ -643,6 +709,9 @@ class _Connection:
     def _write(self, end: _End, data: bytes) -> None:
         if end.shut:
             return
+        if end.tls is None:
+            self._send(end, data)
+            return
         try:
             end.tls.write(data)
         except ssl.SSLError:
@@ -651,9 +720,13 @@ class _Connection:
         self._flush(end)
 
     def _flush(self, end: _End) -> None:
+        if self.finished or end.tls is None:
+            return
+        self._send(end, end.outgoing.read())
+
+    def _send(self, end: _End, data: bytes) -> None:
         if self.finished:
             return
-        data = end.outgoing.read()
         if data:
             if end.wbuf:
                 end.wbuf += data
@@ -699,11 +772,12 @@ class _Connection:
         if end.shut or self.finished:
             return
         end.shut = True
-        with contextlib.suppress(ssl.SSLError, ValueError):
-            end.tls.unwrap()
-        data = end.outgoing.read()
-        if data:
-            end.wbuf += data
+        if end.tls is not None:
+            with contextlib.suppress(ssl.SSLError, ValueError):
+                end.tls.unwrap()
+            data = end.outgoing.read()
+            if data:
+                end.wbuf += data
         if end.wbuf:
             if not end.writing:
                 end.writing = True
@@ -726,12 +800,13 @@ class _Connection:
         if any(e.wbuf for e in ends):
             return
         for end in ends:
-            with contextlib.suppress(ssl.SSLError, ValueError):
-                end.tls.unwrap()
-            data = end.outgoing.read()
-            if data:
-                with contextlib.suppress(OSError):
-                    end.sock.send(data)
+            if end.tls is not None:
+                with contextlib.suppress(ssl.SSLError, ValueError):
+                    end.tls.unwrap()
+                data = end.outgoing.read()
+                if data:
+                    with contextlib.suppress(OSError):
+                        end.sock.send(data)
             self._close_socket(end.sock, graceful=True)
         self._finish()
 
