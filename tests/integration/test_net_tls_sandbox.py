@@ -19,6 +19,7 @@ import corral.sync
 from corral.config import DNSConfig, NetworkConfig, SecretEntry, TLSConfig
 from corral.errors import SandboxError
 from tests.integration.lifecycle_support import (  # noqa: F401 - fixtures
+    corral_cli,
     corral_home_fixture,
     image_fixture,
     in_world_fixture,
@@ -136,6 +137,13 @@ def test_guest_trusts_the_sandbox_ca_and_secrets_stay_outside(
         disk = everything_on_disk(sb)
         assert VALUE.encode() not in disk
         assert VALUE not in json.dumps(sb.info())
+        # `corral inspect`: the CA's fingerprint and the secret's name, never its value.
+        shown = corral_cli("inspect", sb.name)
+        assert shown.returncode == 0, shown.stderr
+        info = json.loads(shown.stdout)
+        assert info["tls"]["secrets"] == ["API_KEY"] and info["tls"]["ca_generated"] is True
+        assert len(info["tls"]["ca_fingerprint"].split(":")) == 32
+        assert VALUE.encode() not in shown.stdout and b"PRIVATE KEY" not in shown.stdout
 
 
 def test_block_and_terminate_stops_the_sandbox(

@@ -89,3 +89,23 @@ def secret_table(
             )
         full.append({**entry, "value": values[env_var], "from_env": None})
     return SecretTable.from_entries(full, on_secret_violation=on_secret_violation, environ={})
+
+
+#: What ``corral inspect`` shows of interception, written by the supervisor once the network
+#: is reserved: the CA's fingerprint, ports, bypass patterns and secret *names* (never a
+#: value, never the CA key).
+TLS_SUMMARY_FILE = "tls.json"
+
+
+def write_tls_summary(directory: Path, summary: Mapping[str, object]) -> None:
+    tmp = directory / (TLS_SUMMARY_FILE + ".tmp")
+    tmp.write_text(json.dumps(dict(summary)))
+    tmp.replace(directory / TLS_SUMMARY_FILE)
+
+
+def read_tls_summary(directory: Path) -> dict[str, Any] | None:
+    try:
+        loaded = json.loads((directory / TLS_SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return loaded if isinstance(loaded, dict) else None

@@ -310,6 +310,11 @@ class Supervisor:
         )
         network = SandboxNetwork.reserve(name, config, Path(self.state_dir), secrets=secrets)
         network.on_terminate = self._terminate_for_network
+        summary = network.tls_summary()
+        if summary is not None:
+            from corral.net.secret_handoff import write_tls_summary
+
+            write_tls_summary(Path(self.state_dir), summary)
         return network
 
     def _terminate_for_network(self, reason: str) -> None:

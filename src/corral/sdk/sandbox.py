@@ -582,6 +582,10 @@ class Sandbox:
         recorded = state.read_supervisor_pid(self._directory)
         out["supervisor_pid"] = recorded[0] if recorded else None
         out["stopped_reason"] = state.stopped_reason(self._directory)
+        from corral.net.secret_handoff import read_tls_summary
+
+        # TLS interception: the CA fingerprint and secret names (never values).
+        out["tls"] = read_tls_summary(self._directory)
         return out
 
     async def start(self) -> None:
