@@ -25,7 +25,12 @@ from typing import BinaryIO
 from corral.errors import ImageError
 from corral.runtime.images import auth
 from corral.runtime.images.manifest import ACCEPT_MANIFESTS, MAX_MANIFEST_BYTES, Descriptor
-from corral.runtime.images.reference import ImageRef
+from corral.runtime.images.reference import DEFAULT_REGISTRY, ImageRef
+
+#: A registry (host[:port]) that serves docker.io's repositories instead of Docker Hub, as
+#: docker's ``registry-mirrors``: a company cache, or an offline world's own registry. Plain
+#: HTTP only when it is also in CORRAL_INSECURE_REGISTRIES.
+MIRROR_ENV = "CORRAL_REGISTRY_MIRROR"
 
 #: Seconds to wait for a connection or for the next bytes of a response. A registry that is
 #: silent this long is down for our purposes; layers stream, so this is not a whole-blob limit.
@@ -105,6 +110,9 @@ class RegistryClient:
         self._tls_lock = threading.Lock()
         self._tokens: dict[tuple[str, str], tuple[str, float]] = {}
         self._basic: dict[str, str] = {}
+        mirror = os.environ.get(MIRROR_ENV, "").strip()
+        #: Where docker.io's images are fetched from instead (docker's registry-mirrors).
+        self.mirror = mirror or None
 
     # -- transport ------------------------------------------------------------------------
     def _tls_context(self) -> ssl.SSLContext:
@@ -304,6 +312,13 @@ class RegistryClient:
             f"registry {ref.registry} answered HTTP {resp.status} for {what} of {ref}{suffix}."
         )
 
+    def endpoint(self, ref: ImageRef) -> str:
+        """The host:port a reference's manifests and blobs are fetched from: the mirror for
+        docker.io when ``CORRAL_REGISTRY_MIRROR`` names one, else the registry's API host."""
+        if self.mirror is not None and ref.registry == DEFAULT_REGISTRY:
+            return self.mirror
+        return ref.api_host
+
     # -- the two things a pull needs ------------------------------------------------------
     def get_manifest(self, ref: ImageRef, identifier: str | None = None) -> tuple[bytes, str, str]:
         """Fetch a manifest or index: (body, content type, digest of the body).
@@ -314,7 +329,7 @@ class RegistryClient:
         ident = identifier or ref.identifier
         resp = self.request(
             "GET",
-            ref.api_host,
+            self.endpoint(ref),
             ref.repository,
             f"manifests/{ident}",
             headers={"Accept": ACCEPT_MANIFESTS},
@@ -358,7 +373,7 @@ class RegistryClient:
 
         The caller owns ``out`` (a temp file) and must discard it when this raises.
         """
-        resp = self.request("GET", ref.api_host, ref.repository, f"blobs/{desc.digest}")
+        resp = self.request("GET", self.endpoint(ref), ref.repository, f"blobs/{desc.digest}")
         if resp.status != 200:
             raise self._fail(resp, f"blob {desc.digest}", ref)
         hasher = _digest_hasher(desc.digest)
