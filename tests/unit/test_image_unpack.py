@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import io
 import os
+import shutil
 import stat
 import tarfile
 from pathlib import Path
@@ -397,3 +398,33 @@ def test_capability_conversion_rejects_garbage(tmp_path: Path) -> None:
     assert applier._capability_for_namespace(b"\x00" * 24) is None
     v3 = (0x03000000).to_bytes(4, "little") + b"\x00" * 16 + (7).to_bytes(4, "little")
     assert applier._capability_for_namespace(v3) == v3
+
+
+def test_an_opaque_dir_replaced_by_a_symlink_prunes_nothing_outside(tmp_path: Path) -> None:
+    """Found by the fuzz test: ``a/.wh..wh..opq`` then a symlink ``a -> <outside>`` in the
+    same layer made the opaque pruning list the link's target and delete the host's files."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "secret").write_text("do not touch")
+    for target in (str(outside), "..", "../outside"):
+        applier = LayerApplier(root, shift_ids=False)
+        with contextlib.suppress(ImageError):
+            applier.apply(io.BytesIO(tar_bytes(f("a/.wh..wh..opq", b""), sym("a", target))), "layer")
+        assert_outside_untouched(tmp_path, outside)
+        for leftover in root.iterdir():
+            leftover.unlink() if leftover.is_symlink() else shutil.rmtree(leftover)
+
+
+def test_a_dir_replaced_by_a_symlink_gets_no_mode_change_outside(tmp_path: Path) -> None:
+    """``a/b/`` (its mode applied at the layer's end) then ``a -> <outside>``: the mode must not
+    land on ``<outside>/b``."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    (outside / "b").mkdir(parents=True)
+    (outside / "b").chmod(0o700)
+    (outside / "secret").write_text("do not touch")
+    layer = tar_bytes(d("a"), d("a/b", mode=0o777), sym("a", str(outside)))
+    with contextlib.suppress(ImageError):
+        LayerApplier(root, shift_ids=False).apply(io.BytesIO(layer), "layer")
+    assert (outside / "b").stat().st_mode & 0o777 == 0o700

@@ -211,7 +211,10 @@ class LayerApplier:
             for parts in opaque:
                 self._prune_lower(parts, created)
             for path, (uid, gid, mode, mtime) in dir_modes.items():
-                if os.path.isdir(path) and not os.path.islink(path):
+                # A later member of the layer may have replaced this directory, or one above
+                # it, with a symlink: only a path of real directories inside the root is
+                # touched (else chmod/chown would follow the link out of the rootfs).
+                if self._real_dir(path):
                     self._set_owner_mode(path, uid, gid, mode, is_link=False)
                     os.utime(path, (mtime, mtime), follow_symlinks=False)
         except ImageError:
@@ -375,9 +378,33 @@ class LayerApplier:
         header = (VFS_CAP_REVISION_3 | flags).to_bytes(4, "little")
         return header + body + root_id.to_bytes(4, "little")
 
+    def _real_dir(self, path: str) -> bool:
+        """Whether ``path`` (in the root) is a directory reached through real directories
+        only: no component, the last one included, is a symlink."""
+        rel = os.path.relpath(path, self.root)
+        current = str(self.root)
+        for comp in ([] if rel == "." else rel.split(os.sep)):
+            if comp in ("", ".", ".."):
+                return False
+            current = os.path.join(current, comp)
+            try:
+                st = os.lstat(current)
+            except FileNotFoundError:
+                return False
+            if not stat.S_ISDIR(st.st_mode):
+                return False
+        return True
+
     def _prune_lower(self, parts: list[str], created: set[str]) -> None:
-        """Under opaque dir ``parts``: delete what this layer did not create, recursively."""
+        """Under opaque dir ``parts``: delete what this layer did not create, recursively.
+
+        ``parts`` were real directories when the marker was read, but a later member of the
+        same layer can replace one of them with a symlink (``a/.wh..wh..opq`` then a symlink
+        ``a -> /``): then there is nothing of the layer below to prune, and listing through
+        the link would delete the host's files."""
         path = self._host_path(parts)
+        if not self._real_dir(path):
+            return
         try:
             names = os.listdir(path)
         except (FileNotFoundError, NotADirectoryError):
