@@ -292,3 +292,16 @@ def test_launch_options_are_checked() -> None:
             sdk._launch_options(None, hostname, None)
     with pytest.raises(ConfigError, match="list of volumes"):
         sdk._launch_options(None, None, "/a:/b")
+
+
+def test_registry_mirror_serves_docker_io_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from corral.runtime.images.reference import parse_reference
+    from corral.runtime.images.registry import MIRROR_ENV, RegistryClient
+
+    monkeypatch.setenv(MIRROR_ENV, "mirror.internal:5000")
+    client = RegistryClient()
+    assert client.endpoint(parse_reference("alpine")) == "mirror.internal:5000"
+    assert client.endpoint(parse_reference("docker.io/team/tool:1")) == "mirror.internal:5000"
+    assert client.endpoint(parse_reference("ghcr.io/team/tool")) == "ghcr.io"
+    monkeypatch.delenv(MIRROR_ENV)
+    assert RegistryClient().endpoint(parse_reference("alpine")) == "registry-1.docker.io"
