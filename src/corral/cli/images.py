@@ -22,6 +22,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from corral.errors import ImageError
 from corral.runtime.images import Image, ImageStore
 
 #: Characters of a digest's hex shown in tables (Docker shows 12).
@@ -136,12 +137,53 @@ def images(ctx: click.Context, quiet: bool) -> None:
     Console(soft_wrap=True).print(table)
 
 
+def images_in_use() -> dict[str, list[str]]:
+    """Image digest -> the sandboxes (running, stopped or crashed) whose rootfs it is.
+
+    A stopped sandbox counts: ``start`` mounts the same image again under its writable layer.
+    """
+    from corral.errors import SandboxError
+    from corral.runtime import state
+
+    used: dict[str, list[str]] = {}
+    for name in state.list_names():
+        try:
+            sandbox_state = state.read_state(name)
+        except SandboxError:
+            continue
+        if sandbox_state.image_digest:
+            used.setdefault(sandbox_state.image_digest, []).append(name)
+    return used
+
+
+def check_not_in_use(store: ImageStore, reference: str, used: dict[str, list[str]]) -> None:
+    """ImageError when removing ``reference`` would delete an image a sandbox stands on
+    (removing one of several tags of it is fine: the image stays)."""
+    image = store.lookup(reference)
+    if image is None or image.digest not in used:
+        return
+    others = [i for i in store.list() if i.digest == image.digest and i.reference != image.reference]
+    if others:
+        return
+    names = used[image.digest]
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    raise ImageError(
+        f"image {reference} is used by sandbox {shown}; remove "
+        f"{'it' if len(names) == 1 else 'them'} first (corral rm {names[0]})"
+    )
+
+
 @images.command("rm")
 @click.argument("references", nargs=-1, required=True)
 def images_rm(references: tuple[str, ...]) -> None:
-    """Remove REFERENCES from the store (the image goes when its last tag does)."""
+    """Remove REFERENCES from the store (the image goes when its last tag does).
+
+    An image that a sandbox (running or stopped) uses is not removed.
+    """
     store = ImageStore()
+    used = images_in_use()
     for reference in references:
+        check_not_in_use(store, reference, used)
         store.remove(reference)
         click.echo(f"removed {reference}")
 

@@ -8,17 +8,26 @@ the unit tests check them without a sandbox. Exit codes are in docs/cli.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
 import secrets as _random
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
+from corral.cli.terminal import (
+    SignalHub,
+    SignalRelay,
+    host_stdin,
+    raw_mode,
+    terminal_size,
+    window_changes,
+)
 from corral.config import (
     DNSConfig,
     NetworkConfig,
@@ -30,6 +39,7 @@ from corral.config import (
 )
 from corral.errors import ConfigError, SandboxError
 from corral.runtime import state
+from corral.runtime.channel_wire import DEFAULT_TERMINAL_SIZE
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -46,9 +56,6 @@ PRESETS = {
     "non-local": NetworkPolicy.non_local,
     "allow-all": NetworkPolicy.allow_all,
 }
-
-#: Bytes read from the host's stdin at once when it is streamed into a command (-i).
-STDIN_CHUNK = 64 * 1024
 
 
 # -- pure helpers (unit-tested) ---------------------------------------------------------------
@@ -438,7 +445,9 @@ def sandbox_options(func: F) -> F:
     return func
 
 
-async def _create_from_options(image: str, opts: dict[str, Any]) -> Any:
+async def _create_from_options(
+    image: str, opts: dict[str, Any], *, auto_remove: bool = False
+) -> Any:
     from corral.sdk.sandbox import Sandbox
 
     network = build_network(
@@ -487,19 +496,19 @@ async def _create_from_options(image: str, opts: dict[str, Any]) -> Any:
         cpus=opts["cpus"],
         memory=opts["memory"],
         workdir=opts["workdir"],
+        auto_remove=auto_remove,
         user=opts["user"],
         hostname=opts["hostname"],
         volumes=volumes or None,
     )
 
 
-async def _host_stdin() -> AsyncIterator[bytes]:
-    fd = sys.stdin.fileno()
-    while True:
-        chunk = await asyncio.to_thread(os.read, fd, STDIN_CHUNK)
-        if not chunk:
-            return
-        yield chunk
+def check_terminal_flags(tty: bool, interactive: bool, stdin_is_terminal: bool) -> None:
+    """ConfigError unless ``-t``/``-i`` fit this stdin (``-it`` needs a terminal, as docker)."""
+    if tty and interactive and not stdin_is_terminal:
+        raise ConfigError(
+            "--tty", "the input is not a terminal (use -i alone to pipe stdin into the command)"
+        )
 
 
 async def _stream_command(
@@ -510,9 +519,17 @@ async def _stream_command(
     cwd: str | None = None,
     timeout: float | None = None,
     interactive: bool = False,
+    tty: bool = False,
+    signals: SignalHub | None = None,
     user: str | None = None,
 ) -> int:
-    """Run argv in the sandbox with its output streamed to ours; the exit code."""
+    """Run argv in the sandbox with its output streamed to ours; the exit code.
+
+    With ``tty`` the command gets a terminal (window size of ours, resizes followed) and,
+    when ``interactive`` on a terminal, ours goes into raw mode meanwhile. ``signals``
+    forwards what corral receives to the command once it runs (see cli.terminal).
+    """
+    raw = tty and interactive and sys.stdin.isatty()
     try:
         stream = await sandbox.exec_stream(
             argv[0],
@@ -520,7 +537,9 @@ async def _stream_command(
             env=env,
             cwd=cwd,
             timeout=timeout,
-            stdin=_host_stdin() if interactive else None,
+            stdin=host_stdin() if interactive else None,
+            tty=tty,
+            tty_size=(terminal_size() or DEFAULT_TERMINAL_SIZE) if tty else None,
             user=user,
         )
     except SandboxError as exc:
@@ -529,12 +548,22 @@ async def _stream_command(
             raise
         click.echo(f"corral: {exc}", err=True)
         return start_code
+    if signals is not None:
+        signals.attach(stream)
     out, err = sys.stdout.buffer, sys.stderr.buffer
-    async for which, data in stream:
-        target = err if which == "stderr" else out
-        target.write(data)
-        target.flush()
-    code: int = await stream.wait()
+    with contextlib.ExitStack() as terminal:
+        if raw:
+            terminal.enter_context(raw_mode(sys.stdin.fileno()))
+        if tty:
+            loop = asyncio.get_running_loop()
+            terminal.enter_context(
+                window_changes(lambda rows, cols: loop.create_task(stream.resize(rows, cols)))
+            )
+        async for which, data in stream:
+            target = err if which == "stderr" else out
+            target.write(data)
+            target.flush()
+        code: int = await stream.wait()
     if stream.timed_out:
         click.echo(f"corral: {argv[0]!r} timed out after {timeout:g} s and was killed", err=True)
     elif stream.oom_killed:
@@ -548,10 +577,16 @@ async def _stream_command(
 # -- commands ---------------------------------------------------------------------------------
 
 
+_tty_option = click.option(
+    "-t", "--tty", is_flag=True, help="Give the command a terminal (with -i: this one, raw)."
+)
+
+
 @click.command(context_settings={"allow_interspersed_args": False})
 @sandbox_options
 @click.option("--keep", is_flag=True, help="Keep the sandbox after the command exits.")
 @click.option("-i", "--interactive", is_flag=True, help="Stream this terminal's stdin in.")
+@_tty_option
 @click.option("--timeout", type=float, help="Kill the command after this many seconds.")
 @click.option("--entrypoint", metavar="CMD", help="Replace the image's Entrypoint (and Cmd).")
 @click.option(
@@ -564,6 +599,7 @@ def run(
     command: tuple[str, ...],
     keep: bool,
     interactive: bool,
+    tty: bool,
     timeout: float | None,
     entrypoint: str | None,
     detach: bool,
@@ -571,28 +607,52 @@ def run(
 ) -> None:
     """Create a sandbox from IMAGE, run COMMAND in it, remove it; exit with COMMAND's code.
 
-    Without COMMAND the image's Entrypoint and Cmd run. Put COMMAND after `--`.
+    Without COMMAND the image's Entrypoint and Cmd run. Put COMMAND after `--`. SIGINT,
+    SIGTERM and SIGHUP are forwarded to the command (a second one kills it); the sandbox
+    is removed however corral ends, even by SIGKILL (unless --keep).
     """
     timeout = check_timeout_flag(timeout)
     if detach:
-        _run_detached(image, strip_separator(command), entrypoint, opts, (interactive, False, keep,
+        _run_detached(image, strip_separator(command), entrypoint, opts, (interactive, tty, keep,
                       timeout))  # fmt: skip
         return
+    check_terminal_flags(tty, interactive, sys.stdin.isatty())
 
     async def go() -> int:
-        sandbox = await _create_from_options(image, opts)
-        try:
-            argv = run_argv(strip_separator(command), sandbox.state, entrypoint)
-            if not argv:
-                raise ConfigError(
-                    "COMMAND", f"the image {image!r} has no Entrypoint or Cmd; give a command"
+        relay = SignalRelay()
+        task = asyncio.current_task()
+        assert task is not None
+        with SignalHub(relay, task) as signals:
+            try:
+                # auto_remove: the supervisor removes the sandbox if this process dies
+                # without doing it (SIGKILL), so not even that leaves one behind.
+                sandbox = await _create_from_options(image, opts, auto_remove=not keep)
+            except asyncio.CancelledError:
+                return relay.exit_code(None)  # a signal during start-up; nothing is left
+            code: int | None = None
+            try:
+                argv = run_argv(strip_separator(command), sandbox.state, entrypoint)
+                if not argv:
+                    raise ConfigError(
+                        "COMMAND", f"the image {image!r} has no Entrypoint or Cmd; give a command"
+                    )
+                code = await _stream_command(
+                    sandbox,
+                    argv,
+                    timeout=timeout,
+                    interactive=interactive,
+                    tty=tty,
+                    signals=signals,
                 )
-            return await _stream_command(sandbox, argv, timeout=timeout, interactive=interactive)
-        finally:
-            if keep:
-                click.echo(f"corral: kept sandbox {sandbox.name!r}", err=True)
-            else:
-                await sandbox.remove()
+            except asyncio.CancelledError:
+                pass  # a signal before the command started: remove and exit 128+N
+            finally:
+                relay.cleaning()
+                if keep:
+                    click.echo(f"corral: kept sandbox {sandbox.name!r}", err=True)
+                else:
+                    await sandbox.remove()
+            return relay.exit_code(code)
 
     sys.exit(asyncio.run(go()))
 
@@ -615,6 +675,7 @@ def create(image: str, **opts: Any) -> None:
 @click.option("-w", "--workdir", metavar="PATH", help="Working directory of the command.")
 @click.option("--timeout", type=float, help="Kill the command after this many seconds.")
 @click.option("-i", "--interactive", is_flag=True, help="Stream this terminal's stdin in.")
+@_tty_option
 @click.option("-u", "--user", metavar="USER[:GROUP]", help="Run as this user.")
 @click.option("--env-file", "env_files", multiple=True, metavar="FILE", help="KEY=VALUE lines.")
 @click.option("-d", "--detach", is_flag=True, help="Start COMMAND in the background.")
@@ -627,11 +688,15 @@ def exec_command(
     workdir: str | None,
     timeout: float | None,
     interactive: bool,
+    tty: bool,
     user: str | None,
     env_files: tuple[str, ...],
     detach: bool,
 ) -> None:
-    """Run COMMAND in the running sandbox NAME; exit with its code. Put COMMAND after `--`."""
+    """Run COMMAND in the running sandbox NAME; exit with its code. Put COMMAND after `--`.
+
+    SIGINT, SIGTERM and SIGHUP are forwarded to the command (a second one kills it).
+    """
     from corral.sdk.sandbox import Sandbox
 
     argv = strip_separator(command)
@@ -643,7 +708,7 @@ def exec_command(
         env.update(parse_env_file(path))
     env.update(parse_env(env_pairs))
     if detach:
-        for flag, given in (("-i", interactive), ("--timeout", timeout is not None)):
+        for flag, given in (("-i", interactive), ("-t", tty), ("--timeout", timeout is not None)):
             if given:
                 raise ConfigError(flag, "cannot be combined with -d (the command runs detached)")
 
@@ -662,18 +727,30 @@ def exec_command(
             return 0
 
         sys.exit(asyncio.run(start_detached()))
+    check_terminal_flags(tty, interactive, sys.stdin.isatty())
 
     async def go() -> int:
-        sandbox = await Sandbox.get(name)
-        return await _stream_command(
-            sandbox,
-            argv,
-            env=env or None,
-            cwd=workdir,
-            timeout=timeout,
-            interactive=interactive,
-            user=user,
-        )
+        relay = SignalRelay()
+        task = asyncio.current_task()
+        assert task is not None
+        with SignalHub(relay, task) as signals:
+            code: int | None = None
+            try:
+                sandbox = await Sandbox.get(name)
+                code = await _stream_command(
+                    sandbox,
+                    argv,
+                    env=env or None,
+                    cwd=workdir,
+                    timeout=timeout,
+                    interactive=interactive,
+                    tty=tty,
+                    signals=signals,
+                    user=user,
+                )
+            except asyncio.CancelledError:
+                pass  # a signal before the command started
+            return relay.exit_code(code)
 
     sys.exit(asyncio.run(go()))
 
@@ -828,15 +905,74 @@ def stop(timeout: float, names: tuple[str, ...]) -> None:
 
 @click.command()
 @click.option("-f", "--force", is_flag=True, help="Stop running sandboxes first.")
-@click.argument("names", nargs=-1, required=True)
-def rm(force: bool, names: tuple[str, ...]) -> None:
+@click.option(
+    "-a", "--all", "every", is_flag=True, help="Every sandbox (running ones too with -f)."
+)
+@click.argument("names", nargs=-1)
+def rm(force: bool, every: bool, names: tuple[str, ...]) -> None:
     """Remove sandboxes and their writable layers."""
     from corral.sdk.sandbox import Sandbox
 
+    if every and names:
+        raise click.UsageError("give sandbox names or --all, not both")
+    if not every and not names:
+        raise click.UsageError("give the sandboxes to remove (or --all)")
+
     async def go() -> None:
-        for name in names:
-            await (await Sandbox.get(name)).remove(force=force)
-            click.echo(name)
+        targets = await Sandbox.list() if every else [await Sandbox.get(n) for n in names]
+        kept = []
+        for sandbox in targets:
+            if every and not force and sandbox.status in (state.RUNNING, state.CREATING):
+                kept.append(sandbox.name)
+                continue
+            await sandbox.remove(force=force)
+            click.echo(sandbox.name)
+        if kept:
+            click.echo(
+                f"corral: kept {len(kept)} running sandbox(es) ({', '.join(kept)}); "
+                "add -f to remove them too",
+                err=True,
+            )
+
+    asyncio.run(go())
+
+
+@click.command()
+@click.option("-f", "--force", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--keep-images", is_flag=True, help="Remove sandboxes only, no images.")
+def prune(force: bool, keep_images: bool) -> None:
+    """Remove stopped and crashed sandboxes, then every image no sandbox uses."""
+    from corral.cli.images import images_in_use
+    from corral.runtime import gc as gc_mod
+    from corral.runtime.images import ImageStore
+    from corral.sdk.sandbox import Sandbox
+
+    what = "stopped and crashed sandboxes" + ("" if keep_images else " and unused images")
+    if not force:
+        if not sys.stdin.isatty():
+            raise ConfigError(
+                "--force", f"prune removes {what} for good; pass -f to do it without asking"
+            )
+        click.confirm(f"Remove {what}?", abort=True, err=True)
+
+    async def go() -> None:
+        failures: list[str] = []
+        for line in gc_mod.collect(failures=failures):
+            click.echo(f"removed {line}")
+        for sandbox in await Sandbox.list():
+            if sandbox.status == state.STOPPED:
+                await sandbox.remove()
+                click.echo(f"removed sandbox {sandbox.name}")
+        for failure in failures:
+            click.echo(f"corral: {failure} (its state is kept; run gc again)", err=True)
+        if keep_images:
+            return
+        store = ImageStore()
+        used = images_in_use()
+        for image in store.list():
+            if image.digest not in used:
+                store.remove(image.reference)
+                click.echo(f"removed image {image.reference}")
 
     asyncio.run(go())
 
@@ -850,13 +986,18 @@ def gc(keep_state: bool, names: tuple[str, ...]) -> None:
 
     for name in names:
         state.validate_name(name)
-    removed = gc_mod.collect(list(names) or None, keep_state=keep_state)
+    failures: list[str] = []
+    removed = gc_mod.collect(list(names) or None, keep_state=keep_state, failures=failures)
     for line in removed:
         click.echo(f"removed {line}")
+    for failure in failures:
+        click.echo(f"corral: {failure} (its state is kept; run gc again)", err=True)
+    if failures:
+        sys.exit(SandboxError.exit_code)
     if not removed:
         click.echo("nothing to remove", err=True)
 
 
 def register(group: click.Group) -> None:
-    for command in (run, create, exec_command, ls, inspect, logs, start, stop, rm, gc):
+    for command in (run, create, exec_command, ls, inspect, logs, start, stop, rm, prune, gc):
         group.add_command(command)

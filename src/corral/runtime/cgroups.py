@@ -202,7 +202,12 @@ def detect_layout(root: Path) -> str:
 
 
 def plan(name: str, root: Path = CGROUP_ROOT, proc_self_cgroup: str | None = None) -> Cgroup:
-    """Where the cgroup named ``name`` goes; touches nothing."""
+    """Where the cgroup named ``name`` goes; touches nothing, except that at the default
+    root a hierarchy missing from this mount namespace is mounted first (cgroupfs.ensure)."""
+    if root == CGROUP_ROOT:
+        from corral.runtime import cgroupfs
+
+        cgroupfs.ensure(str(root))
     if proc_self_cgroup is None:
         proc_self_cgroup = Path("/proc/self/cgroup").read_text()
     own = own_cgroups(proc_self_cgroup)

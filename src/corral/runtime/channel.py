@@ -26,6 +26,7 @@ from typing import Any
 from corral.errors import SandboxError
 from corral.runtime.channel_wire import (
     CONNECT_TIMEOUT,
+    DEFAULT_TERMINAL_SIZE,
     EXIT_TIMED_OUT,
     FRAME_PREFIX,
     KIND_CONTROL,
@@ -36,6 +37,8 @@ from corral.runtime.channel_wire import (
     LIST_BATCH,
     MAX_CONTROL_SIZE,
     MAX_DATA_SIZE,
+    MAX_SIGNAL,
+    MAX_TERMINAL_DIMENSION,
     UNIX_PATH_MAX,
     ChannelProtocolError,
     Frame,
@@ -43,7 +46,9 @@ from corral.runtime.channel_wire import (
     encode_control,
     encode_data,
     error_from_reply,
+    exec_signal,
     short_unix_path,
+    terminal_size,
 )
 
 __all__ = [
@@ -229,9 +234,28 @@ class ExecProcess:
 
     async def kill(self) -> None:
         """SIGKILL everything the command started; ``wait()`` then reports 128+9."""
+        await self._control({"op": "kill"})
+
+    async def send_signal(self, signum: int) -> None:
+        """Deliver signal ``signum`` to the command as a terminal would: to the terminal's
+        foreground process group with ``tty``, else to the command's process group."""
+        if exec_signal(signum) is None:
+            raise SandboxError(f"{signum!r} is not a signal number (1..{MAX_SIGNAL})")
+        await self._control({"op": "signal", "signum": int(signum)})
+
+    async def resize(self, rows: int, cols: int) -> None:
+        """Set the window size of the command's terminal (``tty`` execs; else ignored)."""
+        if terminal_size(rows, cols) != (rows, cols):
+            raise SandboxError(
+                f"{rows!r}x{cols!r} is not a terminal size (rows and columns in "
+                f"1..{MAX_TERMINAL_DIMENSION})"
+            )
+        await self._control({"op": "resize", "rows": rows, "cols": cols})
+
+    async def _control(self, request: Mapping[str, Any]) -> None:
         if self.returncode is None:
             with contextlib.suppress(ConnectionError, SandboxError):
-                await self._conn.send(encode_control({"op": "kill"}))
+                await self._conn.send(encode_control(request))
 
     async def _feed_stdin(self, data: bytes | AsyncIterable[bytes]) -> None:
         try:
@@ -321,13 +345,17 @@ class ChannelClient:
         stdin: bytes | AsyncIterable[bytes] | None = None,
         timeout: float | None = None,
         user: str | None = None,
+        tty: bool = False,
+        tty_size: tuple[int, int] | None = None,
     ) -> ExecProcess:
         """Start ``argv`` in the sandbox; raises SandboxError if it cannot start.
 
         ``env`` is merged over the sandbox's base environment; ``cwd`` defaults to the
         sandbox's workdir; ``user`` ("uid[:gid]" or a name from the sandbox's /etc/passwd)
         defaults to the sandbox's user. ``timeout`` (seconds) is enforced inside the sandbox:
-        everything it started is killed and ``wait()`` returns EXIT_TIMED_OUT.
+        everything it started is killed and ``wait()`` returns EXIT_TIMED_OUT. ``tty`` runs
+        it on a pty of its own (``tty_size`` = (rows, cols), default 24x80): its output,
+        stderr included, comes as stdout, and ``resize`` changes the window.
         """
         if not argv:
             raise SandboxError("exec needs a command (argv is empty)")
@@ -342,6 +370,13 @@ class ChannelClient:
             "stdin": stdin is not None,
             "user": user,
         }
+        if tty:
+            rows, cols = tty_size or DEFAULT_TERMINAL_SIZE
+            if terminal_size(rows, cols) != (rows, cols):
+                raise SandboxError(
+                    f"tty_size {tty_size!r} is not (rows, columns) in 1..{MAX_TERMINAL_DIMENSION}"
+                )
+            request.update(tty=True, rows=rows, cols=cols)
         conn = await self._take()
         try:
             await conn.send(encode_control(request))

@@ -59,6 +59,40 @@ LIST_BATCH = 1000
 #: Exit code reported when ``timeout`` expired and the command was killed (as GNU timeout(1)).
 EXIT_TIMED_OUT = 124
 
+#: Window size of a terminal exec whose client gives none: the VT100's 24x80, which docker,
+#: ssh and the kernel's own console fall back to as well.
+DEFAULT_TERMINAL_SIZE = (24, 80)
+
+#: Largest terminal dimension: ``struct winsize`` holds unsigned shorts.
+MAX_TERMINAL_DIMENSION = 0xFFFF
+
+#: Signals a client may forward to a command (``{"op": "signal"}``): every standard and
+#: real-time signal number of Linux (1-64); 0 (an existence probe) is not a delivery.
+MAX_SIGNAL = 64
+
+
+def terminal_size(rows: object, cols: object) -> tuple[int, int]:
+    """(rows, cols) to set on a pty; the default for a value that is missing or out of range.
+
+    The request is from the host, but the bound keeps a bad client from wrapping the
+    ioctl's unsigned shorts.
+    """
+    def valid(value: object) -> bool:
+        return type(value) is int and 1 <= value <= MAX_TERMINAL_DIMENSION
+
+    if valid(rows) and valid(cols):
+        return rows, cols  # type: ignore[return-value]
+    return DEFAULT_TERMINAL_SIZE
+
+
+def exec_signal(value: object) -> int | None:
+    """The signal number of a ``{"op": "signal"}`` request, None when it is not one
+    (``signal.Signals`` members are ints too; bools are not signal numbers)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_SIGNAL:
+        return int(value)
+    return None
+
+
 #: How long ``ChannelClient.connect`` waits for the init's socket by default.
 CONNECT_TIMEOUT = 5.0
 

@@ -16,7 +16,7 @@ import shutil
 import threading
 from pathlib import Path
 
-from corral.errors import SandboxError
+from corral.errors import CorralError, SandboxError
 from corral.kernel import libc
 from corral.kernel.mountinfo import mounts_under
 from corral.runtime import paths, state
@@ -33,28 +33,47 @@ def unmount(point: str) -> None:
 def release_leftovers(name: str, directory: Path) -> list[str]:
     """Remove what a dead supervisor of ``name`` left: processes, cgroup, network, mounts.
 
-    Returns one line per thing removed. Hold ``state.name_lock(name)``.
+    Returns one line per thing removed, each one checked to be gone afterwards (the network
+    in the namespace the sandbox was created from: runtime/hostside.py). Something that
+    could not be removed is a SandboxError, so that the caller keeps the directory and the
+    next gc tries again. Hold ``state.name_lock(name)``.
     """
     removed: list[str] = []
-    from corral.runtime import launcher
+    from corral.runtime import cgroupfs, hostside, launcher
+    from corral.runtime.cgroups import Cgroup
 
     cgroup_record = directory / launcher.CGROUP_RECORD
+    cgroup = None
     if cgroup_record.exists():
-        removed.append(f"cgroup of {name} (and any process left in it)")
+        cgroupfs.ensure()  # the recorded paths must lead somewhere from here (ip netns exec)
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            cgroup = Cgroup.from_json(cgroup_record.read_text())
+    present = cgroup is not None and cgroup.exists()
     launcher.cleanup_leftovers(directory)
+    if cgroup is not None:
+        if cgroup.exists():
+            raise SandboxError(f"gc: the cgroup of {name!r} could not be removed")
+        if present:
+            removed.append(f"cgroup of {name} (and any process left in it)")
     if not _is_offline(directory):
-        from corral.net import datapath, plumbing
-
-        datapath.cleanup_leftovers(name)
-        names = plumbing.names_for(name)
-        removed.append(f"network of {name} (netns {names.netns}, link {names.link}, "
-                       f"nft table {names.table}, address lease)")
+        removed += [
+            f"network of {name}: {line}" for line in hostside.release(name, _host_netns(directory))
+        ]
     for point in mounts_under(directory):
         unmount(point)
         removed.append(f"mount {point}")
     with contextlib.suppress(FileNotFoundError):
         (directory / state.CONTROL_SOCKET).unlink()
     return removed
+
+
+def _host_netns(directory: Path) -> dict[str, object] | None:
+    """The network namespace the sandbox was created from (state.json), if recorded."""
+    try:
+        found = json.loads((directory / state.STATE_FILE).read_text()).get("host_netns")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return found if isinstance(found, dict) else None
 
 
 def _is_offline(directory: Path) -> bool:
@@ -144,12 +163,19 @@ def empty_trash() -> list[str]:
     return removed
 
 
-def collect(names: list[str] | None = None, *, keep_state: bool = False) -> list[str]:
+def collect(
+    names: list[str] | None = None,
+    *,
+    keep_state: bool = False,
+    failures: list[str] | None = None,
+) -> list[str]:
     """``corral gc``: clean up every sandbox (or those named) whose supervisor died.
 
     A crashed sandbox's leftovers are removed and, unless ``keep_state``, its directory too.
     Running sandboxes and cleanly stopped ones are left alone (``corral rm`` removes those).
-    Returns one line per thing removed.
+    Returns one line per thing removed. A sandbox whose leftovers could not all be removed
+    keeps its directory (the next gc tries again); its error is raised, or appended to
+    ``failures`` (and the others are collected) when that list is given.
     """
     report: list[str] = []
     for name in names if names is not None else state.list_names():
@@ -157,7 +183,14 @@ def collect(names: list[str] | None = None, *, keep_state: bool = False) -> list
         with state.name_lock(name):
             if not directory.exists() or state.status(directory) != state.CRASHED:
                 continue
-            for item in release_leftovers(name, directory):
+            try:
+                items = release_leftovers(name, directory)
+            except CorralError as exc:
+                if failures is None:
+                    raise
+                failures.append(str(exc))
+                continue
+            for item in items:
                 report.append(f"{name}: {item}")
             if not keep_state:
                 remove_directory(directory)

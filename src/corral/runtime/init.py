@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import selectors
 import shutil
@@ -31,6 +32,7 @@ import stat
 import struct
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -52,6 +54,8 @@ from corral.runtime.channel_wire import (
     Frame,
     FrameReader,
     encode_control,
+    exec_signal,
+    terminal_size,
 )
 
 #: PATH for commands when neither the image nor the exec sets one (Docker's default).
@@ -487,6 +491,7 @@ class Worker:
         timeout = request.get("timeout")
         user_spec = request.get("user") or self.config.user
         want_stdin = bool(request.get("stdin"))
+        want_tty = bool(request.get("tty"))
         try:
             uid, gid, groups = resolve_user(str(user_spec) if user_spec else None)
         except LookupError:
@@ -502,21 +507,10 @@ class Worker:
         with contextlib.suppress(OSError):
             syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)
         try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.PIPE if want_stdin else subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=cwd,
-                env=env,
-                process_group=0,
-                # No preexec_fn and, for root, no id changes: then CPython spawns with
-                # vfork(), which matters because this worker is a copy of a large process.
-                user=uid if uid != 0 else None,
-                group=gid if gid != 0 else None,
-                extra_groups=groups or None,
-                close_fds=True,
-            )
+            proc, master = _spawn(
+                argv, cwd, env, uid, gid, groups, want_stdin,
+                terminal_size(request.get("rows"), request.get("cols")) if want_tty else None,
+            )  # fmt: skip
         except FileNotFoundError:
             self.error("exec", argv[0], kind="command_not_found")
             return False
@@ -529,16 +523,26 @@ class Worker:
         except (OSError, ValueError) as e:  # ValueError: a NUL byte in argv or env
             self.error("exec", argv[0], e if isinstance(e, OSError) else OSError(0, str(e)))
             return False
+        except subprocess.SubprocessError as e:  # the terminal could not be taken
+            self.error("exec", argv[0], OSError(0, str(e)))
+            return False
         _raise_oom_score(proc.pid)
+        limit = timeout if isinstance(timeout, int | float) else None
         try:
             self.reply(t="started", pid=proc.pid)
-            code, timed_out = self._pump(proc, timeout if isinstance(timeout, int | float) else None)
+            if master >= 0:
+                code, timed_out = self._pump_terminal(proc, master, limit)
+            else:
+                code, timed_out = self._pump(proc, limit)
         except BaseException:
             # Client gone, protocol violation, or a bug: never leave the command running
             # unattended.
             _kill_tree(proc.pid)
             proc.wait()
             return False
+        finally:
+            if master >= 0:
+                os.close(master)
         self.reply(t="exit", code=code, timed_out=timed_out)
         return False  # exec connections are single-use (see corral.runtime.channel)
 
@@ -562,11 +566,16 @@ class Worker:
         socket_registered = True
         timed_out = False
         exited = False
+        # Frames that came in the same read as the request (stdin typed ahead): no socket
+        # event will announce them, so they are taken before the first wait.
+        arrived = list(self.frames.frames())
         try:
             while not exited:
                 wait = None
                 if deadline is not None:
                     wait = max(0.0, deadline - time.monotonic())
+                if arrived:
+                    wait = 0.0
                 events = sel.select(wait)
                 if deadline is not None and time.monotonic() >= deadline:
                     # Checked on every wakeup, not only on an idle one: a command that
@@ -585,14 +594,16 @@ class Worker:
                         if not data:
                             raise _Disconnected
                         self.frames.feed(data)
-                        for frame in self.frames.frames():
-                            if frame.kind == KIND_STDIN and stdin_fd >= 0 and not stdin_eof:
-                                if frame.body:
-                                    pending += frame.body
-                                else:
-                                    stdin_eof = True
-                            elif frame.kind == KIND_CONTROL and frame.control().get("op") == "kill":
-                                _kill_tree(proc.pid)
+                        arrived.extend(self.frames.frames())
+                for frame in arrived:
+                    if frame.kind == KIND_STDIN and stdin_fd >= 0 and not stdin_eof:
+                        if frame.body:
+                            pending += frame.body
+                        else:
+                            stdin_eof = True
+                    elif frame.kind == KIND_CONTROL:
+                        _exec_control(frame.control(), proc.pid, -1)
+                arrived.clear()
                 if stdin_fd >= 0:
                     stdin_fd = self._push_stdin(stdin_fd, pending, stdin_eof, sel)
                     if stdin_fd < 0 and proc.stdin is not None:
@@ -620,6 +631,122 @@ class Worker:
         if timed_out:
             code = EXIT_TIMED_OUT
         return code, timed_out
+
+    def _pump_terminal(
+        self, proc: subprocess.Popen[bytes], master: int, timeout: float | None
+    ) -> tuple[int, bool]:
+        """Move bytes between the socket and the pty until the command exits.
+
+        The terminal merges stdout and stderr (as on any terminal and as ``docker -t``):
+        everything comes back as STDOUT frames. Stdin bytes go to the pty as typed, so
+        Ctrl-C (0x03) and Ctrl-Z (0x1a) become signals through the line discipline. The end
+        of the client's stdin ends nothing: a terminal has no end of input but ^D, which
+        arrives as a byte like any other.
+        """
+        deadline = time.monotonic() + timeout if timeout is not None else None
+        pidfd = os.pidfd_open(proc.pid)
+        sel = selectors.DefaultSelector()
+        sel.register(master, selectors.EVENT_READ)
+        sel.register(pidfd, selectors.EVENT_READ)
+        sel.register(self.conn, selectors.EVENT_READ)
+        pending = bytearray()
+        reading = True  # the pty still has a reader side open (EIO once every slave closed)
+        socket_registered = True
+        timed_out = False
+        exited = False
+        arrived = list(self.frames.frames())  # typed ahead (see _pump)
+        try:
+            while not exited:
+                wait = None
+                if deadline is not None:
+                    wait = max(0.0, deadline - time.monotonic())
+                if arrived:
+                    wait = 0.0
+                events = sel.select(wait)
+                if deadline is not None and time.monotonic() >= deadline:
+                    timed_out = True
+                    _kill_tree(proc.pid)
+                    deadline = None
+                for key, mask in events:
+                    if key.fd == pidfd:
+                        exited = True
+                    elif key.fd == master:
+                        if mask & selectors.EVENT_READ and reading:
+                            reading = self._forward_terminal(master)
+                        if pending:
+                            _write_some(master, pending)
+                    elif key.fileobj is self.conn:
+                        data = self.conn.recv(1024 * 1024)
+                        if not data:
+                            raise _Disconnected
+                        self.frames.feed(data)
+                        arrived.extend(self.frames.frames())
+                for frame in arrived:
+                    if frame.kind == KIND_STDIN:
+                        pending += frame.body
+                    elif frame.kind == KIND_CONTROL:
+                        _exec_control(frame.control(), proc.pid, master)
+                arrived.clear()
+                if pending:
+                    _write_some(master, pending)
+                events_wanted = selectors.EVENT_READ if reading else 0
+                if pending:
+                    events_wanted |= selectors.EVENT_WRITE
+                if master in sel.get_map():
+                    if events_wanted:
+                        sel.modify(master, events_wanted)
+                    else:
+                        sel.unregister(master)
+                elif events_wanted:
+                    sel.register(master, events_wanted)
+                over = len(pending) > STDIN_BUFFER_LIMIT
+                if over and socket_registered:
+                    sel.unregister(self.conn)
+                    socket_registered = False
+                elif not over and not socket_registered:
+                    sel.register(self.conn, selectors.EVENT_READ)
+                    socket_registered = True
+            # What the command wrote before exiting; background processes that still hold
+            # the terminal may write on, which is not part of this exec.
+            drained = 0
+            while reading and drained < TERMINAL_DRAIN_LIMIT:
+                before = drained
+                drained += self._forward_terminal_counted(master)
+                if drained == before:
+                    break
+            self.send_data(KIND_STDOUT, b"")
+            self.send_data(KIND_STDERR, b"")
+        finally:
+            sel.close()
+            os.close(pidfd)
+        status = proc.wait()
+        code = 128 - status if status < 0 else status
+        if timed_out:
+            code = EXIT_TIMED_OUT
+        return code, timed_out
+
+    def _forward_terminal(self, master: int) -> bool:
+        """Send what the pty has; False once no writer is left (EIO: every slave closed)."""
+        try:
+            data = os.read(master, MAX_DATA_SIZE)
+        except BlockingIOError:
+            return True
+        except OSError:  # EIO
+            return False
+        if not data:
+            return False
+        self.send_data(KIND_STDOUT, data)
+        return True
+
+    def _forward_terminal_counted(self, master: int) -> int:
+        """Send what the pty has buffered right now; the number of bytes sent (0: none)."""
+        try:
+            data = os.read(master, MAX_DATA_SIZE)
+        except OSError:  # EAGAIN (nothing buffered) or EIO (no writer left)
+            return 0
+        if data:
+            self.send_data(KIND_STDOUT, data)
+        return len(data)
 
     def _forward_output(self, fd: int, kind: int, sel: selectors.BaseSelector) -> bool:
         try:
@@ -655,6 +782,32 @@ class Worker:
                 sel.unregister(fd)
             return -1
         return fd
+
+
+def _write_some(fd: int, pending: bytearray) -> None:
+    """Write what the pty takes now; the rest stays in ``pending``."""
+    while pending:
+        try:
+            n = os.write(fd, pending)
+        except BlockingIOError:
+            return
+        except OSError:  # the terminal is gone (the command exited): drop the input
+            pending.clear()
+            return
+        del pending[:n]
+
+
+def _exec_control(request: Mapping[str, Any], pid: int, master: int) -> None:
+    """A control frame the client sent during an exec: kill, signal or resize."""
+    op = request.get("op")
+    if op == "kill":
+        _kill_tree(pid)
+    elif op == "signal":
+        signum = exec_signal(request.get("signum"))
+        if signum is not None:
+            _signal_command(pid, master, signum)
+    elif op == "resize" and master >= 0:
+        _set_terminal_size(master, terminal_size(request.get("rows"), request.get("cols")))
 
 
 def _op_exec_detached(worker: Worker, request: Mapping[str, Any]) -> bool | None:
@@ -721,6 +874,106 @@ _HANDLERS: dict[str, Any] = {
     "remove": Worker.op_remove,
     "symlink": Worker.op_symlink,
 }
+
+
+#: Bytes of terminal output still forwarded after the command exited: what it wrote just
+#: before exiting (a pty buffers a few KiB) and no more, because a background process that
+#: keeps the terminal could write forever.
+TERMINAL_DRAIN_LIMIT = 4 * MAX_DATA_SIZE
+
+#: TERM of a terminal exec when neither the image nor the exec sets one (as docker -t).
+TERMINAL_TYPE = "xterm"
+
+
+def _spawn(
+    argv: list[str],
+    cwd: str,
+    env: dict[str, str],
+    uid: int,
+    gid: int,
+    groups: list[int],
+    want_stdin: bool,
+    tty_size: tuple[int, int] | None,
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start the command of an exec: (process, pty master or -1).
+
+    With pipes (``tty_size`` None) the command leads a new process group. With a terminal
+    it leads a new session whose controlling terminal is a fresh pty of the sandbox's own
+    devpts, so the line discipline turns Ctrl-C and Ctrl-Z into signals for its foreground
+    process group and a resize into SIGWINCH, as on any terminal.
+    """
+    ids: dict[str, Any] = {
+        "user": uid if uid != 0 else None,
+        "group": gid if gid != 0 else None,
+        "extra_groups": groups or None,
+    }
+    if tty_size is None:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE if want_stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=cwd,
+            env=env,
+            process_group=0,
+            # No preexec_fn and, for root, no id changes: then CPython spawns with
+            # vfork(), which matters because this worker is a copy of a large process.
+            close_fds=True,
+            **ids,
+        )
+        return proc, -1
+    master, slave = os.openpty()
+    try:
+        _set_terminal_size(master, tty_size)
+        if uid != 0:
+            os.fchown(slave, uid, gid)  # the command's user owns its terminal
+        env.setdefault("TERM", TERMINAL_TYPE)
+        proc = subprocess.Popen(
+            argv,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+            # preexec_fn rules out vfork: a terminal exec pays for one fork of the worker.
+            preexec_fn=_take_controlling_terminal,
+            close_fds=True,
+            **ids,
+        )
+    except BaseException:
+        os.close(master)
+        raise
+    finally:
+        os.close(slave)
+    os.set_blocking(master, False)
+    return proc, master
+
+
+def _take_controlling_terminal() -> None:
+    """In the child, after setsid: make the pty on fd 0 the session's controlling terminal."""
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def _set_terminal_size(master: int, size: tuple[int, int]) -> None:
+    """TIOCSWINSZ on the pty: the kernel then sends SIGWINCH to its foreground group."""
+    rows, cols = size
+    with contextlib.suppress(OSError):
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _signal_command(pid: int, master: int, signum: int) -> None:
+    """Deliver a forwarded signal as a terminal would: to the terminal's foreground process
+    group (the job in front, under a shell), else to the command's own process group."""
+    group = pid
+    if master >= 0:
+        with contextlib.suppress(OSError):
+            group = os.tcgetpgrp(master)
+    try:
+        os.killpg(group, signum)
+    except (ProcessLookupError, PermissionError):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signum)
 
 
 def _raise_oom_score(pid: int) -> None:

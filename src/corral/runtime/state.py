@@ -109,6 +109,14 @@ class SandboxState:
     #: from the supervisor's ready message: {bind, host_port, guest_port, protocol}.
     published: list[dict[str, Any]] = field(default_factory=list)
     created_at: float = field(default_factory=time.time)
+    #: Remove the sandbox when it stops, or when the process that created it (``creator``:
+    #: its pid and start time) dies; the supervisor enforces it (it watches a pidfd).
+    auto_remove: bool = False
+    creator: list[int] | None = None
+    #: The network namespace the sandbox's host side lives in (the creator's): ``dev`` and
+    #: ``ino`` of its nsfs file and, when it has one, its ``path`` under /run/netns. gc
+    #: enters it to remove the veth, rules and nft table there.
+    host_netns: dict[str, Any] | None = None
     #: Filled in from the supervisor's ready message.
     init_pid: int | None = None
     channel_path: str | None = None

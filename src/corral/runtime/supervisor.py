@@ -227,6 +227,8 @@ class Supervisor:
         self._serve()
         self._release()
         self._finish(self.stop_reason or "stopped")
+        if self.state.get("auto_remove"):
+            self._remove_self()
         for client in self.stop_waiters:
             try:
                 client.setblocking(True)
@@ -406,6 +408,7 @@ class Supervisor:
             poller.register(pidfd, select.EPOLLIN)
         except (OSError, ValueError):
             self.stop_reason = self.stop_reason or "the sandbox's init was gone at start"
+        creator_fd = self._watch_creator(poller)
         clients: dict[int, tuple[_socket.socket, control.LineDecoder]] = {}
         while self.stop_reason is None:
             try:
@@ -422,15 +425,80 @@ class Supervisor:
                         pass
                 elif fd == pidfd:
                     self.stop_reason = self.stop_reason or "the sandbox's init exited"
+                elif fd == creator_fd:
+                    self.stop_reason = self.stop_reason or self._creator_gone()
                 elif fd in clients:
                     self._on_client(fd, poller, clients)
         if pidfd >= 0:
             os.close(pidfd)
+        if creator_fd >= 0:
+            os.close(creator_fd)
         for fd, (sock, _decoder) in clients.items():
             if sock not in self.stop_waiters:
                 sock.close()
             poller.unregister(fd)
         poller.close()
+
+    def _watch_creator(self, poller: select.epoll) -> int:
+        """A pidfd of the process that created an ``auto_remove`` sandbox, registered with
+        ``poller`` (it turns readable when that process exits); -1 when there is nothing to
+        watch. A creator that is already gone (or whose pid now names another process: the
+        start time differs) stops the sandbox at once."""
+        creator = self.state.get("creator")
+        if not self.state.get("auto_remove") or not isinstance(creator, list) or len(creator) != 2:
+            return -1
+        pid, start_time = int(creator[0]), int(creator[1])
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            self.stop_reason = self.stop_reason or self._creator_gone()
+            return -1
+        # Checked after opening: the pidfd then names this very process for good.
+        if procfs.live_start_time(pid) != start_time:
+            os.close(fd)
+            self.stop_reason = self.stop_reason or self._creator_gone()
+            return -1
+        poller.register(fd, select.EPOLLIN)
+        return fd
+
+    def _creator_gone(self) -> str:
+        creator = self.state.get("creator")
+        pid = creator[0] if isinstance(creator, list) and creator else "?"
+        return f"auto_remove: the process that created it (pid {pid}) exited"
+
+    def _remove_self(self) -> None:
+        """Delete this sandbox's directory (``auto_remove``), under the name's lock.
+
+        The directory is renamed into the trash at once (the name is free when this
+        supervisor exits) and deleted by a detached child at low priority, so that a
+        ``remove()`` waiting for this process does not also wait for the writable layer's
+        deletion. gc deletes what a killed deleter left in the trash.
+        """
+        from pathlib import Path
+
+        from corral.kernel.mountinfo import mounts_under
+        from corral.runtime import gc, state
+
+        directory = Path(self.state_dir)
+        name = str(self.state.get("name"))
+        try:
+            if state.sandbox_dir(name) != directory:
+                _log(f"auto_remove: {directory} is not where CORRAL_HOME keeps {name!r}; kept")
+                return
+            with state.name_lock(name):
+                recorded = state.read_supervisor_pid(directory)
+                if recorded is None or recorded[0] != os.getpid():
+                    return  # removed already, or the name went to a new sandbox
+                for point in mounts_under(directory):
+                    gc.unmount(point)
+                trash = directory.parent / gc.TRASH_DIR
+                trash.mkdir(mode=0o700, exist_ok=True)
+                target = trash / f"{directory.name}.{os.getpid()}.{os.urandom(4).hex()}"
+                directory.rename(target)
+        except (OSError, CorralError) as exc:
+            _log(f"auto_remove: removing {directory} failed: {exc}")
+            return
+        _delete_detached(str(target))
 
     def _accept(
         self, poller: select.epoll, clients: dict[int, tuple[_socket.socket, control.LineDecoder]]
@@ -539,6 +607,31 @@ class Supervisor:
     def _finish(self, reason: str) -> None:
         _write_file(os.path.join(self.state_dir, "stopped"), reason + "\n")
         _log(reason)
+
+
+#: Nice value of the process that deletes an auto-removed sandbox's directory: nobody waits
+#: for it, while the next create usually does (as gc.DELETER_NICE).
+DELETER_NICE = 19
+
+
+def _delete_detached(path: str) -> None:
+    """Delete the tree at ``path`` in a child that outlives this process (best effort)."""
+    try:
+        pid = os.fork()
+    except OSError:
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    if pid == 0:
+        try:
+            import shutil
+
+            os.setsid()
+            os.nice(DELETER_NICE)
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,8 @@ from corral.config import (
     validate_secrets,
 )
 from corral.errors import ConfigError, PermissionDenied, SandboxError
-from corral.runtime import control, gc, state
+from corral.kernel import procfs
+from corral.runtime import cgroupfs, control, gc, hostnetns, state
 from corral.runtime.channel import ChannelClient, ExecProcess, FileInfo
 from corral.runtime.volumes import Volume, check_volumes
 from corral.sdk import lifecycle
@@ -306,6 +307,17 @@ class ExecStream:
         task.add_done_callback(self._kills.discard)
         return task
 
+    async def send_signal(self, signum: int) -> None:
+        """Deliver ``signum`` to the command as a terminal would: with ``tty`` to the
+        terminal's foreground process group (the job in front of a shell), else to the
+        command's process group. What the command does with it is its business; ``wait()``
+        gives 128+N if it dies of it."""
+        await self._process.send_signal(signum)
+
+    async def resize(self, rows: int, cols: int) -> None:
+        """Change the window size of a ``tty`` exec's terminal (the command gets SIGWINCH)."""
+        await self._process.resize(rows, cols)
+
 
 class SandboxFs:
     """Files inside a sandbox, through the channel (``sb.fs``)."""
@@ -501,6 +513,7 @@ class Sandbox:
         cpus: float | int | str | None = None,
         memory: int | str | None = None,
         workdir: str | None = None,
+        auto_remove: bool = False,
         user: str | None = None,
         hostname: str | None = None,
         volumes: Iterable[str | Volume] | None = None,
@@ -515,6 +528,10 @@ class Sandbox:
         ``"256m"``; ``cpus`` a fraction of CPUs. Errors are one sentence (ConfigError for a bad
         argument, ImageError for the image, SandboxExists for a taken name, SandboxError or
         NetworkError for a failed start) and leave nothing behind.
+
+        ``auto_remove=True``: the sandbox is removed as soon as it stops (for any reason) or
+        the process that created it dies, however it dies (SIGKILL included). Its supervisor
+        watches this process through a pidfd, so it holds even when no ``finally`` runs.
         """
         state.validate_name(name)
         if not isinstance(image, str) or not image:
@@ -532,6 +549,8 @@ class Sandbox:
         cpu_count = parse_cpus(cpus)
         if workdir is not None and (not isinstance(workdir, str) or not workdir.startswith("/")):
             raise ConfigError("workdir", f"{workdir!r} is not an absolute path")
+        if not isinstance(auto_remove, bool):
+            raise ConfigError("auto_remove", f"{auto_remove!r} is not True or False")
         options = _launch_options(user, hostname, volumes)
         check_privileges()
 
@@ -546,8 +565,12 @@ class Sandbox:
                 memory_bytes,
                 workdir,
             )
-            values = {e.env_var: str(e.value) for e in resolved_secrets}
-            return _start(dataclasses.replace(prepared, **options), values)
+            prepared = dataclasses.replace(prepared, **options)
+            if auto_remove:
+                prepared = dataclasses.replace(
+                    prepared, auto_remove=True, creator=[os.getpid(), procfs.own_start_time()]
+                )
+            return _start(prepared, {e.env_var: str(e.value) for e in resolved_secrets})
 
         return cls(await in_caller_netns(prepare_and_start, undo=_abandon))
 
@@ -669,18 +692,39 @@ class Sandbox:
         cwd: str | None = None,
         timeout: float | None = None,
         stdin: bytes | str | AsyncIterable[bytes] | None = None,
+        tty: bool = False,
+        tty_size: tuple[int, int] | None = None,
         user: str | None = None,
     ) -> ExecStream:
         """Start ``cmd args...`` in the sandbox and stream its output (see ExecStream).
-        ``user`` runs it as another user than the sandbox's (a name, uid or uid:gid)."""
+
+        ``tty=True`` gives the command a terminal of its own (a pty in the sandbox, window
+        ``tty_size`` = (rows, cols), default 24x80): its stdout and stderr both arrive as
+        ``"stdout"`` chunks, with the terminal's line endings (``\\r\\n``); stdin bytes are
+        typed into it (``b"\\x03"`` is Ctrl-C). ``user`` runs it as another user than the
+        sandbox's (a name, uid or uid:gid).
+        """
         argv = _exec_argv(cmd, args)
         timeout = check_timeout(timeout)
+        if tty_size is not None and not tty:
+            raise ConfigError("tty_size", "is only meaningful with tty=True")
         client = await self._channel()
         payload = stdin.encode() if isinstance(stdin, str) else stdin
-        process = await client.exec(
-            argv, env=_check_env(env) or None, cwd=cwd, stdin=payload, timeout=timeout,
-            user=_check_user(user),
-        )  # fmt: skip
+        try:
+            process = await client.exec(
+                argv,
+                env=_check_env(env) or None,
+                cwd=cwd,
+                stdin=payload,
+                timeout=timeout,
+                tty=tty,
+                tty_size=tty_size,
+                user=_check_user(user),
+            )
+        except SandboxError as exc:
+            if str(exc).startswith("tty_size"):
+                raise ConfigError("tty_size", str(exc).partition(" ")[2]) from None
+            raise
         return ExecStream(process, argv, self._oom_kills)
 
     async def exec_detached(
@@ -717,8 +761,9 @@ class Sandbox:
 
         try:
             record = (self._directory / CGROUP_RECORD).read_text()
+            cgroupfs.ensure()  # another process's sandbox, seen from under ip netns exec
             return Cgroup.from_json(record).oom_kills()
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, SandboxError):
             return 0
 
     async def exec(
@@ -730,12 +775,16 @@ class Sandbox:
         cwd: str | None = None,
         timeout: float | None = None,
         stdin: bytes | str | AsyncIterable[bytes] | None = None,
+        tty: bool = False,
+        tty_size: tuple[int, int] | None = None,
         user: str | None = None,
     ) -> ExecResult:
-        """Run ``cmd args...`` to completion; stdout and stderr are collected separately."""
+        """Run ``cmd args...`` to completion; stdout and stderr are collected separately
+        (with ``tty=True`` both are the terminal's output, in ``stdout``)."""
         stream = await self.exec_stream(
-            cmd, args, env=env, cwd=cwd, timeout=timeout, stdin=stdin, user=user
-        )
+            cmd, args, env=env, cwd=cwd, timeout=timeout, stdin=stdin, tty=tty, tty_size=tty_size,
+            user=user,
+        )  # fmt: skip
         out: list[bytes] = []
         err: list[bytes] = []
         async for which, data in stream:
@@ -1029,6 +1078,10 @@ def _start(
     in the state directory that it reads and unlinks before anything else (never in
     state.json; see docs/network.md "Secrets: where values live")."""
     name = new_state.name
+    # Where this thread's mount namespace shows no cgroup hierarchy (ip netns exec), mount
+    # it now, so that the note about it comes from the creating process.
+    cgroupfs.ensure()
+    new_state = dataclasses.replace(new_state, host_netns=hostnetns.identify())
     with state.name_lock(name):
         directory = state.sandbox_dir(name)
         if directory.exists() and state.status(directory) == state.CRASHED:
@@ -1078,6 +1131,10 @@ def _restart(name: str) -> state.SandboxState:
             gc.release_leftovers(name, directory)
         for leftover in (state.STOPPED_FILE, state.PID_FILE, state.CONTROL_SOCKET):
             (directory / leftover).unlink(missing_ok=True)
+        # The network is built where this start runs, which may be another namespace.
+        cgroupfs.ensure()
+        sandbox_state = dataclasses.replace(sandbox_state, host_netns=hostnetns.identify())
+        state.write_state(directory, sandbox_state)
         try:
             ready = lifecycle.spawn_supervisor(directory)
         except BaseException:

@@ -88,6 +88,12 @@ class ExecStream:
         ``wait()`` then returns 137."""
         _run(_kill(self._stream))
 
+    def send_signal(self, signum: int) -> None:
+        _run(self._stream.send_signal(signum))
+
+    def resize(self, rows: int, cols: int) -> None:
+        _run(self._stream.resize(rows, cols))
+
     @property
     def timed_out(self) -> bool:
         return self._stream.timed_out
@@ -202,6 +208,7 @@ class Sandbox:
         cpus: float | int | str | None = None,
         memory: int | str | None = None,
         workdir: str | None = None,
+        auto_remove: bool = False,
         user: str | None = None,
         hostname: str | None = None,
         volumes: Iterable[str | Volume] | None = None,
@@ -220,6 +227,7 @@ class Sandbox:
                     cpus=cpus,
                     memory=memory,
                     workdir=workdir,
+                    auto_remove=auto_remove,
                     user=user,
                     hostname=hostname,
                     volumes=volumes,
@@ -267,11 +275,16 @@ class Sandbox:
         cwd: str | None = None,
         timeout: float | None = None,
         stdin: bytes | str | AsyncIterable[bytes] | None = None,
+        tty: bool = False,
+        tty_size: tuple[int, int] | None = None,
         user: str | None = None,
     ) -> ExecResult:
         return _run(
-            self._inner.exec(cmd, args, env=env, cwd=cwd, timeout=timeout, stdin=stdin, user=user)
-        )
+            self._inner.exec(
+                cmd, args, env=env, cwd=cwd, timeout=timeout, stdin=stdin, tty=tty,
+                tty_size=tty_size, user=user,
+            )
+        )  # fmt: skip
 
     def exec_stream(
         self,
@@ -282,15 +295,18 @@ class Sandbox:
         cwd: str | None = None,
         timeout: float | None = None,
         stdin: bytes | str | AsyncIterable[bytes] | None = None,
+        tty: bool = False,
+        tty_size: tuple[int, int] | None = None,
         user: str | None = None,
     ) -> ExecStream:
         return ExecStream(
             _run(
                 self._inner.exec_stream(
-                    cmd, args, env=env, cwd=cwd, timeout=timeout, stdin=stdin, user=user
+                    cmd, args, env=env, cwd=cwd, timeout=timeout, stdin=stdin, tty=tty,
+                    tty_size=tty_size, user=user,
                 )
             )
-        )
+        )  # fmt: skip
 
     def exec_detached(
         self,
