@@ -11,6 +11,7 @@ alert toward the guest and an audit event, never a downgrade.
 
 from __future__ import annotations
 
+import ipaddress
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.config import NetworkConfig, TLSConfig
+from corral.config import NetworkConfig, PolicyRule, TLSConfig
 from tests.integration.test_net_datapath import (  # noqa: F401 - fixtures
     MakeNet,
     events,
@@ -335,3 +336,36 @@ def test_block_quic_drops_udp_to_intercepted_ports(
         assert any("block_quic" in str(e["reason"]) for e in events(n))
     else:
         assert out == "OK quic?", out
+
+
+def test_deny_response_answers_default_egress_denials_readably(
+    make_net: MakeNet, tls_servers: Path, certs: Path, tmp_path: Path
+) -> None:
+    """Only good.test is allowed (a domain rule; its address pinned as the DNS interceptor
+    would): a request naming another host on the same address is refused by the default
+    egress and answered 403 with a text naming the host and the rule to add, over HTTPS
+    (intercepted with a leaf for that name, h2 and HTTP/1.1) and plain HTTP alike."""
+    cfg = NetworkConfig(
+        rules=[PolicyRule(action="allow", destination=NAME, protocols=["tcp"], ports=["80", "443"])],
+        default_egress="deny",
+        tls=TLSConfig(upstream_ca_certs=[str(certs / "ca.pem")]),
+        deny_response="text",
+    )  # fmt: skip
+    n = make_net(cfg)
+    address = ipaddress.ip_address(SERVER_V4)
+    n.call(lambda: n.net.pinned(n.net.pins.add([NAME], [address], 300)))
+    ca = sandbox_ca(n, tmp_path)
+    other = f"api.{NAME}"
+    assert lines(curl(n, ca, f"https://{NAME}/")) == [f"hello {NAME} h2", "2 200"]  # control
+    for version, shown in (("--http2", "2 403"), ("--http1.1", "1.1 403")):
+        out = n.run(["curl", "-sS", "-m", "10", "--cacert", str(ca), "--resolve",
+                     f"{other}:443:{SERVER_V4}", "-w", "\\n%{http_version} %{http_code}",
+                     version, f"https://{other}/"])  # fmt: skip
+        got = lines(out)
+        assert got[-1] == shown, (out.stdout, out.stderr)
+        assert f"corral blocked this request to {other}" in got[0], got
+        assert f"--rule allow@{other}:tcp:443" in out.stdout
+    out = n.run(["curl", "-sS", "-m", "10", "-H", f"Host: {other}", "-w", "\\n%{http_code}",
+                 f"http://{SERVER_V4}/"])  # fmt: skip
+    assert lines(out)[-1] == "403" and f"request to {other}" in out.stdout, out.stdout
+    assert any(e["action"] == "deny" and e["revealed"] == other for e in events(n))

@@ -217,10 +217,14 @@ class TcpProxy:
             self.gate.release()
             raise
         guest.setblocking(False)
-        if verdict.wait_for_name or (
-            verdict.allowed
-            and self.tls is not None
-            and (self.tls.settings.intercepts(port) or bool(self.tls.settings.secrets))
+        if (
+            verdict.wait_for_name
+            or (
+                verdict.allowed
+                and self.tls is not None
+                and (self.tls.settings.intercepts(port) or bool(self.tls.settings.secrets))
+            )
+            or self._answers_denial(verdict)
         ):
             self._hold(guest, str(source), dst, port, verdict)
             return
@@ -392,6 +396,9 @@ class TcpProxy:
             if dial is not None:
                 self._dials.discard(dial)
                 self._close_dial_socket(dial)
+            held.dial = None
+            if self._answers_denial(verdict) and self._answer_denial(held, verdict, first):
+                return
             reset(held.guest)
             self.gate.release()
             return
@@ -472,6 +479,46 @@ class TcpProxy:
             self._drop_held(held)
             return True
         return False
+
+    def _answers_denial(self, verdict: FlowVerdict) -> bool:
+        """``deny_response`` is set (with interception on) and the flow was refused by the
+        default egress: the guest gets a readable 403 instead of a reset (SPEC "Readable
+        denials"; explicit deny rules and the data path's own denials still reset)."""
+        return (
+            self.tls is not None
+            and self.tls.settings.deny_response is not None
+            and not verdict.allowed
+            and verdict.rule is None
+            and verdict.reason.startswith("no rule matched")
+        )
+
+    def _answer_denial(self, held: _Held, verdict: FlowVerdict, first: bytes) -> bool:
+        """Answer a denied HTTP request (plain, or TLS on an intercepted port with a
+        usable SNI); False for anything else (it is reset)."""
+        assert self.tls is not None
+        found = held.reader.result() or held.reader.finish()
+        if not found.valid:
+            return False
+        if (
+            found.protocol == "tls"
+            and found.name is not None
+            and self.tls.settings.intercepts(held.port)
+        ):
+            sni: str | None = found.name
+        elif found.protocol == "http1":
+            sni = None
+        else:
+            return False
+        self.tls.answer_denial(
+            Accepted(
+                guest=held.guest, source=held.source, destination=held.dst, port=held.port,
+                target=held.dst, sni=sni, alpn=found.alpn, first=first, pinned=False,
+                upstream=None, shown=found.name,
+            ),
+            verdict.reason,
+            self.gate.release,
+        )  # fmt: skip
+        return True
 
     def _take_dial(self, held: _Held) -> socket.socket | None:
         """The early dial's socket when it is connected (the hold's reader removed), for a

@@ -96,6 +96,10 @@ HIGH_WATER = 1 << 20
 #: the plaintext record a server sends in answer to a ClientHello.
 HANDSHAKE_FAILURE_ALERT = b"\x15\x03\x03\x00\x02\x02\x28"
 
+#: Request head read before a readable denial is sent (the request is only read to be answered
+#: in order; nothing of it goes anywhere). 64 KiB, the HTTP/1 rewriter's own head bound.
+MAX_DENIED_HEAD = 64 * 1024
+
 #: Upstream TLS sessions kept for resumption, one per (name, address, port, offered ALPN).
 #: A resumed upstream handshake skips the certificate chain and its verification (the
 #: session was verified when it was made) and the server's signature: measured ~0.6 ms of
@@ -200,6 +204,7 @@ class Accepted:
     first: bytes
     pinned: bool  # the sandbox's DNS returned the destination for the SNI
     upstream: socket.socket | None  # connected early by the proxy, or None
+    shown: str | None = None  # the name the connection revealed (plain HTTP's Host), for texts
 
 
 class TlsInterceptor:
@@ -249,6 +254,83 @@ class TlsInterceptor:
         task = loop.create_task(conn.plain())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def answer_denial(self, a: Accepted, reason: str, done: Callable[[], None]) -> None:
+        """``deny_response``: answer a connection the verdict refused by default egress with
+        a readable 403 instead of a reset (SPEC "Readable denials"). ``a.sni`` set: TLS on
+        an intercepted port, terminated with a leaf for the SNI (nothing is dialled);
+        None: plain HTTP, whose request head is ``a.first``. Nothing goes upstream."""
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._answer_denial(a, reason, done))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer_denial(self, a: Accepted, reason: str, done: Callable[[], None]) -> None:
+        from corral.net.http1_rewriter import deny_response
+        from corral.net.http2_rewriter import Http2DenialResponder
+
+        loop = asyncio.get_running_loop()
+        host = a.sni or a.shown or str(a.destination)
+        hint = (
+            f"add the rule --rule allow@{host}:tcp:{a.port} (CLI), or PolicyRule(action="
+            f"'allow', destination='{host}', protocol='tcp', port='{a.port}') (SDK)"
+        )
+        fmt = self.settings.deny_response or "text"
+        response = deny_response(host, fmt=fmt, reason=reason, how_to_allow=hint)
+        graceful = False
+        try:
+            async with asyncio.timeout(self.handshake_timeout):
+                if a.sni is None:
+                    await loop.sock_sendall(a.guest, response)
+                    graceful = True
+                    return
+                alpn = "h2" if "h2" in a.alpn else ("http/1.1" if "http/1.1" in a.alpn else None)
+                inb, outb = ssl.MemoryBIO(), ssl.MemoryBIO()
+                tls = self.settings.leaves.server_context(a.sni, alpn).wrap_bio(
+                    inb, outb, server_side=True
+                )
+                inb.write(a.first)
+                end = _End("guest", a.guest, tls, inb, outb)
+                await _handshake(loop, end)
+                head, _, body = response.partition(b"\r\n\r\n")
+                if alpn == "h2":
+                    ctype = next(
+                        (line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+                         if line.lower().startswith(b"content-type:")),
+                        b"text/plain; charset=utf-8",
+                    )  # fmt: skip
+                    responder = Http2DenialResponder(body, content_type=ctype)
+                    await _tls_send(loop, end, responder.start().to_guest)
+                    while True:
+                        data = await _tls_recv(loop, end)
+                        if not data:
+                            break
+                        out = responder.receive_guest(data)
+                        await _tls_send(loop, end, out.to_guest)
+                        if out.close is not None:
+                            break
+                else:
+                    seen = b""
+                    while b"\r\n\r\n" not in seen and len(seen) < MAX_DENIED_HEAD:
+                        data = await _tls_recv(loop, end)
+                        if not data:
+                            break
+                        seen += data
+                    await _tls_send(loop, end, response)
+                with contextlib.suppress(ssl.SSLError, ValueError):
+                    end.tls.unwrap()  # type: ignore[union-attr]
+                with contextlib.suppress(OSError):
+                    await loop.sock_sendall(a.guest, outb.read())
+                graceful = True
+        except (TimeoutError, OSError, ssl.SSLError):
+            pass
+        finally:
+            if a.guest.fileno() >= 0:
+                if graceful:
+                    a.guest.close()
+                else:
+                    reset(a.guest)
+            done()
 
     def scan_first_flight(self, a: Accepted) -> bool:
         """A connection that is spliced (not HTTP, not intercepted) while secrets exist:
@@ -384,6 +466,57 @@ class _Out:
     passed: tuple[PlaceholderPassed, ...] = ()
     close: str | None = None
     shutdown_upstream: bool = False
+
+
+async def _handshake(loop: asyncio.AbstractEventLoop, end: _End) -> None:
+    """Run ``end``'s TLS handshake over its socket (bytes already read are in its BIO)."""
+    assert end.tls is not None
+    while True:
+        try:
+            end.tls.do_handshake()
+            await _send_out(loop, end)
+            return
+        except ssl.SSLWantReadError:
+            await _send_out(loop, end)
+            data = await loop.sock_recv(end.sock, RECV_SIZE)
+            if data:
+                end.incoming.write(data)
+            else:
+                end.incoming.write_eof()
+        except ssl.SSLError:
+            with contextlib.suppress(OSError):
+                await _send_out(loop, end)  # our alert, if OpenSSL made one
+            raise
+
+
+async def _send_out(loop: asyncio.AbstractEventLoop, end: _End) -> None:
+    data = end.outgoing.read()
+    if data:
+        await loop.sock_sendall(end.sock, data)
+
+
+async def _tls_send(loop: asyncio.AbstractEventLoop, end: _End, data: bytes) -> None:
+    assert end.tls is not None
+    if data:
+        end.tls.write(data)
+    await _send_out(loop, end)
+
+
+async def _tls_recv(loop: asyncio.AbstractEventLoop, end: _End) -> bytes:
+    """Plaintext from ``end`` (b"" at its end), for the short-lived denial answers."""
+    assert end.tls is not None
+    while True:
+        try:
+            return end.tls.read(READ_SIZE)
+        except ssl.SSLWantReadError:
+            await _send_out(loop, end)
+            data = await loop.sock_recv(end.sock, RECV_SIZE)
+            if data:
+                end.incoming.write(data)
+            else:
+                end.incoming.write_eof()
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            return b""
 
 
 class _HandshakeRefused(Exception):
@@ -547,28 +680,7 @@ class _Connection:
         return sock
 
     async def _do_handshake(self, end: _End) -> None:
-        assert end.tls is not None
-        while True:
-            try:
-                end.tls.do_handshake()
-                await self._send_all(end)
-                return
-            except ssl.SSLWantReadError:
-                await self._send_all(end)
-                data = await self.loop.sock_recv(end.sock, RECV_SIZE)
-                if not data:
-                    end.incoming.write_eof()
-                else:
-                    end.incoming.write(data)
-            except ssl.SSLError:
-                with contextlib.suppress(OSError):
-                    await self._send_all(end)  # our alert, if OpenSSL made one
-                raise
-
-    async def _send_all(self, end: _End) -> None:
-        data = end.outgoing.read()
-        if data:
-            await self.loop.sock_sendall(end.sock, data)
+        await _handshake(self.loop, end)
 
     def _refuse(self) -> None:
         """Answer the guest's ClientHello with a fatal alert, then close everything."""
