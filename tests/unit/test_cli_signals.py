@@ -67,7 +67,8 @@ def test_terminal_size_falls_back_to_24x80_outside_struct_winsize(
 
 
 @pytest.mark.parametrize(("value", "expected"), [(2, 2), (15, 15), (64, 64), (0, None),
-                                                 (65, None), ("9", None), (True, None)])  # fmt: skip
+                                                 (65, None), ("9", None), (True, None),
+                                                 (signal.SIGHUP, 1)])  # fmt: skip
 def test_exec_signal_accepts_linux_signal_numbers_only(value: object, expected: int | None) -> None:
     assert channel_wire.exec_signal(value) == expected
 
