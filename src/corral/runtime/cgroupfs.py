@@ -15,6 +15,10 @@ elsewhere, else the kernel refuses with EBUSY; co-mounted controllers get system
 cgroups, so the paths corral records (``/sys/fs/cgroup/memory/...``) name the same
 directories in this namespace and in the host's, and gc works from either.
 
+corral does not borrow another namespace's view instead (``/proc/<pid>/root/sys/fs/cgroup``
+of a process that sees the hierarchy): the paths it records would then hold only while that
+process lives, and on this machine pid 1's root is not even readable by root.
+
 The mounts stay private: under ``ip netns exec`` the namespace is the command's own and goes
 away with it. corral refuses to mount when the mount it would mount on is *shared* (its
 events propagate to other namespaces, such as a container's /sys shared with the host):
@@ -27,11 +31,9 @@ reads /proc and mounts.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
-import logging
 import os
-import threading
-from dataclasses import dataclass
 
 from corral.errors import SandboxError
 from corral.kernel.mountinfo import unescape
@@ -50,27 +52,48 @@ UNIFIED_DIR = "unified"
 #: mount(2) flags of every mount made here: cgroupfs and the tmpfs hold no programs or devices.
 _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8
 
-log = logging.getLogger("corral")
+#: Name of the logger the note goes to (``logging`` is imported only to write it: it costs
+#: 6 ms of every supervisor's start-up here, and the note is rare).
+LOGGER = "corral"
 
 
-@dataclass(frozen=True)
 class HierarchyMount:
     """One mount to make: ``fstype`` with ``options`` on ``target``, then ``links`` (names in
-    the target's parent directory that point to it, for co-mounted v1 controllers)."""
+    the target's parent directory that point to it, for co-mounted v1 controllers).
 
-    target: str
-    fstype: str  # "tmpfs" | "cgroup" | "cgroup2"
-    options: str
-    links: tuple[str, ...] = ()
+    A plain class, as :class:`MountEntry`: this module is imported by every supervisor's
+    fork server, and a dataclass costs a millisecond to create there."""
+
+    __slots__ = ("fstype", "links", "options", "target")
+
+    def __init__(self, target: str, fstype: str, options: str, links: tuple[str, ...] = ()):
+        self.target = target
+        self.fstype = fstype  # "tmpfs" | "cgroup" | "cgroup2"
+        self.options = options
+        self.links = links
+
+    def _key(self) -> tuple[str, str, str, tuple[str, ...]]:
+        return (self.target, self.fstype, self.options, self.links)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, HierarchyMount) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"HierarchyMount{self._key()!r}"
 
 
-@dataclass(frozen=True)
 class MountEntry:
     """The fields of one /proc/self/mountinfo line that matter here."""
 
-    point: str
-    fstype: str
-    shared: bool  # the mount is in a peer group: mounts below it propagate elsewhere
+    __slots__ = ("fstype", "point", "shared")
+
+    def __init__(self, point: str, fstype: str, shared: bool):
+        self.point = point
+        self.fstype = fstype
+        self.shared = shared  # in a peer group: mounts below it propagate elsewhere
 
 
 def parse_mountinfo(text: bytes) -> list[MountEntry]:
@@ -173,7 +196,7 @@ def describe(plan: list[HierarchyMount]) -> str:
     return ", ".join(os.path.basename(m.target) or m.target for m in plan if m.fstype != "tmpfs")
 
 
-_lock = threading.Lock()
+_lock = _thread.allocate_lock()  # _thread: threading costs every supervisor 1.5 ms to import
 _done: set[tuple[int, int, str]] = set()
 
 
@@ -207,7 +230,9 @@ def ensure(root: str = "/sys/fs/cgroup") -> str | None:
                 "namespace (as under `ip netns exec`, which mounts a fresh /sys); corral "
                 f"mounted {describe(plan)} there, in this mount namespace only"
             )
-            log.warning(note)
+            import logging
+
+            logging.getLogger(LOGGER).warning(note)
         _done.add(key)
         return note
 

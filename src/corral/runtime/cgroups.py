@@ -33,6 +33,7 @@ from pathlib import Path
 
 from corral.errors import SandboxError
 from corral.kernel import procfs
+from corral.runtime import cgroupfs
 
 #: Where the cgroup filesystems are mounted on every mainstream distribution.
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -205,8 +206,6 @@ def plan(name: str, root: Path = CGROUP_ROOT, proc_self_cgroup: str | None = Non
     """Where the cgroup named ``name`` goes; touches nothing, except that at the default
     root a hierarchy missing from this mount namespace is mounted first (cgroupfs.ensure)."""
     if root == CGROUP_ROOT:
-        from corral.runtime import cgroupfs
-
         cgroupfs.ensure(str(root))
     if proc_self_cgroup is None:
         proc_self_cgroup = Path("/proc/self/cgroup").read_text()
