@@ -30,6 +30,9 @@ DEV = "dev"
 INO = "ino"
 PATH = "path"
 
+#: Names of the sandboxes' own network namespaces (net/plumbing.py names them corral-<id>).
+SANDBOX_NETNS_PREFIX = "corral-"
+
 
 def identity_of(path: str) -> tuple[int, int] | None:
     """(st_dev, st_ino) of the namespace file ``path``; None if it cannot be read."""
@@ -46,7 +49,11 @@ def identify(path: str = netns.THREAD_NETNS) -> dict[str, object]:
     if found is None:
         raise OSError(f"cannot read the network namespace {path}")
     record: dict[str, object] = {DEV: found[0], INO: found[1], PATH: None}
+    # Sandboxes' own namespaces (corral-*) are skipped: nobody creates sandboxes from inside
+    # one, and with hundreds of sandboxes the stats would add up on every create.
     for candidate in _named():
+        if os.path.basename(candidate).startswith(SANDBOX_NETNS_PREFIX):
+            continue
         if identity_of(candidate) == found:
             record[PATH] = candidate
             break
