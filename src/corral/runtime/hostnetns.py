@@ -13,8 +13,9 @@ descriptor of it, or a bind mount of it (``ip netns add``). :func:`locate` tries
 that order of cost: the recorded path, every /run/netns name, the calling thread's own
 namespace, every process's ``ns/net``, every process's open descriptors. When none of them
 is the namespace, it is gone, and the kernel took the links, rules and tables in it along.
-(A bind mount that only another mount namespace can see is not searched: such a namespace
-is alive but out of reach, and gc says so rather than guessing.)
+Partial: a bind mount that only another mount namespace can see is not searched. Such a
+namespace is alive but out of reach; gc then treats it as gone: it claims to have removed
+nothing in it, but it does forget it (with the sandbox's state).
 """
 
 from __future__ import annotations
