@@ -369,3 +369,76 @@ def test_deny_response_answers_default_egress_denials_readably(
                  f"http://{SERVER_V4}/"])  # fmt: skip
     assert lines(out)[-1] == "403" and f"request to {other}" in out.stdout, out.stdout
     assert any(e["action"] == "deny" and e["revealed"] == other for e in events(n))
+
+
+#: A DNS server of this module's own, authoritative for good.test (CONNECT names are resolved
+#: through the sandbox's DNS interceptor, which asks it).
+CONNECT_DNS_V4 = "203.0.113.55"
+
+
+@pytest.fixture(scope="module")
+def good_test_dns(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from tests.support.dns_server import start_dns_server
+
+    if f"{CONNECT_DNS_V4}/32" not in world.extra_addresses:
+        world.add_server_address(f"{CONNECT_DNS_V4}/32")
+    zones = {"zones": ["good.test"], "records": [[NAME, "A", 300, SERVER_V4]]}
+    server = start_dns_server(
+        world.spawn_inet, [CONNECT_DNS_V4], zones, tmp_path_factory.mktemp("tls-dns"),
+        stop=world.stop_process,
+    )  # fmt: skip
+    try:
+        yield CONNECT_DNS_V4
+    finally:
+        server.stop()
+
+
+PROXY_ECHO = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], 3128), timeout=10)
+s.sendall(b"CONNECT " + sys.argv[2].encode() + b" HTTP/1.1\\r\\nHost: " + sys.argv[2].encode() + b"\\r\\n\\r\\n")
+head = b""
+while b"\\r\\n\\r\\n" not in head:
+    head += s.recv(4096)
+print(head.split(b"\\r\\n")[0].decode())
+if b" 200 " in head:
+    s.sendall(b"through the tunnel")
+    print(s.recv(100).decode())
+"""
+
+
+def test_http_connect_to_the_gateway_is_decided_and_intercepted(
+    make_net: MakeNet, tls_servers: Path, certs: Path, tmp_path: Path, good_test_dns: str
+) -> None:
+    from corral.config import DNSConfig
+
+    tls = TLSConfig(upstream_ca_certs=[str(certs / "ca.pem")])
+    n = make_net(
+        NetworkConfig(policy="public-only", tls=tls, dns=DNSConfig(nameservers=[good_test_dns]))
+    )
+    ca = sandbox_ca(n, tmp_path)
+    proxy = f"http://{n.net.gateway_ipv4}:3128"
+    # The authority is resolved by the sandbox's DNS and the tunnel's TLS is intercepted.
+    for version, shown in (
+        ("--http2", [f"hello {NAME} h2", "2 200"]),
+        ("--http1.1", [f"hello {NAME} http/1.1", "1.1 200"]),
+    ):
+        out = n.run(["curl", "-sS", "-m", "10", "--cacert", str(ca), "-x", proxy, version,
+                     "-w", "\\n%{http_version} %{http_code}", f"https://{NAME}/"])  # fmt: skip
+        assert lines(out) == shown, (out.stdout, out.stderr)
+    assert n.net.pins.names_for(ipaddress.ip_address(SERVER_V4)) == {NAME}
+    # A tunnel the policy refuses (a private address under public-only): 403, nothing dialled.
+    out = n.run(["curl", "-sS", "-m", "10", "--cacert", str(ca), "-x", proxy, "https://10.77.0.1/"])
+    assert out.returncode != 0 and "403" in out.stderr, out.stderr
+    # TLS in the tunnel must name the authority.
+    out = n.run(["openssl", "s_client", "-proxy", f"{n.net.gateway_ipv4}:3128", "-connect",
+                 f"{NAME}:443", "-servername", f"api.{NAME}", "-CAfile", str(ca)],
+                input="", timeout=30, errors="replace")  # fmt: skip
+    assert "no peer certificate available" in out.stdout, out.stdout
+    assert any("is not its authority" in str(e["reason"]) for e in events(n))
+    # A port that is not intercepted: spliced (the world's TCP echo).
+    out = n.run([sys.executable, "-c", PROXY_ECHO, str(n.net.gateway_ipv4), f"{SERVER_V4}:7"])
+    assert lines(out) == ["HTTP/1.1 200 Connection established", "through the tunnel"], out.stderr
+    # Not CONNECT: refused with a sentence.
+    out = n.run(["curl", "-sS", "-m", "5", f"{proxy}/"])
+    assert "CONNECT only" in out.stdout, out.stdout

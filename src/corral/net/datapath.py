@@ -43,7 +43,7 @@ from corral.net.secrets import SecretTable
 from corral.net.splice import PipePool
 from corral.net.tcp_proxy import CONNECT_TIMEOUT, TcpProxy
 from corral.net.tls_ca import GUEST_BUNDLE_PATHS, GUEST_CA_ANCHORS, GuestTrust, read_host_bundle
-from corral.net.tls_interceptor import TlsInterceptor, TlsSettings
+from corral.net.tls_interceptor import CONNECT_PROXY_PORT, TlsInterceptor, TlsSettings
 from corral.net.udp_relay import UdpRelay
 from corral.policy import Policy
 from corral.policy.pins import PinSet
@@ -318,6 +318,9 @@ class SandboxNetwork:
                 self.tls_settings, self._audit, connect_timeout=self.connect_timeout,
                 on_terminate=self._terminate,
             )  # fmt: skip
+            # CONNECT names are resolved the way the guest would: a query from the guest's
+            # own address in its netns to the sandbox's DNS interceptor (policy, pins).
+            interceptor.resolver_at = (names.netns_path, slot.guest_ipv4, slot.gateway_ipv4)
         self.tcp = TcpProxy(
             self.gate, guests, gateways, pipes=pipes, connect_timeout=self.connect_timeout,
             tls=interceptor,
@@ -363,6 +366,7 @@ class SandboxNetwork:
             candidate = compile_prefilter(
                 policy.rules, policy.default_egress, policy.host,
                 pools=pools, gateways=gateways, ipv6=slot.ipv6 is not None,
+                connect_port=CONNECT_PROXY_PORT if self.tls_settings is not None else None,
             )  # fmt: skip
             log_group = nflog.group_for(slot.number)
             try:

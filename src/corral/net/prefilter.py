@@ -177,6 +177,7 @@ def compile_prefilter(
     ipv6: bool = True,
     max_checks: int = MAX_CHECKS,
     tls_interception: bool = False,
+    connect_port: int | None = None,
 ) -> Prefilter:
     """The prefilter of an expanded rule list (``Policy.rules``, ``Policy.default_egress``,
     ``Policy.host``); ``pools`` and ``gateways`` as the gate has them."""
@@ -204,6 +205,15 @@ def compile_prefilter(
     checks: list[Check] = [
         Check(6, "delegated6", both, (), False, None, "embedded IPv4: the proxy decides")
     ]
+    if connect_port is not None:
+        # corral's own CONNECT proxy on the gateway (TLS interception): the proxy decides
+        # (it serves the gateway's port itself; any other host address there is decided as
+        # usual, by the proxy instead of the kernel).
+        for version in versions:
+            checks.append(
+                Check(version, _set_name(version, Group.HOST), ("tcp",),
+                      ((connect_port, connect_port),), False, None, "the CONNECT proxy decides")
+            )  # fmt: skip
     if not tls_interception:
         port = verdict.DOT_PORT
         checks.append(Check(None, None, ("tcp",), ((port, port),), True, None, verdict.DOT_REFUSED))

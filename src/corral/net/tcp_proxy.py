@@ -41,7 +41,12 @@ import socket
 from corral.net.gate import FlowGate, FlowVerdict, IPAddress
 from corral.net.sniff import FIRST_FLIGHT_TIMEOUT, MAX_FIRST_FLIGHT, FirstFlightReader
 from corral.net.splice import PipePool, SplicedPair, reset
-from corral.net.tls_interceptor import REASON_PREFIX, Accepted, TlsInterceptor
+from corral.net.tls_interceptor import (
+    CONNECT_PROXY_PORT,
+    REASON_PREFIX,
+    Accepted,
+    TlsInterceptor,
+)
 from corral.policy.verdict import Revealed, unmap
 
 _log = logging.getLogger(__name__)
@@ -210,6 +215,20 @@ class TcpProxy:
         port = int(local[1])
         if not self.gate.try_acquire("tcp", str(source), dst, port):
             reset(guest)
+            return
+        if self.tls is not None and port == CONNECT_PROXY_PORT and dst in self.gate.gateways:
+            # corral's own CONNECT proxy (like port 53: served here, not a flow to decide);
+            # each tunnel is decided on its authority (TlsInterceptor.take_connect).
+            guest.setblocking(False)
+            who = str(source)
+            self.tls.take_connect(
+                guest, who,
+                decide=lambda name, addr, p: self.gate.egress(
+                    "tcp", who, addr, p, revealed=Revealed(name)
+                ),
+                names_for=lambda addr: self.gate.pins.names_for(unmap(addr)),
+                splice=self.splice_to, done=self.gate.release,
+            )  # fmt: skip
             return
         try:
             verdict = self.gate.egress("tcp", str(source), dst, port)
@@ -479,6 +498,15 @@ class TcpProxy:
             self._drop_held(held)
             return True
         return False
+
+    def splice_to(
+        self, guest: socket.socket, target: IPAddress, port: int, first: bytes
+    ) -> None:
+        """Dial ``target`` and splice ``guest`` to it after writing ``first`` (a CONNECT
+        tunnel that is not intercepted); the connection's slot goes with it."""
+        dial = self._dial(guest, target, port)
+        if dial is not None:
+            dial.pending = first
 
     def _answers_denial(self, verdict: FlowVerdict) -> bool:
         """``deny_response`` is set (with interception on) and the flow was refused by the

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import ssl
@@ -48,7 +49,7 @@ from corral.config import NetworkConfig
 from corral.config.enums import ViolationAction
 from corral.config.values import host_pattern_matches
 from corral.net.audit import AuditLog
-from corral.net.gate import IPAddress
+from corral.net.gate import FlowVerdict, IPAddress
 from corral.net.secrets import Channel, PlaceholderPassed, SecretTable, Violation
 from corral.net.splice import reset
 from corral.net.tls_ca import (
@@ -95,6 +96,20 @@ HIGH_WATER = 1 << 20
 #: verification failed, no SNI): a fatal handshake_failure (RFC 8446 6: level 2, code 40) as
 #: the plaintext record a server sends in answer to a ClientHello.
 HANDSHAKE_FAILURE_ALERT = b"\x15\x03\x03\x00\x02\x02\x28"
+
+#: corral's HTTP CONNECT proxy on the sandbox's gateway, for guests that insist on a proxy
+#: (``HTTPS_PROXY=http://host.corral.internal:3128``): squid's default port, the one most
+#: proxy documentation and tools assume. Served only while interception is on.
+CONNECT_PROXY_PORT = 3128
+
+#: Largest CONNECT request head (request line and headers) read. A CONNECT head is one line
+#: and a few headers (Host, User-Agent, Proxy-Authorization): well under 1 KiB; 16 KiB is the
+#: first-flight reader's request-head bound (Node.js's limit).
+MAX_CONNECT_HEAD = 16 * 1024
+
+#: Bound on resolving a CONNECT authority through the sandbox's DNS (its own query timeout
+#: is 5 s by default; one retry's worth more).
+CONNECT_RESOLVE_TIMEOUT = 6.0
 
 #: Request head read before a readable denial is sent (the request is only read to be answered
 #: in order; nothing of it goes anywhere). 64 KiB, the HTTP/1 rewriter's own head bound.
@@ -229,6 +244,8 @@ class TlsInterceptor:
         self.handshakes = 0  # completed pairs (tests, bench)
         self.verify_failures = 0
         self.resumed = 0  # upstream handshakes that resumed a session
+        #: (netns path, guest IPv4, gateway IPv4): where CONNECT names are resolved.
+        self.resolver_at: tuple[str, IPAddress, IPAddress] | None = None
         self._sessions: OrderedDict[tuple[object, ...], ssl.SSLSession] = OrderedDict()
 
     @property
@@ -331,6 +348,196 @@ class TlsInterceptor:
                 else:
                     reset(a.guest)
             done()
+
+    # -- HTTP CONNECT to the gateway -------------------------------------------------------
+    def take_connect(
+        self,
+        guest: socket.socket,
+        source: str,
+        *,
+        decide: Callable[[str, IPAddress, int], FlowVerdict],
+        names_for: Callable[[IPAddress], frozenset[str]],
+        splice: Callable[[socket.socket, IPAddress, int, bytes], None],
+        done: Callable[[], None],
+    ) -> None:
+        """A guest's connection to corral's CONNECT proxy (:data:`CONNECT_PROXY_PORT` on the
+        gateway). The tunnel is decided like a direct connection: the authority's name is
+        resolved through the sandbox's own DNS (so the address is pinned to it), then the
+        verdict runs with that name as the revealed one. Inside an allowed tunnel to an
+        intercepted port, TLS whose SNI equals the authority is intercepted as direct TLS
+        is; another SNI, or none, is refused. ``splice`` carries a tunnel that is not
+        intercepted (and takes over the connection slot); ``done`` gives the slot back."""
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._connect(guest, source, decide, names_for, splice, done))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connect(
+        self,
+        guest: socket.socket,
+        source: str,
+        decide: Callable[[str, IPAddress, int], FlowVerdict],
+        names_for: Callable[[IPAddress], frozenset[str]],
+        splice: Callable[[socket.socket, IPAddress, int, bytes], None],
+        done: Callable[[], None],
+    ) -> None:
+        from corral.net.revealed import authority_from_wire
+        from corral.net.sniff import FIRST_FLIGHT_TIMEOUT, MAX_FIRST_FLIGHT, FirstFlightReader
+
+        loop = asyncio.get_running_loop()
+        handed = False
+
+        async def answer(status: bytes, text: str) -> None:
+            body = text.encode() + b"\n"
+            with contextlib.suppress(OSError):
+                await loop.sock_sendall(
+                    guest,
+                    b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                    b"Content-Length: %d\r\nConnection: close\r\nX-Corral-Denied: 1\r\n\r\n"
+                    % len(body) + body,
+                )  # fmt: skip
+
+        def audit(destination: str, port: int, reason: str, name: str | None) -> None:
+            self.audit.record(
+                direction="egress", protocol="tcp", source=source, destination=destination,
+                port=port, action="deny", reason=REASON_PREFIX + reason, revealed=name,
+            )  # fmt: skip
+
+        try:
+            async with asyncio.timeout(self.handshake_timeout + CONNECT_RESOLVE_TIMEOUT):
+                buf = b""
+                while b"\r\n\r\n" not in buf:
+                    if len(buf) > MAX_CONNECT_HEAD:
+                        await answer(b"431 Request Header Fields Too Large", "head too large")
+                        return
+                    data = await loop.sock_recv(guest, 4096)
+                    if not data:
+                        return
+                    buf += data
+                head, _, rest = buf.partition(b"\r\n\r\n")
+                parts = head.split(b"\r\n", 1)[0].split(b" ")
+                if len(parts) != 3 or parts[0] != b"CONNECT" or parts[2] not in (
+                    b"HTTP/1.1", b"HTTP/1.0"
+                ):  # fmt: skip
+                    await answer(b"405 Method Not Allowed", "corral's proxy serves CONNECT only")
+                    return
+                auth = authority_from_wire(parts[1], port_required=True)
+                if not auth.valid or auth.name is None or auth.port is None:
+                    await answer(b"400 Bad Request", f"not a host:port ({auth.reason})")
+                    return
+                host, port = auth.name, auth.port
+                table = self.settings.secrets
+                found = table.find(head) if table else frozenset()
+                if found:
+                    vs = tuple(
+                        Violation(n, host, Channel.CONNECT, table.secret(n).on_violation,
+                                  "a placeholder in a CONNECT request's metadata")
+                        for n in sorted(found)
+                    )  # fmt: skip
+                    self.violated(
+                        Accepted(guest, source, ipaddress.ip_address("0.0.0.0"), port,
+                                 ipaddress.ip_address("0.0.0.0"), host, (), b"", False, None),
+                        vs,
+                    )  # fmt: skip
+                    await answer(b"403 Forbidden", "corral blocked a secret's placeholder")
+                    return
+                try:
+                    address: IPAddress = ipaddress.ip_address(host)
+                except ValueError:
+                    resolved = await self._resolve(host)
+                    if resolved is None:
+                        await answer(b"502 Bad Gateway", f"{host} did not resolve")
+                        return
+                    address = resolved
+                verdict = decide(host, address, port)
+                if not verdict.allowed or verdict.target is None:
+                    await answer(b"403 Forbidden", f"corral's policy refused {host}:{port}: "
+                                 f"{verdict.reason}")  # fmt: skip
+                    return
+                await loop.sock_sendall(guest, b"HTTP/1.1 200 Connection established\r\n\r\n")
+                reader = FirstFlightReader()
+                first = rest
+                reader.feed(rest)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(FIRST_FLIGHT_TIMEOUT):
+                        while reader.result() is None and len(first) < MAX_FIRST_FLIGHT:
+                            data = await loop.sock_recv(guest, MAX_FIRST_FLIGHT - len(first))
+                            if not data:
+                                break
+                            first += data
+                            reader.feed(data)
+                revealed = reader.result() or reader.finish()
+            a = Accepted(
+                guest=guest, source=source, destination=address, port=port,
+                target=verdict.target, sni=host, alpn=revealed.alpn, first=first,
+                pinned=host in names_for(address), upstream=None, shown=host,
+            )  # fmt: skip
+            if revealed.protocol == "tls" and self.settings.intercepts(port):
+                if revealed.name != host or not revealed.valid:
+                    audit(str(address), port, f"the TLS name in a CONNECT tunnel "
+                          f"({revealed.name or 'none'}) is not its authority ({host})", host)  # fmt: skip
+                    return
+                if self.settings.bypassed(host):
+                    splice(guest, verdict.target, port, first)
+                else:
+                    self.take(a, done)
+                handed = True
+                return
+            if self.scan_first_flight(a):
+                return
+            splice(guest, verdict.target, port, first)
+            handed = True
+        except (TimeoutError, OSError):
+            return
+        finally:
+            if not handed:
+                if guest.fileno() >= 0:
+                    reset(guest)
+                done()
+
+    async def _resolve(self, name: str) -> IPAddress | None:
+        """``name``'s first A (else AAAA) record, asked the way the guest would ask: a UDP
+        query from the guest's address, inside its netns, to the gateway's port 53, which the
+        firewall diverts to the sandbox's DNS interceptor (policy per query, pins before the
+        answer). So a CONNECT reaches exactly what the guest could reach itself."""
+        import dns.exception
+        import dns.message
+        import dns.rdatatype
+
+        from corral.kernel import netns
+
+        if self.resolver_at is None:
+            return None
+        path, guest, gateway = self.resolver_at
+        loop = asyncio.get_running_loop()
+
+        def make() -> socket.socket:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind((str(guest), 0))
+            sock.connect((str(gateway), 53))
+            sock.setblocking(False)
+            return sock
+
+        sock = await loop.run_in_executor(None, netns.call_in_thread, path, make)
+        try:
+            for rtype in ("A", "AAAA"):
+                query = dns.message.make_query(name, rtype)
+                await loop.sock_sendall(sock, query.to_wire())
+                try:
+                    async with asyncio.timeout(CONNECT_RESOLVE_TIMEOUT):
+                        while True:
+                            reply = dns.message.from_wire(await loop.sock_recv(sock, 65535))
+                            if reply.id == query.id:
+                                break
+                except (TimeoutError, dns.exception.DNSException):
+                    return None
+                for rrset in reply.answer:
+                    if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+                        for rr in rrset:
+                            return ipaddress.ip_address(rr.address)
+            return None
+        finally:
+            sock.close()
 
     def scan_first_flight(self, a: Accepted) -> bool:
         """A connection that is spliced (not HTTP, not intercepted) while secrets exist:
