@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.config import NetworkConfig, PolicyRule, TLSConfig
+from corral.config import NetworkConfig, NetworkPolicy, PolicyRule, TLSConfig
 from tests.integration.test_net_datapath import (  # noqa: F401 - fixtures
     MakeNet,
     events,
@@ -442,3 +442,47 @@ def test_http_connect_to_the_gateway_is_decided_and_intercepted(
     # Not CONNECT: refused with a sentence.
     out = n.run(["curl", "-sS", "-m", "5", f"{proxy}/"])
     assert "CONNECT only" in out.stdout, out.stdout
+
+
+DOT_CLIENT = """
+import socket, ssl, struct, sys
+import dns.message
+addr, sni, ca, name = sys.argv[1:5]
+ctx = ssl.create_default_context(cafile=ca)
+ctx.set_alpn_protocols(["dot"])
+with socket.create_connection((addr, 853), timeout=10) as raw, ctx.wrap_socket(raw, server_hostname=sni) as s:
+    for qname in (name, "nowhere." + name):
+        q = dns.message.make_query(qname, "A").to_wire()
+        s.sendall(struct.pack(">H", len(q)) + q)
+        n = struct.unpack(">H", s.recv(2))[0]
+        data = b""
+        while len(data) < n:
+            data += s.recv(n - len(data))
+        r = dns.message.from_wire(data)
+        print(qname, dns.rcode.to_text(r.rcode()), [rr.address for rrset in r.answer for rr in rrset])
+"""
+
+
+def test_dns_over_tls_is_answered_by_the_sandbox_dns(
+    make_net: MakeNet, tls_servers: Path, certs: Path, tmp_path: Path, good_test_dns: str
+) -> None:
+    """DoT to any address is terminated (a leaf for its SNI, or the address) and each query is
+    answered by the sandbox's DNS interceptor: allowed names are pinned, nothing is dialled
+    to the address the guest chose (1.1.1.1 is not in the hermetic world at all)."""
+    from corral.config import DNSConfig
+
+    tls = TLSConfig(upstream_ca_certs=[str(certs / "ca.pem")])
+    n = make_net(
+        NetworkConfig(policy="public-only", tls=tls, dns=DNSConfig(nameservers=[good_test_dns]))
+    )
+    ca = sandbox_ca(n, tmp_path)
+    for addr, sni in (("1.1.1.1", "1.1.1.1"), ("9.9.9.9", "dns.quad9.net")):
+        out = n.run([sys.executable, "-c", DOT_CLIENT, addr, sni, str(ca), NAME])
+        got = lines(out)
+        assert got == [f"{NAME} NOERROR ['{SERVER_V4}']", f"nowhere.{NAME} NXDOMAIN []"], out.stderr
+    assert NAME in n.net.pins.names_for(ipaddress.ip_address(SERVER_V4))
+
+
+def test_dns_over_tls_is_refused_without_interception(make_net: MakeNet, tmp_path: Path) -> None:
+    n = make_net(NetworkPolicy.public_only())
+    assert n.exchange("tcp", "1.1.1.1", 853, "x").startswith("ERR")

@@ -310,6 +310,7 @@ class SandboxNetwork:
             host_addresses=host_addresses,
             leased=self.pool.leased_networks,
             pins=self.pins,
+            tls_interception=self.tls_settings is not None,
         )
         pipes = PipePool()
         interceptor = None
@@ -367,6 +368,7 @@ class SandboxNetwork:
                 policy.rules, policy.default_egress, policy.host,
                 pools=pools, gateways=gateways, ipv6=slot.ipv6 is not None,
                 connect_port=CONNECT_PROXY_PORT if self.tls_settings is not None else None,
+                tls_interception=self.tls_settings is not None,
             )  # fmt: skip
             log_group = nflog.group_for(slot.number)
             try:

@@ -47,7 +47,7 @@ from corral.net.tls_interceptor import (
     Accepted,
     TlsInterceptor,
 )
-from corral.policy.verdict import Revealed, unmap
+from corral.policy.verdict import DOT_PORT, Revealed, unmap
 
 _log = logging.getLogger(__name__)
 
@@ -228,6 +228,18 @@ class TcpProxy:
                 ),
                 names_for=lambda addr: self.gate.pins.names_for(unmap(addr)),
                 splice=self.splice_to, done=self.gate.release,
+            )  # fmt: skip
+            return
+        if self.tls is not None and port == DOT_PORT:
+            # DNS over TLS: terminated and answered by the sandbox's DNS interceptor, like
+            # port 53 (never a flow to another resolver).
+            guest.setblocking(False)
+            self.tls.take_dot(
+                Accepted(
+                    guest=guest, source=str(source), destination=dst, port=port, target=dst,
+                    sni=None, alpn=(), first=b"", pinned=False, upstream=None,
+                ),
+                self.gate.release,
             )  # fmt: skip
             return
         try:

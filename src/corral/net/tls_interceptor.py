@@ -261,6 +261,16 @@ class TlsInterceptor:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def take_dot(self, accepted: Accepted, done: Callable[[], None]) -> None:
+        """DNS over TLS (TCP 853, any address): terminated here and answered by the
+        sandbox's DNS interceptor (SPEC "DNS"); nothing reaches another resolver."""
+        loop = asyncio.get_running_loop()
+        conn = _Connection(self, loop, accepted, done)
+        self._conns.add(conn)
+        task = loop.create_task(conn.dot())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def take_plain(self, accepted: Accepted, done: Callable[[], None]) -> None:
         """Carry a plain-HTTP connection of a sandbox with secrets through the HTTP/1
         rewriter in detect-only mode (``sni`` None: nothing is ever substituted there, and a
@@ -775,6 +785,65 @@ class _Connection:
         self.session_key = (a.sni, str(a.target), a.port, a.alpn)
         self.session_kept = False
 
+    # -- DNS over TLS ------------------------------------------------------------------------
+    async def dot(self) -> None:
+        """Terminate the guest's DoT and carry its DNS messages (already 2-byte framed, as
+        over TCP) to the sandbox's DNS interceptor: a TCP connection from the guest's own
+        address in its netns to the gateway's port 53, which the firewall diverts there. So
+        every DoT query is decided, rebuilt and pinned exactly as a port-53 query is."""
+        from corral.kernel import netns
+        from corral.net.sniff import FIRST_FLIGHT_TIMEOUT, MAX_FIRST_FLIGHT, FirstFlightReader
+
+        a = self.a
+        owner = self.owner
+        try:
+            async with asyncio.timeout(owner.handshake_timeout + FIRST_FLIGHT_TIMEOUT):
+                reader = FirstFlightReader()
+                first = b""
+                while reader.result() is None and len(first) < MAX_FIRST_FLIGHT:
+                    data = await self.loop.sock_recv(a.guest, MAX_FIRST_FLIGHT - len(first))
+                    if not data:
+                        break
+                    first += data
+                    reader.feed(data)
+                found = reader.result() or reader.finish()
+                if found.protocol != "tls" or not found.valid:
+                    raise _HandshakeRefused("DNS over TLS that is not a readable TLS hello")
+                # No SNI (DoT clients often dial an address): a leaf for the address.
+                name = found.name or str(a.destination)
+                alpn = "dot" if "dot" in found.alpn else None
+                g_in, g_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+                g_tls = owner.settings.leaves.server_context(name, alpn).wrap_bio(
+                    g_in, g_out, server_side=True
+                )
+                g_in.write(first)
+                self.guest = _End("guest", a.guest, g_tls, g_in, g_out)
+                await self._do_handshake(self.guest)
+                if owner.resolver_at is None:
+                    raise _HandshakeRefused("no DNS interceptor to answer DNS over TLS")
+                path, guest_v4, gateway_v4 = owner.resolver_at
+
+                def make() -> socket.socket:
+                    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                    sock.bind((str(guest_v4), 0))
+                    sock.setblocking(False)
+                    return sock
+
+                sock = await self.loop.run_in_executor(None, netns.call_in_thread, path, make)
+                self.upstream_sock = sock
+                await self.loop.sock_connect(sock, (str(gateway_v4), 53))
+        except (_HandshakeRefused, ssl.SSLError, TimeoutError, OSError) as exc:
+            owner.record(a, "deny", f"DNS over TLS not carried ({exc})")
+            self.abort()
+            return
+        except asyncio.CancelledError:
+            self.abort()
+            raise
+        dummy = ssl.MemoryBIO()
+        self.up = _End("dns", sock, None, dummy, dummy)
+        owner.record(a, "allow", "DNS over TLS terminated; its queries go to the DNS interceptor")
+        self._start_relay(None, opaque=True)
+
     # -- plain HTTP --------------------------------------------------------------------------
     async def plain(self) -> None:
         a = self.a
@@ -899,12 +968,17 @@ class _Connection:
         self._finish()
 
     # -- the relay ---------------------------------------------------------------------------
-    def _start_relay(self, alpn: str | None, relay: PlaintextRelay | None = None) -> None:
+    def _start_relay(
+        self, alpn: str | None, relay: PlaintextRelay | None = None, *, opaque: bool = False
+    ) -> None:
         assert self.guest is not None and self.up is not None
         for end in (self.guest, self.up):
             with contextlib.suppress(OSError):
                 end.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.relay = relay if relay is not None else self.owner.make_relay(self.a, alpn)
+        if opaque:
+            self.relay = None
+        else:
+            self.relay = relay if relay is not None else self.owner.make_relay(self.a, alpn)
         if self.relay is not None:
             self._apply(self.relay.start())
         # Bytes that arrived with the handshake's last flight are already in the BIOs.
