@@ -486,3 +486,74 @@ def test_dns_over_tls_is_answered_by_the_sandbox_dns(
 def test_dns_over_tls_is_refused_without_interception(make_net: MakeNet, tmp_path: Path) -> None:
     n = make_net(NetworkPolicy.public_only())
     assert n.exchange("tcp", "1.1.1.1", 853, "x").startswith("ERR")
+
+
+def test_an_upstream_reset_mid_body_reaches_the_guest_as_a_failure(
+    make_net: MakeNet, tls_servers: Path, certs: Path, tmp_path: Path
+) -> None:
+    n = make_net(tls_config(certs))
+    ca = sandbox_ca(n, tmp_path)
+    out = n.run(["curl", "-sS", "-m", "10", "--cacert", str(ca), "--resolve", f"{NAME}:443:{SERVER_V4}",
+                 "--http1.1", "-o", "/dev/null", "-w", "%{size_download}", f"https://{NAME}/reset"])  # fmt: skip
+    # curl: 56 (recv failure: reset) or 18 (partial file); never a clean, complete body.
+    assert out.returncode in (18, 56), (out.returncode, out.stderr)
+    assert int(out.stdout or 0) < 1048576
+    assert lines(curl(n, ca, f"https://{NAME}/")) == [f"hello {NAME} h2", "2 200"]  # still fine
+
+
+STALL = """
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], 443), timeout=30)
+# A ClientHello's first bytes, then nothing: the hold (3 s) decides it, cut off = invalid.
+s.sendall(bytes.fromhex("160301"))
+t = time.monotonic()
+try:
+    print("closed" if s.recv(10) == b"" else "data", end=" ")
+except OSError as e:
+    print(type(e).__name__, end=" ")
+print(round(time.monotonic() - t))
+"""
+
+NO_FINISH = """
+import socket, ssl, sys, time
+ctx = ssl.create_default_context(cafile=sys.argv[2])
+inb, outb = ssl.MemoryBIO(), ssl.MemoryBIO()
+obj = ctx.wrap_bio(inb, outb, server_hostname=sys.argv[3])
+try:
+    obj.do_handshake()
+except ssl.SSLWantReadError:
+    pass
+s = socket.create_connection((sys.argv[1], 443), timeout=60)
+s.sendall(outb.read())          # a whole ClientHello, then never the client's Finished
+got = b""
+t = time.monotonic()
+try:
+    while (d := s.recv(65536)):
+        got += d
+    print("closed", end=" ")
+except OSError as e:
+    print(type(e).__name__, end=" ")
+print(len(got) > 0, round(time.monotonic() - t))
+"""
+
+
+def test_clients_that_stall_are_bounded(
+    make_net: MakeNet, tls_servers: Path, certs: Path, tmp_path: Path
+) -> None:
+    """A truncated ClientHello is cut off by the first-flight bound and refused; a client
+    that sends a whole ClientHello but never finishes its handshake is dropped after the
+    interceptor's handshake bound; either way the connection slot comes back."""
+    from corral.net.tls_interceptor import HANDSHAKE_TIMEOUT
+
+    n = make_net(tls_config(certs))
+    ca = sandbox_ca(n, tmp_path)
+    out = n.run([sys.executable, "-c", STALL, SERVER_V4], timeout=60).stdout.split()
+    assert out[0] in ("closed", "ConnectionResetError") and int(out[1]) < 10, out
+    out = n.run(
+        [sys.executable, "-c", NO_FINISH, SERVER_V4, str(ca), NAME], timeout=90
+    ).stdout.split()
+    # The server's first flight came (we answered the hello), then the bound closed it.
+    assert out[0] in ("closed", "ConnectionResetError") and out[1] == "True", out
+    assert int(out[2]) <= HANDSHAKE_TIMEOUT + 5, out
+    assert n.call(lambda: n.net.gate.active) == 0
+    assert any("did not finish in time" in str(e["reason"]) for e in events(n))

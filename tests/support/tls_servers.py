@@ -11,6 +11,7 @@ Routes (both HTTP versions): ``/echo`` answers the request as the server receive
 and body, as text; HTTP/2: the header list and body); ``/big?n=N`` N bytes of ``x``;
 ``/stream`` (HTTP/2) echoes each DATA frame of the request as a DATA frame of the response as
 it arrives (a gRPC-style bidirectional stream); ``/ws`` (HTTP/1.1) a WebSocket echo;
+``/reset`` (HTTP/1.1) announces 1 MiB, sends 64 KiB and resets the connection;
 ``/reflect?h=NAME`` answers the value of request header NAME in a response header and the
 body (an echo endpoint for masking); anything else ``hello <sni> <alpn>``.
 
@@ -29,7 +30,9 @@ import contextlib
 import datetime as dt
 import hashlib
 import os
+import socket
 import ssl
+import struct
 import subprocess
 import sys
 from collections.abc import Callable
@@ -233,6 +236,14 @@ async def _http1(conn: _Conn, sni: str, alpn: str) -> None:
                 left -= len(piece)
                 await conn.writer.drain()
             continue
+        elif url.path == "/reset":
+            # An upstream that dies mid-body: 1 MiB announced, 64 KiB sent, then a TCP reset.
+            conn.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\n" + b"r" * 65536)
+            await conn.writer.drain()
+            raw = conn.writer.get_extra_info("socket")
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.writer.transport.abort()
+            return
         elif url.path == "/reflect":
             name = parse_qs(url.query).get("h", ["authorization"])[0].encode().lower()
             value = headers.get(name, b"")

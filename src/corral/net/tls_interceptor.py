@@ -877,9 +877,9 @@ class _Connection:
         s = self.owner.settings
         assert a.sni is not None
         try:
-            async with asyncio.timeout(self.owner.connect_timeout + self.owner.handshake_timeout):
-                if self.upstream_sock is None:
-                    self.upstream_sock = await self._dial()
+            if self.upstream_sock is None:
+                self.upstream_sock = await self._dial()  # bounded by connect_timeout
+            async with asyncio.timeout(self.owner.handshake_timeout):
                 up_in, up_out = ssl.MemoryBIO(), ssl.MemoryBIO()
                 up_ctx = s.upstream.context(a.alpn)
                 try:
@@ -927,7 +927,9 @@ class _Connection:
             self._refuse()
             return
         except (TimeoutError, OSError) as exc:
-            if isinstance(exc, TimeoutError):
+            if isinstance(exc, TimeoutError) and self.up is None:
+                why = "the upstream did not answer in time"
+            elif isinstance(exc, TimeoutError):
                 why = "the TLS handshakes did not finish in time"
             else:
                 why = f"the upstream could not be reached ({exc.strerror or exc})"
