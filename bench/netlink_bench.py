@@ -8,7 +8,9 @@ re-executes this script), so nothing touches the host's links, rules or ruleset.
 way it times, per iteration: netns creation, the veth pair with addresses, link up, the two
 TPROXY routes and the two divert rules, the guest side (addresses, routes), an nftables
 table (the public-only ruleset shape), and the removal of all of it. Prints medians and the
-ratios against corral's in-process path (the choice recorded in docs/design.md).
+ratios against corral's in-process path (the choice recorded in docs/design.md). Then the cost
+of one DNS pin (an element with a timeout) through libnftables' ``run`` and through
+``nftables.add_elements``, alone and beside large rulesets.
 """
 
 from __future__ import annotations
@@ -170,6 +172,56 @@ def with_corral(run: int) -> dict[str, float]:
     return out
 
 
+def element_costs(runs: int) -> None:
+    """One pin (``add element ... timeout``) through libnftables vs one netlink message, alone,
+    beside a 10,000-element interval set, and beside 100 sandbox-sized tables."""
+    from corral.net import nftables
+
+    def table(name: str, elements: int) -> None:
+        text = (f"add table inet {name}\n"
+                f"add set inet {name} pins {{ type ipv4_addr; flags timeout; }}\n"
+                f"add set inet {name} big {{ type ipv4_addr; flags interval; }}\n")  # fmt: skip
+        if elements:
+            addrs = ", ".join(
+                str(ipaddress.IPv4Address(0x0A000000 + 2 * i)) for i in range(elements)
+            )
+            text += f"add element inet {name} big {{ {addrs} }}\n"
+        nftables.run(text)
+
+    def timed(label: str, func: Callable[[int], None]) -> str:
+        xs = []
+        for i in range(runs):
+            t = time.perf_counter()
+            func(i)
+            xs.append((time.perf_counter() - t) * 1000)
+        return f"{label}: {statistics.median(xs):.3f} ms"
+
+    def by_text(i: int) -> None:
+        nftables.run(f"add element inet corral-e0 pins {{ 11.0.{i // 250}.{i % 250} timeout 30s }}")
+
+    def by_message(i: int) -> None:
+        nftables.add_elements(
+            "corral-e0", "pins", [(ipaddress.IPv4Address(0x0C000000 + i), 30_000)]
+        )
+
+    rows = []
+    table("corral-e0", 0)
+    rows.append(("alone", timed("run()", by_text), timed("add_elements()", by_message)))
+    nftables.destroy_table("corral-e0")
+    table("corral-e0", 10_000)
+    rows.append(("beside a 10,000-element interval set", timed("run()", by_text),
+                 timed("add_elements()", by_message)))  # fmt: skip
+    for k in range(1, 100):
+        table(f"corral-e{k}", 1000)
+    rows.append(("beside 100 tables of 1,000 elements", timed("run()", by_text),
+                 timed("add_elements()", by_message)))  # fmt: skip
+    for k in range(100):
+        nftables.destroy_table(f"corral-e{k}")
+    print("one pinned address into a timeout set (median):")
+    for where, a, b in rows:
+        print(f"  {where:38} {a:22} {b}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=30)
@@ -210,6 +262,7 @@ def main() -> None:
         total = sum(statistics.median(v) for k, v in results[way].items()
                     if k != "remove (link left to the kernel)")  # fmt: skip
         print(f"total create+remove, {way}: {total:.2f} ms")
+    element_costs(max(10, args.runs))
     print(f"load average: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
 
 
