@@ -193,3 +193,30 @@ def test_plain_http_and_unintercepted_ports_do_not_carry_the_placeholder(
     reasons = [str(e["reason"]) for e in events(n) if "API_KEY" in str(e["reason"])]
     assert len(reasons) >= 3, reasons
     assert VALUE not in audit_text(n)
+
+
+def test_streaming_still_works_through_the_rewriters(
+    make_net: MakeNet, tls_servers: Path, certs: Path, tmp_path: Path
+) -> None:
+    """With secrets the plaintext goes through the HTTP/1 and HTTP/2 rewriters: a WebSocket
+    echo and an h2 bidirectional stream (gRPC's shape) still work message by message, and a
+    placeholder inside a WebSocket message is stopped (the echo would return it)."""
+    from tests.integration.test_net_tls import H2_STREAM, WEBSOCKET
+
+    n = start(make_net, certs, table())
+    ca = sandbox_ca(n, tmp_path)
+    out = n.run([sys.executable, "-c", WEBSOCKET, NAME, SERVER_V4, str(ca)])
+    assert lines(out) == [
+        "HTTP/1.1 101 Switching Protocols",
+        "message 0",
+        "message 1",
+        "message 2",
+    ], out.stderr
+    out = n.run([sys.executable, "-c", H2_STREAM, NAME, SERVER_V4, str(ca)])
+    assert lines(out) == ["chunk 0", "chunk 1", "chunk 2"], out.stderr
+    leak = WEBSOCKET.replace('f"message {i}"', f'f"message {{i}} {PLACEHOLDER}"')
+    cap = Capture(tls_servers)
+    out = n.run([sys.executable, "-c", leak, NAME, SERVER_V4, str(ca)])
+    assert PLACEHOLDER not in out.stdout, out.stdout
+    assert PLACEHOLDER.encode() not in cap.read()
+    assert any("API_KEY" in str(e["reason"]) for e in events(n))

@@ -245,7 +245,11 @@ with socket.create_connection((sys.argv[2], 443), timeout=10) as raw, ctx.wrap_s
         mask = os.urandom(4)
         s.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + bytes(c ^ mask[j % 4] for j, c in enumerate(payload)))
         while len(buf) < 2 or len(buf) < 2 + buf[1]:
-            buf += s.recv(4096)
+            more = s.recv(4096)
+            if not more:
+                print("closed")
+                sys.exit(0)
+            buf += more
         n = buf[1]
         print(buf[2:2 + n].decode())
         buf = buf[2 + n:]
