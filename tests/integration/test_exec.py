@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -12,6 +13,16 @@ import pytest
 from corral.errors import SandboxError
 from corral.runtime import launcher
 from corral.runtime.channel import EXIT_TIMED_OUT, ChannelClient
+from corral.runtime.channel_wire import (
+    KIND_CONTROL,
+    KIND_STDIN,
+    KIND_STDOUT,
+    Frame,
+    FrameReader,
+    encode_control,
+    encode_data,
+    short_unix_path,
+)
 from tests.support.sandbox import collect, launched, run, sh
 from tests.support.waiting import async_wait_for, wait_for
 
@@ -246,6 +257,35 @@ def test_stdin_closed_early_by_the_command(sb: launcher.Launched) -> None:
 
     code, out, _ = run(_exec(sb, ["head", "-c", "5"], stdin=source()))
     assert (code, out) == (0, b"xxxxx")
+
+
+def test_stdin_sent_after_the_command_exited_meets_an_open_connection(
+    sb: launcher.Launched,
+) -> None:
+    """`sh` runs `exit 4` before the client has sent the EOF of its stdin (`corral run -i`
+    piping a script): the client's late STDIN and kill frames must not meet a closed socket,
+    whose EPIPE asyncio turns into a fatal error that loses the exit not yet read (wait()
+    raised BrokenPipeError; `corral run -i` exited 1 with no output). Deterministic: the late
+    frames are sent only after the worker's EOF, i.e. once it has done all it does after the
+    exit (it used to close there; it now shuts its write side and reads until we close)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(30)
+        with short_unix_path(sb.channel_path) as address:
+            conn.connect(address)
+        conn.sendall(encode_control({"op": "exec", "argv": ["sh"], "stdin": True}))
+        conn.sendall(encode_data(KIND_STDIN, b"echo x; exit 4\n"))
+        reader = FrameReader()
+        frames: list[Frame] = []
+        while data := conn.recv(65536):
+            reader.feed(data)
+            frames.extend(reader.frames())
+        controls = [f.control() for f in frames if f.kind == KIND_CONTROL]
+        assert [c["t"] for c in controls] == ["started", "exit"]
+        assert controls[-1]["code"] == 4
+        assert b"".join(f.body for f in frames if f.kind == KIND_STDOUT) == b"x\n"
+        conn.sendall(encode_data(KIND_STDIN, b"late\n"))  # BrokenPipeError before the fix
+        conn.sendall(encode_data(KIND_STDIN, b""))
+        conn.sendall(encode_control({"op": "kill"}))
 
 
 def test_idle_sandbox_keeps_exactly_one_spare_worker(sb: launcher.Launched) -> None:

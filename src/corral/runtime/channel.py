@@ -129,7 +129,10 @@ class _Connection:
             frame = self.frames.next_frame()
             if frame is not None:
                 return frame
-            data = await self.reader.read(_READ_SIZE)
+            try:
+                data = await self.reader.read(_READ_SIZE)
+            except ConnectionError:  # a write of ours met the init's end closed (it died)
+                data = b""
             if not data:
                 raise SandboxError(
                     "the sandbox closed the channel (it was stopped, or its init died)"

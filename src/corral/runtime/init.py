@@ -544,7 +544,32 @@ class Worker:
             if master >= 0:
                 os.close(master)
         self.reply(t="exit", code=code, timed_out=timed_out)
+        self._linger_after_exit()
         return False  # exec connections are single-use (see corral.runtime.channel)
+
+    def _linger_after_exit(self) -> None:
+        """Keep the connection open, reading and dropping what the client still sends, until
+        the client closes it (it does as soon as it reads the exit).
+
+        A command may exit before its stdin is all sent (``sh`` reading ``exit 4`` ahead of
+        the EOF frame, a terminal's client typing on). Were the worker to close right after
+        the exit frame, the client's next STDIN (or kill/signal) frame would meet a closed
+        socket: EPIPE, which asyncio turns into a fatal error of the whole transport, so the
+        exit and the output still unread on the client's side were lost and ``wait()``
+        raised BrokenPipeError (``corral run -i`` exited 1 with no output, about one run in
+        three on a loaded machine). Our write side is shut so that the client sees EOF
+        after the exit; only the read side stays open, bounded like an idle connection.
+        """
+        with contextlib.suppress(OSError):
+            self.conn.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + WORKER_IDLE_TIMEOUT
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                self.conn.settimeout(left)
+                if not self.conn.recv(1024 * 1024):
+                    return
+            except OSError:  # TimeoutError included: the client kept it open too long
+                return
 
     def _pump(self, proc: subprocess.Popen[bytes], timeout: float | None) -> tuple[int, bool]:
         """Move stdin/stdout/stderr between the socket and the command until it exits."""
