@@ -121,3 +121,23 @@ def test_settings_from_config() -> None:
             "s", NetworkConfig(tls=TLSConfig(ca_cert="/nope.pem", ca_key="/nope.key"))
         )
     assert err.value.path == "tls.ca_cert"
+
+
+def test_stream_scan_stops_the_chunk_that_completes_a_placeholder() -> None:
+    from corral.config import ViolationAction
+    from corral.net.tls_interceptor import StreamScan
+
+    entry = SecretEntry(env_var="API_KEY", value="v4lue-123", allowed_hosts=["api.example.com"])
+    table = SecretTable.from_entries([entry], environ={})
+    scan = StreamScan(table, "imap.example.com")
+    assert scan.receive_guest(b"a001 LOGIN user ").to_upstream == b"a001 LOGIN user "
+    assert scan.receive_guest(b"$CORRAL_SEC").to_upstream == b"$CORRAL_SEC"  # not complete yet
+    out = scan.receive_guest(b"RET_API_KEY\r\n")
+    assert out.to_upstream == b"" and out.close is not None
+    (v,) = out.violations
+    assert (v.secret, v.host, v.action) == (
+        "API_KEY",
+        "imap.example.com",
+        ViolationAction.BLOCK_AND_LOG,
+    )
+    assert scan.receive_upstream(b"* OK").to_guest == b"* OK"

@@ -636,11 +636,53 @@ class TlsInterceptor:
 
         if alpn == "h2":
             return Http2Relay(table, sni=a.sni, pinned=a.pinned)
+        if alpn not in (None, "http/1.1", "http/1.0"):
+            # Not HTTP (an ALPN such as "dot", "imap", "acme-tls/1"): no rewriter can read
+            # it, so it is carried as bytes, scanned toward the upstream.
+            return StreamScan(table, a.sni or str(a.destination))
         return Http1Relay(
             Http1Rewriter(
                 table, sni=a.sni, pinned=a.pinned, deny_format=self.settings.deny_response
             )
         )
+
+
+class StreamScan:
+    """Opaque bytes of a connection with secrets that no rewriter reads: the guest's bytes are
+    searched as a stream (every encoding the detector knows, across writes) and the chunk
+    completing a placeholder is not forwarded (a violation; the connection is closed);
+    nothing is ever substituted, and nothing toward the guest is read. Half-closes are
+    carried as in the opaque relay (``opaque_close``)."""
+
+    opaque_close = True
+
+    def __init__(self, table: SecretTable, host: str) -> None:
+        self._table = table
+        self._detector = table.detector()
+        self._host = host
+
+    def start(self) -> _Out:
+        return _Out()
+
+    def receive_guest(self, data: bytes) -> _Out:
+        found = self._detector.feed(data)
+        if not found:
+            return _Out(to_upstream=data)
+        vs = tuple(
+            Violation(n, self._host, Channel.STREAM, self._table.secret(n).on_violation,
+                      "a protocol corral does not rewrite carried the placeholder")
+            for n in sorted(found)
+        )  # fmt: skip
+        return _Out(violations=vs, close="a placeholder in an opaque stream")
+
+    def receive_upstream(self, data: bytes) -> _Out:
+        return _Out(to_guest=data)
+
+    def guest_closed(self) -> _Out:
+        return _Out()
+
+    def upstream_closed(self) -> _Out:
+        return _Out()
 
 
 class Http1Relay:
@@ -1090,7 +1132,7 @@ class _Connection:
 
     def _ended(self, end: _End) -> None:
         """No more plaintext from ``end``: half-close toward the other side."""
-        if self.relay is not None:
+        if self.relay is not None and not getattr(self.relay, "opaque_close", False):
             out = self.relay.guest_closed() if end is self.guest else self.relay.upstream_closed()
             self._apply(out)
             if end.eof and self._other(end).eof:
