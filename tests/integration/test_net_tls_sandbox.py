@@ -17,7 +17,7 @@ import pytest
 
 import corral.sync
 from corral.config import DNSConfig, NetworkConfig, SecretEntry, TLSConfig
-from corral.errors import SandboxError
+from corral.errors import ConfigError, SandboxError
 from tests.integration.lifecycle_support import (  # noqa: F401 - fixtures
     corral_cli,
     corral_home_fixture,
@@ -144,6 +144,12 @@ def test_guest_trusts_the_sandbox_ca_and_secrets_stay_outside(
         assert info["tls"]["secrets"] == ["API_KEY"] and info["tls"]["ca_generated"] is True
         assert len(info["tls"]["ca_fingerprint"].split(":")) == 32
         assert VALUE.encode() not in shown.stdout and b"PRIVATE KEY" not in shown.stdout
+        # The value lived only in that supervisor: a stopped sandbox cannot be started again
+        # with it (docs/network.md "Secrets: where values live"), and says so.
+        sb.stop()
+        with pytest.raises(ConfigError) as err:
+            sb.start()
+        assert "create it again" in str(err.value), err.value
 
 
 def test_block_and_terminate_stops_the_sandbox(
