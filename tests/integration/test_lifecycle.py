@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -525,15 +526,17 @@ def test_a_cancelled_create_leaves_nothing(image: str, delay: float) -> None:
         await sb.remove()  # it finished before the cancel arrived
 
     run(scenario())
-    # The abandoned create finishes in its thread, then takes the sandbox down. In one full
-    # clean-checkout run (delay 0.0) that took over 10 s, though the directory was gone by
-    # the debris check: a slow path not yet explained (see the session's closing note), so
-    # the bound is generous; a sandbox left for good still fails here.
-    deadline = time.monotonic() + 60
-    while state.sandbox_dir(name).exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    # The abandoned create goes on in its thread ("corral-step") until it has stopped
+    # before claiming the name, or has started the sandbox and taken it down: only then can
+    # "nothing left" be checked (polling the directory alone passed at once when the thread
+    # had not yet created it, and proved nothing).
+    wait_for(lambda: not _create_threads(), timeout=60, what="the cancelled create's thread")
     assert not state.sandbox_dir(name).exists()
     assert cgroup_dirs(name) == []
+
+
+def _create_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "corral-step" and t.is_alive()]
 
 
 def test_memory_limit_hit_oom_kills_only_the_command_and_says_so(image: str) -> None:

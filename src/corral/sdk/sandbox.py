@@ -553,6 +553,10 @@ class Sandbox:
             raise ConfigError("auto_remove", f"{auto_remove!r} is not True or False")
         options = _launch_options(user, hostname, volumes)
         check_privileges()
+        # Set when the awaiting task is cancelled: a create cancelled while the image is
+        # still being resolved stops before it claims the name, instead of starting a
+        # whole sandbox only to take it down again (_abandon).
+        cancelled = threading.Event()
 
         def prepare_and_start() -> state.SandboxState:
             prepared = _prepare_state(
@@ -570,9 +574,13 @@ class Sandbox:
                 prepared = dataclasses.replace(
                     prepared, auto_remove=True, creator=[os.getpid(), procfs.own_start_time()]
                 )
+            if cancelled.is_set():
+                raise _CreateAbandoned  # nobody awaits it (dropped); nothing was claimed yet
             return _start(prepared, {e.env_var: str(e.value) for e in resolved_secrets})
 
-        return cls(await in_caller_netns(prepare_and_start, undo=_abandon))
+        return cls(
+            await in_caller_netns(prepare_and_start, undo=_abandon, on_cancel=cancelled.set)
+        )
 
     @classmethod
     async def get(cls, name: str) -> Sandbox:
@@ -827,7 +835,10 @@ caller_netns: contextvars.ContextVar[int | None] = contextvars.ContextVar(
 
 
 async def in_caller_netns(
-    func: Callable[..., T], *args: Any, undo: Callable[[T], object] | None = None
+    func: Callable[..., T],
+    *args: Any,
+    undo: Callable[[T], object] | None = None,
+    on_cancel: Callable[[], object] | None = None,
 ) -> T:
     """Run blocking ``func(*args)`` in a new thread that is in the caller's network namespace.
 
@@ -839,7 +850,8 @@ async def in_caller_netns(
 
     If the awaiting task is cancelled (Ctrl-C during ``create``), ``func`` still runs to its
     end in its thread and then ``undo(result)`` runs there too, so nothing is left behind
-    that nobody holds a handle on.
+    that nobody holds a handle on. ``on_cancel()`` is called (on the loop) at the cancel, so
+    that ``func`` can stop early at a point where it holds nothing yet.
     """
     loop = asyncio.get_running_loop()
     done: asyncio.Future[T] = loop.create_future()
@@ -888,10 +900,16 @@ async def in_caller_netns(
         with lock:
             flags["abandoned"] = True
             delivered = flags["delivered"]
+        if on_cancel is not None:
+            on_cancel()  # after "abandoned": func stopping on it is never delivered
         if delivered and undo is not None:
             # The result was already on its way to us: undo it here, after the thread.
             await asyncio.shield(asyncio.to_thread(_undo_delivered, worker, done, undo))
         raise
+
+
+class _CreateAbandoned(Exception):
+    """Stops a create whose caller was cancelled before the name was claimed."""
 
 
 def _undo_delivered(
