@@ -220,3 +220,106 @@ def test_streaming_still_works_through_the_rewriters(
     assert PLACEHOLDER not in out.stdout, out.stdout
     assert PLACEHOLDER.encode() not in cap.read()
     assert any("API_KEY" in str(e["reason"]) for e in events(n))
+
+
+H2_CONTINUATION = """
+import socket, ssl, sys
+import h2.connection, h2.events
+host, addr, ca, placeholder = sys.argv[1:5]
+ctx = ssl.create_default_context(cafile=ca)
+ctx.set_alpn_protocols(["h2"])
+with socket.create_connection((addr, 443), timeout=10) as raw, ctx.wrap_socket(raw, server_hostname=host) as s:
+    c = h2.connection.H2Connection()
+    c.initiate_connection()
+    s.sendall(c.data_to_send())
+    # A header block over 16 KiB: h2 sends HEADERS + CONTINUATION, the placeholder after the cut.
+    c.send_headers(1, [(":method", "GET"), (":path", "/echo"), (":scheme", "https"),
+                       (":authority", host), ("x-filler", "f" * 20000), ("x-key", placeholder)],
+                   end_stream=True)
+    s.sendall(c.data_to_send())
+    status = None
+    try:
+        while status is None:
+            data = s.recv(65536)
+            if not data:
+                break
+            for ev in c.receive_data(data):
+                if isinstance(ev, h2.events.ResponseReceived):
+                    status = dict(ev.headers)[b":status"].decode()
+                elif isinstance(ev, (h2.events.StreamReset, h2.events.ConnectionTerminated)):
+                    status = type(ev).__name__
+            s.sendall(c.data_to_send())
+    except OSError as e:
+        status = type(e).__name__
+    print(status)
+"""
+
+SPLIT_WRITES = """
+import socket, ssl, sys, time
+host, addr, ca, placeholder = sys.argv[1:5]
+ctx = ssl.create_default_context(cafile=ca)
+ctx.set_alpn_protocols(["http/1.1"])
+with socket.create_connection((addr, 443), timeout=10) as raw, ctx.wrap_socket(raw, server_hostname=host) as s:
+    half = len(placeholder) // 2
+    s.sendall(b"GET /echo HTTP/1.1\\r\\nHost: " + host.encode() + b"\\r\\nX-Key: " + placeholder[:half].encode())
+    time.sleep(0.2)  # two TLS records, two reads on corral's side
+    s.sendall(placeholder[half:].encode() + b"\\r\\n\\r\\n")
+    try:
+        print(s.recv(100).split(b"\\r\\n")[0].decode() or "closed")
+    except OSError as e:
+        print(type(e).__name__)
+"""
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["percent-in-query", "basic-auth", "json-body", "split-writes", "h2-continuation"],
+)
+def test_encoded_placeholders_toward_another_host_never_arrive(
+    make_net: MakeNet, tls_servers: Path, certs: Path, tmp_path: Path, how: str
+) -> None:
+    """Point 7's shapes, through the real interceptor: each toward a host the secret does not
+    allow, each stopped (the server's capture holds neither the placeholder nor the value, in
+    any of the encodings used) and audited by name."""
+    import base64
+
+    n = start(make_net, certs, table())
+    ca = sandbox_ca(n, tmp_path)
+    other = f"api.{NAME}"
+    cap = Capture(tls_servers)
+    base = ["curl", "-sS", "-m", "10", "--cacert", str(ca), "--resolve", f"{other}:443:{SERVER_V4}"]
+    if how == "percent-in-query":
+        out = n.run([*base, f"https://{other}/echo?k=%24CORRAL_SECRET_API%5FKEY"])
+    elif how == "basic-auth":
+        out = n.run([*base, "-u", f"user:{PLACEHOLDER}", f"https://{other}/echo"])
+    elif how == "json-body":
+        out = n.run(
+            [*base, "--data", '{"k": "\\u0024CORRAL_SECRET_API_KEY"}', f"https://{other}/echo"]
+        )
+    elif how == "split-writes":
+        out = n.run([sys.executable, "-c", SPLIT_WRITES, other, SERVER_V4, str(ca), PLACEHOLDER])
+    else:
+        out = n.run([sys.executable, "-c", H2_CONTINUATION, other, SERVER_V4, str(ca), PLACEHOLDER])
+        assert out.stdout.strip() != "200", out.stdout
+    seen = cap.read()
+    forms = [PLACEHOLDER.encode(), b"%24CORRAL_SECRET", b"\\u0024CORRAL_SECRET", VALUE.encode(),
+             base64.b64encode(f"user:{PLACEHOLDER}".encode()), base64.b64encode(f"user:{VALUE}".encode())]  # fmt: skip
+    assert not [f for f in forms if f in seen], seen[-300:]
+    assert "200 OK" not in out.stdout and f"hello {other}" not in out.stdout, out.stdout
+    assert any("API_KEY" in str(e["reason"]) for e in events(n)), events(n)
+
+
+def test_basic_auth_is_substituted_toward_the_allowed_host(
+    make_net: MakeNet, tls_servers: Path, certs: Path, tmp_path: Path
+) -> None:
+    import base64
+
+    n = start(make_net, certs, table())
+    ca = sandbox_ca(n, tmp_path)
+    cap = Capture(tls_servers)
+    out = curl(n, ca, f"https://{NAME}/echo", "--http1.1", "-u", f"user:{PLACEHOLDER}")
+    seen = cap.read()
+    assert base64.b64encode(f"user:{VALUE}".encode()) in seen, seen[-300:]
+    assert VALUE not in out.stdout
+    # The echo carried the substituted credentials back; the guest sees its own.
+    assert base64.b64encode(f"user:{PLACEHOLDER}".encode()).decode() in out.stdout, out.stdout
