@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import signal
 import subprocess
 import time
@@ -247,14 +248,60 @@ def test_fork_bomb_is_stopped_by_the_pids_limit(tmp_path: Path) -> None:
     assert subprocess.run(["true"]).returncode == 0
 
 
-def test_stop_kills_processes_that_ignore_sigterm(tmp_path: Path) -> None:
+def test_stop_kills_processes_that_ignore_sigterm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The init forwards SIGTERM, the stubborn process ignores it and is still there when
+    the grace period ends, so stop() SIGKILLs the cgroup, and then nothing is left. (No
+    timing: a process that ignores SIGTERM and sleeps 1000 s can only have gone by the
+    cgroup's SIGKILL.)"""
     with launched(tmp_path / "sb", name="stubborn") as s:
         run(sh(s, "(trap '' TERM; sleep 1000) > /dev/null 2>&1 & echo"))
-        started = time.monotonic()
-        launcher.stop(s, grace=0.5)
-        assert time.monotonic() - started < 5
+        stubborn = wait_for(lambda: _sleepers(s), timeout=10, what="the stubborn sleep")
+        assert all(_ignores_sigterm(pid) for pid in stubborn)
+        pidfds = [os.pidfd_open(pid) for pid in stubborn]
+        alive_at_kill: list[bool] = []
+        kill = launcher.Cgroup.kill
+
+        def spied_kill(cgroup: launcher.Cgroup) -> None:
+            if not alive_at_kill:  # stop()'s first kill: the grace period is over
+                alive_at_kill.append(all(not _exited(fd) for fd in pidfds))
+            kill(cgroup)
+
+        monkeypatch.setattr(launcher.Cgroup, "kill", spied_kill)
+        try:
+            launcher.stop(s, grace=0.5)
+            assert alive_at_kill == [True], "SIGTERM alone took the stubborn process down"
+            assert all(_exited(fd) for fd in pidfds)
+        finally:
+            for fd in pidfds:
+                os.close(fd)
+        monkeypatch.undo()
         assert_no_debris(s)
         launcher.stop(s)  # idempotent
+
+
+def _sleepers(s: launcher.Launched) -> list[int]:
+    """Host pids of the sandbox's `sleep 1000` processes."""
+    found = []
+    for pid in s.cgroup.pids():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().split(b"\0")[:2] == [b"sleep", b"1000"]:
+                    found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+def _ignores_sigterm(pid: int) -> bool:
+    with open(f"/proc/{pid}/status") as f:
+        ignored = next(line for line in f if line.startswith("SigIgn:")).split()[1]
+    return bool(int(ignored, 16) & (1 << (signal.SIGTERM - 1)))
+
+
+def _exited(pidfd: int) -> bool:
+    return bool(select.select([pidfd], [], [], 0)[0])
 
 
 def test_launch_failure_leaves_no_debris(tmp_path: Path) -> None:
