@@ -561,21 +561,23 @@ class TcpProxy:
         return True
 
     def _take_dial(self, held: _Held) -> socket.socket | None:
-        """The early dial's socket when it is connected (the hold's reader removed), for a
-        handler of its own; an unfinished dial is dropped (the handler dials again)."""
+        """The early dial's socket, connected or still connecting (its callbacks removed),
+        for a handler of its own, which finishes the connect itself: a ClientHello usually
+        arrives before the upstream's SYN-ACK, and dialling again would cost a second
+        connection (and the first one's reset) per intercepted connection."""
         dial = held.dial
         held.dial = None
         if dial is None:
             return None
         self._dials.discard(dial)
-        if dial.connected:
-            assert self._loop is not None
+        assert self._loop is not None
+        if dial.timer is not None:
+            dial.timer.cancel()
+            dial.timer = None
+        if dial.upstream.fileno() >= 0:
             self._loop.remove_reader(dial.upstream.fileno())
-            if dial.timer is not None:
-                dial.timer.cancel()
-            return dial.upstream
-        self._close_dial_socket(dial)
-        return None
+            self._loop.remove_writer(dial.upstream.fileno())
+        return dial.upstream
 
     def _end_hold(self, held: _Held) -> None:
         self._held.discard(held)

@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
+import os
 import socket
 import ssl
 from collections import OrderedDict
@@ -892,6 +894,8 @@ class _Connection:
         try:
             if self.upstream_sock is None:
                 self.upstream_sock = await self._dial()
+            else:
+                await self._finish_connect(self.upstream_sock)
         except (TimeoutError, OSError) as exc:
             why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
             self.owner.record(a, "deny", f"the upstream could not be reached ({why})")
@@ -921,6 +925,8 @@ class _Connection:
         try:
             if self.upstream_sock is None:
                 self.upstream_sock = await self._dial()  # bounded by connect_timeout
+            else:
+                await self._finish_connect(self.upstream_sock)
             async with asyncio.timeout(self.owner.handshake_timeout):
                 up_in, up_out = ssl.MemoryBIO(), ssl.MemoryBIO()
                 up_ctx = s.upstream.context(a.alpn)
@@ -985,6 +991,31 @@ class _Connection:
         if up_tls.session_reused:
             self.owner.resumed += 1
         self._start_relay(selected)
+
+    async def _finish_connect(self, sock: socket.socket) -> None:
+        """Wait for the proxy's early dial (handed over connected or still connecting)."""
+        try:
+            sock.getpeername()
+            return  # connected
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                raise
+        fut: asyncio.Future[None] = self.loop.create_future()
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        fd = sock.fileno()
+        self.loop.add_writer(fd, ready)
+        try:
+            async with asyncio.timeout(self.owner.connect_timeout):
+                await fut
+        finally:
+            self.loop.remove_writer(fd)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, os.strerror(err))
 
     async def _dial(self) -> socket.socket:
         target = self.a.target
