@@ -724,10 +724,8 @@ def test_closing_during_a_bulk_transfer_resets_the_guest_and_leaves_nothing(
     proc = n.popen([sys.executable, "-c", STREAM, PUBLIC_V4], stdout=subprocess.PIPE, cwd=str(ROOT))
     try:
         _wait_for_bulk(n)
-        started = time.monotonic()
         net = n.net
-        n.close()
-        assert time.monotonic() - started < 10
+        n.close()  # returns (a hang is the test's timeout), and leaves nothing
         assert leftovers(world, net, n.sandbox_id) == []
         out, _ = proc.communicate(timeout=30)
         # The guest saw its connection die (reset), or lost its netns with the link.

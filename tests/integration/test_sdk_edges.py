@@ -5,7 +5,6 @@ beyond the channel's range, the smallest memory limit that still starts, docker'
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
@@ -63,10 +62,8 @@ def test_kill_behaves_the_same_in_both_apis(image: str) -> None:
     with corral.sync.Sandbox.create(unique("kill"), image=image, network=NONE) as sb:
         stream = sb.exec_stream("sh", ["-c", "echo up; exec sleep 300"])
         assert next(iter(stream)) == ("stdout", b"up\n")
-        started = time.monotonic()
         stream.kill()
-        assert stream.wait() == 137
-        assert time.monotonic() - started < 60  # not the sleep's 300 s
+        assert stream.wait() == 137  # SIGKILL'd: the sleep's 300 s did not run out
         stream.kill()  # after the end: nothing happens
 
         async def with_the_async_api() -> tuple[int, int]:
