@@ -643,7 +643,9 @@ class Sandbox:
                     timeout + lifecycle.EXIT_MARGIN,
                 )
             except SandboxError:
-                if state.supervisor_alive(self._directory):
+                # Stopping by itself (its init exited, a violation), it may have removed its
+                # control socket already: then it is not an error, only an exit to wait for.
+                if state.supervisor_alive(self._directory) and not _only_exiting(self._directory):
                     raise
             if recorded is not None:
                 await _wait_exit(*recorded, lifecycle.EXIT_MARGIN)
@@ -1164,12 +1166,29 @@ def _restart(name: str) -> state.SandboxState:
         return sandbox_state
 
 
+def _only_exiting(directory: Path) -> bool:
+    """Whether the sandbox's supervisor, though still a live process, has finished.
+
+    A supervisor's last steps are: release everything (its control socket first), write the
+    ``stopped`` record, answer its stop waiters, exit. Its exit (closing a networked
+    supervisor's sockets, freeing its memory) can outlast ``stop()``'s wait on a loaded
+    machine; ``remove()`` then reported a stopped sandbox as "still running". A live
+    supervisor with a ``stopped`` record and no control socket touches nothing of its
+    directory any more (``start`` deletes a stale record, under the name's lock, before it
+    spawns a new supervisor).
+    """
+    return (
+        state.stopped_reason(directory) is not None
+        and not (directory / state.CONTROL_SOCKET).exists()
+    )
+
+
 def _remove(name: str) -> None:
     with state.name_lock(name):
         directory = state.sandbox_dir(name)
         if not directory.exists():
             return
-        if state.supervisor_alive(directory):
+        if state.supervisor_alive(directory) and not _only_exiting(directory):
             raise SandboxError(f"sandbox {name!r} is still running; stop it before removing it")
         if state.status(directory) == state.CRASHED:
             gc.release_leftovers(name, directory)
