@@ -45,7 +45,7 @@ def test_etc_files_written_by_corral(tmp_path: Path) -> None:
     with launched(
         tmp_path / "sb",
         name="etc-box",
-        hosts=[("10.1.2.3", "db.internal")],
+        hosts=[("db.internal", "10.1.2.3")],  # (name, address), as LaunchSpec.hosts has them
         resolv_conf="nameserver 10.0.0.1\n",
         extra_files={"/usr/local/share/ca.pem": b"PEM", "/etc/motd": b"hi"},
     ) as s:

@@ -142,7 +142,7 @@ def test_pin_expires_after_its_lifetime(make_net: MakeNet) -> None:
 
 # -- by name, through the sandbox's own DNS ---------------------------------------------------------
 
-NAMES_DNS_V4 = "203.0.113.54"  # this module's own DNS server (test_net_dns has .53)
+NAMES_DNS_V4 = "203.0.113.154"  # this module's own DNS server (the world's is .153)
 ZONES = {
     "zones": ["names.test"],
     "records": [

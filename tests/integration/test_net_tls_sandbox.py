@@ -34,7 +34,7 @@ from tests.support.world import SERVER_V4
 pytestmark = [pytest.mark.usefixtures("in_world"), pytest.mark.timeout(300)]
 
 #: A DNS server of this module's own (the DNS tests run theirs on the world's DNS address).
-RESOLVER_V4 = "203.0.113.54"
+RESOLVER_V4 = "203.0.113.155"  # (.51-.54 are the test registries)
 VALUE = "ghp_realvalue0123456789abcdef"
 PLACEHOLDER = "$CORRAL_SECRET_API_KEY"
 

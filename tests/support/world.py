@@ -44,7 +44,7 @@ SERVER_V6 = "2001:db8:f::10"
 #: starts it); /etc/netns/<host ns>/resolv.conf names them, so what runs under
 #: ``ip netns exec <host ns>`` has them as its resolvers. Processes that only setns() into the
 #: host ns read the root's /etc/resolv.conf: point CORRAL_RESOLV_CONF at ``World.resolv_conf``.
-DNS_V4 = "203.0.113.53"
+DNS_V4 = "203.0.113.153"  # (.51-.54 are the test registries)
 DNS_V6 = "2001:db8:f::53"
 
 

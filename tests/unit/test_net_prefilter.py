@@ -36,7 +36,7 @@ from corral.net.prefilter import (
 from corral.policy import Policy
 from corral.policy.groups import HostAddresses, classify_int
 from corral.policy.pins import PinSet
-from corral.policy.verdict import Revealed
+from corral.policy.verdict import Revealed, unmap
 from tests.unit.test_policy_property import ADDRESSES, NAMES, PORT_POINTS, configs, host_sets
 
 #: Policies drawn; each is checked against FLOWS_PER_POLICY flows, so 400 x 12 = 4,800 cases
@@ -104,7 +104,7 @@ def test_prefilter_rejects_only_what_the_gate_denies(
     for text in rnd.sample([*ADDRESSES, *EXTRA], 4):
         address = ipaddress.ip_address(text)
         pins.add(rnd.sample(NAMES, rnd.choice([1, 2])), [address], 300)
-        pinned.add(address)
+        pinned.add(unmap(address))  # as SandboxNetwork.pinned puts it in the kernel sets
     policy, gate, pf = build(config, hosts, audit_dir, pins)
     for _ in range(FLOWS_PER_POLICY):
         text = rnd.choice([*ADDRESSES, *EXTRA, "random4", "random6"])
