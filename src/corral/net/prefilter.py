@@ -43,7 +43,7 @@ for :mod:`corral.net.firewall`. Pure: no I/O.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 
 from corral.config import PolicyAction, PolicyDirection, PolicyProtocol, PolicyRule
@@ -51,7 +51,7 @@ from corral.config.values import DestinationKind, Group
 from corral.policy import groups as policy_groups
 from corral.policy import verdict
 from corral.policy.describe import describe_rule
-from corral.policy.groups import EMBEDDING_V4, HostAddresses
+from corral.policy.groups import EMBEDDING_V4, HostAddresses, merge_intervals, subtract_interval
 from corral.policy.pins import MAX_PINS
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -125,33 +125,6 @@ def _span(text: str) -> tuple[int, int, int]:
     return net.version, int(net.network_address), int(net.broadcast_address)
 
 
-def _subtract(lo: int, hi: int, taken: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """[lo, hi] less the (sorted, disjoint) ``taken`` intervals."""
-    out: list[tuple[int, int]] = []
-    cur = lo
-    for t_lo, t_hi in taken:
-        if t_hi < cur or t_lo > hi:
-            continue
-        if t_lo > cur:
-            out.append((cur, t_lo - 1))
-        cur = max(cur, t_hi + 1)
-        if cur > hi:
-            break
-    if cur <= hi:
-        out.append((cur, hi))
-    return out
-
-
-def _merge(intervals: Iterable[tuple[int, int]]) -> Intervals:
-    out: list[tuple[int, int]] = []
-    for lo, hi in sorted(intervals):
-        if out and lo <= out[-1][1] + 1:
-            out[-1] = (out[-1][0], max(out[-1][1], hi))
-        else:
-            out.append((lo, hi))
-    return tuple(out)
-
-
 def group_intervals(host: HostAddresses) -> dict[tuple[int, Group | None], Intervals]:
     """Every address of each family by group, as disjoint sorted intervals, with the host's
     addresses at their place in ``classify``'s order; the IPv6 prefixes classified by an
@@ -189,7 +162,7 @@ def compile_prefilter(
     for version in (4, 6):
         for group in (*Group, None):
             sets.setdefault(_set_name(version, group), (version, ()))
-    sets["delegated6"] = (6, _merge((lo, hi) for _, lo, hi in map(_span, _V6_DELEGATED)))
+    sets["delegated6"] = (6, merge_intervals((lo, hi) for _, lo, hi in map(_span, _V6_DELEGATED)))
     gateway_ints = {(a.version, int(a)) for a in gateways}
     for version in (4, 6):
         spans: list[tuple[int, int]] = []
@@ -198,8 +171,8 @@ def compile_prefilter(
                 continue
             lo, hi = int(pool.network_address), int(pool.broadcast_address)
             gws = sorted((g, g) for v, g in gateway_ints if v == version and lo <= g <= hi)
-            spans += _subtract(lo, hi, gws)
-        sets[f"pools{version}"] = (version, _merge(spans))
+            spans += subtract_interval(lo, hi, gws)
+        sets[f"pools{version}"] = (version, merge_intervals(spans))
 
     both = tuple(PROTOCOLS)
     checks: list[Check] = [

@@ -154,7 +154,7 @@ class _Piece:
     embeds_v4: bool
 
 
-def _subtract(lo: int, hi: int, taken: list[tuple[int, int]]) -> list[tuple[int, int]]:
+def subtract_interval(lo: int, hi: int, taken: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """[lo, hi] less the sorted, disjoint ``taken`` intervals."""
     out: list[tuple[int, int]] = []
     cur = lo
@@ -171,7 +171,7 @@ def _subtract(lo: int, hi: int, taken: list[tuple[int, int]]) -> list[tuple[int,
     return out
 
 
-def _merge(intervals: Iterable[tuple[int, int]]) -> Intervals:
+def merge_intervals(intervals: Iterable[tuple[int, int]]) -> Intervals:
     out: list[tuple[int, int]] = []
     for lo, hi in sorted(intervals):
         if out and lo <= out[-1][1] + 1:
@@ -194,9 +194,9 @@ def _resolve(version: int) -> tuple[_Piece, ...]:
         net = ipaddress.ip_network(entry.cidr)
         if net.version != version:
             continue
-        free = _subtract(int(net.network_address), int(net.broadcast_address), taken)
+        free = subtract_interval(int(net.network_address), int(net.broadcast_address), taken)
         pieces += [_Piece(lo, hi, entry.group, host_seen, entry.embeds_v4) for lo, hi in free]
-        taken = list(_merge([*taken, *free]))
+        taken = list(merge_intervals([*taken, *free]))
     pieces.sort(key=lambda p: p.first)
     assert taken == [(0, _MAX[version])] and pieces[0].first == 0
     return tuple(pieces)
@@ -282,6 +282,6 @@ def group_intervals(host: HostAddresses = NO_HOST) -> dict[tuple[int, Group | No
                 inside = [(a, a) for a in addresses if piece.first <= a <= piece.last]
                 if inside:
                     found.setdefault((version, _HOST), []).extend(inside)
-                    mine = _subtract(piece.first, piece.last, inside)
+                    mine = subtract_interval(piece.first, piece.last, inside)
             found.setdefault((version, piece.group), []).extend(mine)
-    return {key: _merge(v) for key, v in found.items() if v}
+    return {key: merge_intervals(v) for key, v in found.items() if v}
