@@ -215,7 +215,7 @@ class AddressPool:
     def _tmp_path(self) -> Path:
         return self.leases_path.with_suffix(".tmp")
 
-    def _write(self, leases: dict[str, Slot]) -> None:
+    def _write(self, leases: dict[str, dict[str, object]]) -> None:
         """Replace the file whole. Not with ``os.replace``: on ext4, renaming over an existing
         file (or truncating one) makes the kernel write the new file's data out first
         (``auto_da_alloc``), ~4 ms here, twice per sandbox. The old file is unlinked first
