@@ -800,3 +800,57 @@ def test_reserve_cleans_a_crashed_namesake(world: World, tmp_path: Path, servers
 
 async def _noop_close() -> None:
     return None
+
+
+def test_a_lingering_close_leaves_nothing_a_namesake_needs(
+    world: World, tmp_path: Path, servers: None
+) -> None:
+    """``close(linger=True)`` (a supervisor's stop) keeps the ICMP relay's packet sockets open
+    (their close waits for an RCU grace period, which the stop's caller need not wait for) and
+    removes everything else: table, rules, routes, netns, lease, and the NFLOG socket, whose
+    log group the next lease of the same number reuses. A namesake started meanwhile gets
+    the same lease number and its kernel prefilter (it could not bind a group still held),
+    and serves; closing the lingering sockets afterwards touches nothing of it."""
+    import asyncio
+    import ipaddress
+
+    from corral.net.icmp import IcmpRelay
+    from corral.net.nflog import RejectAudit
+
+    pool = AddressPool(tmp_path / "p")
+    # Lease numbers (and so NFLOG groups) of a fresh pool start at 1, which networks of
+    # other tests of this process may still hold (a simulated crash never closes its own):
+    # leases without kernel objects, elsewhere, move this one's number past theirs.
+    for i in range(40):
+        pool.lease(f"tpad{i}", ipaddress.IPv4Network("10.250.0.0/16"), None, routes=[])
+    first = RunningNetwork(
+        world.host_ns, "tlinger", NetworkPolicy.public_only(), tmp_path / "a", pool=pool
+    )
+    net = first.net
+    number = net.slot.number
+    assert any(isinstance(p, RejectAudit) for p in net._parts)  # the prefilter is on
+    asyncio.run_coroutine_threadsafe(net.close(linger=True), first.loop).result(30)
+    first.close()
+    lingering = [p for p in net.lingering if isinstance(p, IcmpRelay)]
+    assert lingering and all(s.fileno() >= 0 for p in lingering for s in p.link_sockets)
+    # The veth goes with its namespace, in the background: nothing else is left at once.
+    assert [x for x in leftovers(world, net, "tlinger") if not x.startswith("link ")] == []
+    wait_for(lambda: leftovers(world, net, "tlinger") == [], timeout=30,
+             what="the lingering veth to go with its namespace")  # fmt: skip
+    second = RunningNetwork(
+        world.host_ns, "tlinger", NetworkPolicy.public_only(), tmp_path / "b", pool=pool
+    )
+    try:
+        assert second.net.slot.number == number
+        assert any(
+            isinstance(p, RejectAudit) for p in second.net._parts
+        ), "the namesake lost its kernel prefilter: the NFLOG group was still held"
+        with world.in_host():
+            net.close_lingering()
+        assert all(s.fileno() == -1 for p in lingering for s in p.link_sockets)
+        assert net.lingering == []
+        assert second.exchange("tcp", PUBLIC_V4, ECHO_PORT) == "OK ping"
+        assert second.ping(PUBLIC_V4)
+    finally:
+        second.close()
+    assert leftovers(world, second.net, "tlinger") == []

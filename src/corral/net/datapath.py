@@ -112,7 +112,10 @@ class SandboxNetwork:
         #: What the sandbox's own resolver answered: name -> addresses, with TTLs. The DNS
         #: interceptor fills it, the gate decides domain rules with it.
         self.pins = PinSet()
-        self._pinned_sets: dict[int, str] | None = None  # family -> nft set, when the prefilter uses pins
+        #: family -> nft set, when the prefilter uses pins
+        self._pinned_sets: dict[int, str] | None = None
+        #: Parts whose close waits for the kernel, left open by ``close(linger=True)``.
+        self.lingering: list[Any] = []
 
     # -- step 1 -----------------------------------------------------------------------------
     @classmethod
@@ -437,19 +440,42 @@ class SandboxNetwork:
                 part.close()
             self._parts.remove(part)
 
-    async def close(self, *, leave_link: bool = False) -> None:
+    async def close(self, *, leave_link: bool = False, linger: bool = False) -> None:
         """Stop every proxy and remove every kernel object and the lease. Idempotent.
 
         ``leave_link``: the sandbox's processes are gone (its supervisor stopped the init), so
         the veth is left to the kernel, which destroys it with the unreferenced namespace in
         the background instead of making this call wait ~30 ms for an RCU grace period
         (plumbing.remove). Nothing can send on it any more; a namesake created before it is
-        gone deletes it itself (reserve's leftover check)."""
+        gone deletes it itself (reserve's leftover check).
+
+        ``linger`` (with ``leave_link``; a supervisor that exits right after): the ICMP
+        relay's packet sockets are not closed but kept in :attr:`lingering`. Closing a packet
+        socket always waits for an RCU grace period (``packet_release`` calls
+        ``synchronize_net``: 8-15 ms here), which a ``remove`` waiting for the stop need not
+        wait for: the supervisor answers the stop first and the process's exit (or
+        :meth:`close_lingering`) closes them. They hold nothing a namesake needs: the
+        sockets are bound to this sandbox's link, which goes with its namespace, and not
+        one name or number of the sandbox. The NFLOG socket (which does hold a number, the
+        log group a new lease would reuse) is closed *first* instead, before the table's
+        delete: a netfilter netlink socket's close waits only while a deleted table's
+        destruction is pending, so closed before the delete it does not wait."""
         if self._closed:
             return
         self._closed = True
         if self.slot is None:
             return
+        parts = list(reversed(self._parts))
+        self._parts.clear()
+        if linger:
+            # The init is dead: no packet can be refused any more, so NFLOG has nothing to
+            # report; closed before the table's delete, its close waits for nothing.
+            for part in [p for p in parts if isinstance(p, nflog.RejectAudit)]:
+                with contextlib.suppress(Exception):
+                    part.close()
+                parts.remove(part)
+            self.lingering = [p for p in parts if isinstance(p, IcmpRelay)]
+            parts = [p for p in parts if not isinstance(p, IcmpRelay)]
         # The divert goes first: from here on the sandbox's packets are dropped, not proxied.
         with contextlib.suppress(NetworkError):
             firewall.remove(self.names.table)
@@ -458,18 +484,26 @@ class SandboxNetwork:
         # a packet socket, always (the ICMP relay's). The relay goes first, so that the two
         # grace periods elapse together and the NFLOG socket (and, at exit, the process's
         # other netfilter sockets) find nothing left to wait for.
-        parts = sorted(reversed(self._parts), key=lambda part: not isinstance(part, IcmpRelay))
+        parts.sort(key=lambda part: not isinstance(part, IcmpRelay))
         for part in parts:
             with contextlib.suppress(Exception):
                 part.close()
-        self._parts.clear()
         for p in self._published:
             p.sock.close()
         self._published = []
         if self._audit is not None:
             self._audit.close()
-        plumbing.remove(self.names, plumbing.routing_table(self.slot), link=not leave_link)
+        keep_link = leave_link or linger
+        plumbing.remove(self.names, plumbing.routing_table(self.slot), link=not keep_link)
         self.pool.release(self.sandbox_id)
+
+    def close_lingering(self) -> None:
+        """Close what :meth:`close` with ``linger`` left open (waits for the kernel: an RCU
+        grace period). Any thread, after the data path's loop is gone; idempotent."""
+        parts, self.lingering = self.lingering, []
+        for part in parts:
+            with contextlib.suppress(Exception):
+                part.close()
 
     # -- audit ------------------------------------------------------------------------------
     def events(self, *, from_start: bool = True) -> AsyncIterator[AuditEvent]:
