@@ -92,6 +92,27 @@ def test_route_destinations_and_the_default_route() -> None:
     assert rt.parse_route_destination(default) is None
 
 
+def test_find_attribute_is_the_first_of_its_type() -> None:
+    data = b"\0" * 12 + rt.attr(rt.RTA_DST, b"\x01\x02\x03\x04") + rt.attr(7, b"abcd")
+    assert rt.find_attribute(data, 12, 7) == b"abcd"
+    assert rt.find_attribute(data, 12, rt.RTA_DST) == b"\x01\x02\x03\x04"
+    assert rt.find_attribute(data, 12, 99) is None
+    assert rt.find_attribute(data[:14], 12, 7) is None  # truncated: nothing read past it
+    assert rt.find_attribute(data, 12, 7) == rt.attributes(data, 12)[7]
+
+
+def test_route_destinations_are_those_of_the_full_parse() -> None:
+    """The fast read of a real dump (this namespace's routes) gives exactly the networks the
+    full per-route parse gives, each once."""
+    with rt.RouteSocket() as sock:
+        dump = sock.dump(rt.dump_request(rt.RTM_GETROUTE, socket.AF_UNSPEC))
+        fast = sock.route_destinations()
+    full = {rt.parse_route_destination(b) for k, b in dump if k == rt.RTM_NEWROUTE} - {None}
+    assert len(fast) == len(set(fast))
+    assert set(fast) == full
+    assert full  # this namespace has routes (lo's local ones at least)
+
+
 def test_messages_stop_at_a_truncated_one() -> None:
     one = rt.message(rt.NLMSG_DONE, 0, b"\0\0\0\0", seq=3)
     two = rt.message(rt.NLMSG_ERROR, 0, struct.pack("=i", -17) + b"x" * 16, seq=4)
