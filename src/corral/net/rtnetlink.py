@@ -392,8 +392,8 @@ class RouteSocket:
         Read on every networked create, where each running sandbox adds ~10 routes (its
         /30 and /64, local and broadcast entries, its divert table's defaults): only the
         header and RTA_DST are read, defaults are skipped before any attribute, and a
-        destination several routes share becomes one network (with 60 sandboxes running:
-        10 -> 2 ms)."""
+        destination several routes share becomes one network (with 60 sandboxes running,
+        ~640 routes: the parse 1.2 -> 0.7 ms, beside 0.6 ms for the dump itself)."""
         seen: set[tuple[int, int, bytes]] = set()
         for kind, body in self.dump(dump_request(RTM_GETROUTE, socket.AF_UNSPEC)):
             if kind != RTM_NEWROUTE or len(body) < 12 or body[1] == 0:
