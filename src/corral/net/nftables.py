@@ -75,8 +75,12 @@ _lock = threading.Lock()
 #: cache with every table's chains, sets and rules before it evaluates a table: beside 100
 #: sandboxes' tables one apply took 53 MiB of heap, which glibc keeps after free(); without a
 #: trim every networked supervisor carried ~30 MiB of it (bench/density_bench.py). A trim of
-#: that much takes ~20 ms, so it runs on a thread of its own, off the caller's path.
-TRIM_ABOVE = 4 << 20
+#: that much takes ~20 ms, so it runs on a thread of its own, off the caller's path. The bar is
+#: low: even beside 4 tables an apply left ~2.5 MiB free but dirty (glibc trims by itself only
+#: the top of the heap, and Python's objects sit above libnftables' freed ones), which was a
+#: quarter of an idle networked supervisor's private memory (its smaps_rollup, measured
+#: at each start step); trimming that costs well under a millisecond, on that thread.
+TRIM_ABOVE = 256 << 10
 
 
 class _MallInfo2(ctypes.Structure):
