@@ -10,7 +10,9 @@ TPROXY routes and the two divert rules, the guest side (addresses, routes), an n
 table (the public-only ruleset shape), and the removal of all of it. Prints medians and the
 ratios against corral's in-process path (the choice recorded in docs/design.md). Then the cost
 of one DNS pin (an element with a timeout) through libnftables' ``run`` and through
-``nftables.add_elements``, alone and beside large rulesets.
+``nftables.add_elements``, alone and beside large rulesets; and of one sandbox's table
+applied by libnftables in place against built in an empty namespace and replayed
+(``firewall.apply(..., build_in=...)``), beside 0 to 100 other tables.
 """
 
 from __future__ import annotations
@@ -222,6 +224,67 @@ def element_costs(runs: int) -> None:
         print(f"  {where:38} {a:22} {b}")
 
 
+def apply_costs(runs: int) -> None:
+    """One sandbox's public-only table (prefilter included) through ``firewall.apply``:
+    libnftables here (it reads every table's chains, sets and rules first) against the build
+    in an empty namespace, read back and replayed here (``build_in``), beside 0 to 100
+    sandbox-sized tables. Decides ``firewall.REPLAY_FROM_TABLES``."""
+    from corral.config import NetworkPolicy
+    from corral.kernel import netns as kernel_netns
+    from corral.net import firewall, nftables
+    from corral.net.prefilter import compile_prefilter
+    from corral.policy import Policy
+
+    cfg = NetworkPolicy.public_only()
+    gw4, g4 = ipaddress.ip_address("10.231.0.1"), ipaddress.ip_address("10.231.0.2")
+    gw6, g6 = ipaddress.ip_address("fd42:9:9:1::1"), ipaddress.ip_address("fd42:9:9:1::2")
+    policy = Policy.compile(cfg, host_addresses=[gw4, gw6])
+    pools = [ipaddress.ip_network(cfg.ipv4_pool), ipaddress.ip_network(cfg.ipv6_pool)]
+    prefilter = compile_prefilter(policy.rules, policy.default_egress, policy.host,
+                                  pools=pools, gateways=[gw4, gw6], ipv6=True,
+                                  connect_port=None, tls_interception=False)  # fmt: skip
+
+    def spec(name: str) -> firewall.FirewallSpec:
+        return firewall.FirewallSpec(
+            table=name, link=f"cr-{name[-8:]}", guest_ipv4=g4, gateway_ipv4=gw4,
+            guest_ipv6=g6, gateway_ipv6=gw6, tcp_port_v4=1, udp_port_v4=2, tcp_port_v6=3,
+            udp_port_v6=4, dns_tcp_port_v4=5, dns_udp_port_v4=6, dns_tcp_port_v6=7,
+            dns_udp_port_v6=8, prefilter=prefilter, log_group=5,
+        )  # fmt: skip
+
+    build = "/run/netns/nlbench-build"
+    open(build, "w").close()  # a mount point
+    kernel_netns.call_in_thread(
+        None, lambda: subprocess.run(["mount", "--bind", "/proc/thread-self/ns/net", build],
+                                     check=True), new=True)  # fmt: skip
+    print("one sandbox's table through firewall.apply (median ms):")
+    print(f"  {'tables beside':>14} {'libnftables here':>18} {'built elsewhere':>16}")
+    made = 0
+    for beside in (0, 4, 8, 16, 50, 100):
+        while made < beside:
+            firewall.apply(spec(f"corral-nlb{made:05d}"))
+            made += 1
+        here, there = [], []
+        for _ in range(runs):
+            for out, build_in in ((here, None), (there, build)):
+                t = time.perf_counter()
+                if build_in is None:
+                    firewall.apply(spec("corral-nlbtest"))
+                else:  # the replay itself, whatever the threshold says
+                    messages = kernel_netns.call_in_thread(
+                        build, lambda: firewall._build_and_read_back(
+                            firewall.ruleset(spec("corral-nlbtest")).split("\n", 2)[2],
+                            "corral-nlbtest"))  # fmt: skip
+                    nftables.replay(messages, "corral-nlbtest", replace=False)
+                out.append((time.perf_counter() - t) * 1000)
+                nftables.destroy_table("corral-nlbtest")
+                time.sleep(0.02)  # the destroyed table's grace period, off the next sample
+        print(f"  {beside:>14} {statistics.median(here):>18.2f} {statistics.median(there):>16.2f}")
+    for k in range(made):
+        nftables.destroy_table(f"corral-nlb{k:05d}")
+    subprocess.run(["umount", build], check=False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=30)
@@ -263,6 +326,7 @@ def main() -> None:
                     if k != "remove (link left to the kernel)")  # fmt: skip
         print(f"total create+remove, {way}: {total:.2f} ms")
     element_costs(max(10, args.runs))
+    apply_costs(max(10, args.runs // 2))
     print(f"load average: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
 
 

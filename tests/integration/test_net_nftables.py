@@ -206,3 +206,80 @@ def test_table_exists_and_destroy_table_need_no_libnftables_cache() -> None:
         """
     )
     assert out == [[False, True, False, False], []]
+
+
+SPEC_SCRIPT = """
+import ipaddress, subprocess
+from corral.config import NetworkPolicy
+from corral.kernel import netns as kernel_netns
+from corral.net.prefilter import compile_prefilter
+from corral.policy import Policy
+cfg = NetworkPolicy.public_only()
+gw4, g4 = ipaddress.ip_address("10.0.0.1"), ipaddress.ip_address("10.0.0.2")
+gw6, g6 = ipaddress.ip_address("fd00::1"), ipaddress.ip_address("fd00::2")
+pol = Policy.compile(cfg, host_addresses=[gw4, gw6])
+pf = compile_prefilter(pol.rules, pol.default_egress, pol.host,
+                       pools=[ipaddress.ip_network(cfg.ipv4_pool), ipaddress.ip_network(cfg.ipv6_pool)],
+                       gateways=[gw4, gw6], ipv6=True, connect_port=None, tls_interception=False)
+def spec(port):
+    return firewall.FirewallSpec(
+        table=T, link="cr-itest", guest_ipv4=g4, gateway_ipv4=gw4, guest_ipv6=g6,
+        gateway_ipv6=gw6, tcp_port_v4=port, udp_port_v4=2, tcp_port_v6=3, udp_port_v6=4,
+        dns_tcp_port_v4=5, dns_udp_port_v4=6, dns_tcp_port_v6=7, dns_udp_port_v6=8,
+        prefilter=pf, log_group=5)
+def listing():
+    return subprocess.run(["nft", "list", "table", "inet", T], capture_output=True,
+                          text=True, check=True).stdout
+def mount_empty_netns(path):
+    open(path, "w").close()
+    kernel_netns.call_in_thread(None, lambda: subprocess.run(
+        ["mount", "--bind", "/proc/thread-self/ns/net", path], check=True), new=True)
+"""
+
+
+def test_a_table_built_elsewhere_and_replayed_is_the_table_applied_here() -> None:
+    """Beside many tables, apply() builds the table in an empty namespace, reads it back and
+    replays it: nft lists exactly what a direct libnftables apply gives (in a namespace of
+    its own), the kernel's dump of both is the same bytes, the build namespace keeps no
+    table, and a second apply replaces the first in one transaction."""
+    out = isolated(
+        SPEC_SCRIPT
+        + textwrap.dedent(
+            """
+        import tempfile
+        scratch = tempfile.mkdtemp()
+        direct_ns, build_ns = f"{scratch}/direct", f"{scratch}/build"
+        mount_empty_netns(direct_ns)
+        mount_empty_netns(build_ns)
+        def direct():
+            firewall.apply(spec(1))
+            sock = nftables.open_socket()
+            try:
+                return listing(), nftables.snapshot_table(sock, T)
+            finally:
+                sock.close()
+        want, want_messages = kernel_netns.call_in_thread(direct_ns, direct)
+        for i in range(firewall.REPLAY_FROM_TABLES):
+            nftables.run(f"add table inet other{i}\\nadd chain inet other{i} c\\n")
+        firewall.apply(spec(1), build_in=build_ns)
+        sock = nftables.open_socket()
+        got_messages = nftables.snapshot_table(sock, T)
+        sock.close()
+        got = listing()
+        left = kernel_netns.call_in_thread(build_ns, nftables.table_count)
+        firewall.apply(spec(9), build_in=build_ns)  # replaces: the new port only
+        replaced = listing()
+        for path in (direct_ns, build_ns):
+            subprocess.run(["umount", path], check=True)
+        print(json.dumps([want, got, want_messages == got_messages, left, replaced]))
+        """
+        )
+    )
+    assert isinstance(out, list)
+    want, got, same_bytes, left, replaced = out
+    assert "pf_public4" in want and "tproxy" in want  # the real ruleset, prefilter included
+    assert got == want
+    assert same_bytes
+    assert left == 0
+    assert replaced == want.replace("10.0.0.1:1 ", "10.0.0.1:9 ")
+    assert replaced != want
