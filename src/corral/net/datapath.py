@@ -401,7 +401,11 @@ class SandboxNetwork:
                 dns_udp_port_v6=self.dns.ports[6]["udp"] if 6 in self.dns.ports else None,
                 prefilter=prefilter,
                 log_group=log_group,
-            )
+            ),
+            # The sandbox's own netns has no table: beside many sandboxes the table is built
+            # there and replayed here (firewall.apply; libnftables' cache fill grows with
+            # every sandbox's table in this namespace).
+            build_in=names.netns_path,
         )
 
     def pinned(self, entries: list[tuple[IPAddress, float]]) -> None:
