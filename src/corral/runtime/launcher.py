@@ -185,8 +185,10 @@ def launch(
     spec: LaunchSpec,
     zygote: Zygote | None = None,
     cgroup_done: Callable[[], object] | None = None,
+    before_fork: Callable[[], object] | None = None,
 ) -> Launched:
-    """Start the sandbox; returns when its init serves the channel. Call before threads exist.
+    """Start the sandbox; returns when its init serves the channel. Call before threads exist,
+    or give ``before_fork``.
 
     ``zygote`` (from :func:`prepare_zygote`, made ahead of time) becomes stage A, already in
     a cgroup: no process is moved into a cgroup on this path. It is used up either way (a
@@ -196,6 +198,11 @@ def launch(
     cgroup is made or adopted and, with a zygote, nothing is moved later): from then on,
     another process may move one into a cgroup (which holds that lock for a grace period)
     without delaying this launch.
+
+    ``before_fork`` is called before this process forks (only when there is no usable zygote:
+    with one, the zygote forks the init): a caller that started a thread beside the launch
+    makes it quiescent there (no lock held, nothing half-done), so that the forked stage A
+    inherits a consistent copy.
     """
     try:
         _validate(spec)
@@ -234,6 +241,8 @@ def launch(
             pid_a = zygote.pid
             zygote.start(spec, listener, to_child_r, from_child_w)
         else:
+            if before_fork is not None:
+                before_fork()
             seccomp = seccomp_profile.compiled()
             gc.freeze()  # keep the garbage collector from dirtying pages the init shares
             try:
