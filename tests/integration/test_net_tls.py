@@ -563,3 +563,82 @@ def test_clients_that_stall_are_bounded(
     assert out[0] in ("closed", "ConnectionResetError") and out[1] == "True", out
     assert n.call(lambda: n.net.gate.active) == 0
     assert any("did not finish in time" in str(e["reason"]) for e in events(n))
+
+
+#: A one-certificate HTTPS server for the resumption tests: argv address, port, cert, key.
+#: Each process has its own ticket keys, so a restarted one cannot resume an earlier session.
+ONE_CERT_SERVER = """
+import socket, ssl, sys, threading
+addr, port, cert, key = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+ctx.set_alpn_protocols(["http/1.1"])
+srv = socket.create_server((addr, port), reuse_port=True)
+print("ready", flush=True)
+def serve(raw):
+    try:
+        with ctx.wrap_socket(raw, server_side=True) as s:
+            while b"\\r\\n\\r\\n" not in s.recv(65536):
+                pass
+            s.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: 3\\r\\nConnection: close\\r\\n\\r\\nok\\n")
+    except (OSError, ssl.SSLError):
+        pass
+while True:
+    raw, _ = srv.accept()
+    threading.Thread(target=serve, args=(raw,), daemon=True).start()
+"""
+
+RESUME_PORT = 8450
+
+
+def test_upstream_sessions_are_resumed_and_a_changed_server_is_verified_again(
+    make_net: MakeNet, world: World, servers: None, certs: Path, tmp_path: Path
+) -> None:
+    """Upstream TLS sessions are kept and resumed (no chain verification on a resumed
+    handshake: it was verified when the session was made); a server that can no longer
+    resume (restarted, here with an expired certificate) gets a full handshake, which is
+    verified and fails as any other, and the failure drops the kept session."""
+    tls = TLSConfig(upstream_ca_certs=[str(certs / "ca.pem")], intercepted_ports=[RESUME_PORT])
+    n = make_net(NetworkConfig(policy="public-only", tls=tls))
+    ca = sandbox_ca(n, tmp_path)
+    interceptor = n.net.tcp.tls
+
+    def serve(kind: str) -> subprocess.Popen[bytes]:
+        proc = world.spawn_inet(
+            [sys.executable, "-c", ONE_CERT_SERVER, SERVER_V4, str(RESUME_PORT),
+             str(certs / f"{kind}.pem"), str(certs / f"{kind}.key")],
+            stdout=subprocess.PIPE,
+        )  # fmt: skip
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        return proc
+
+    def get() -> subprocess.CompletedProcess[str]:
+        return curl(n, ca, f"https://{NAME}:{RESUME_PORT}/", "--http1.1", port=RESUME_PORT)
+
+    good = serve("good")
+    try:
+        for _ in range(3):
+            assert lines(get()) == ["ok", "1.1 200"]
+    finally:
+        world.stop_process(good)
+    assert interceptor.handshakes == 3
+    assert interceptor.resumed == 2  # the first made the session, the others resumed it
+    assert len(interceptor._sessions) == 1
+
+    expired = serve("expired")
+    try:
+        out = get()
+    finally:
+        world.stop_process(expired)
+    assert out.returncode == 35 and "handshake failure" in out.stderr, (out.returncode, out.stderr)
+    assert interceptor.verify_failures == 1
+    assert len(interceptor._sessions) == 0  # the failed handshake dropped what was kept
+    reasons = [str(e["reason"]) for e in events(n) if e["port"] == RESUME_PORT]
+    assert any("failed verification" in r and "expired" in r for r in reasons), reasons
+
+    good = serve("good")  # positive control: a full handshake again, verified, carried
+    try:
+        assert lines(get()) == ["ok", "1.1 200"]
+    finally:
+        world.stop_process(good)
+    assert interceptor.handshakes == 4 and interceptor.resumed == 2

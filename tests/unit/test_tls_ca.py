@@ -6,6 +6,7 @@ certificate checks a guest's client makes (chain to the CA, name, validity, ALPN
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import ssl
@@ -22,6 +23,7 @@ from corral.net.tls_ca import (
     CONTEXT_CACHE_ENTRIES,
     GUEST_BUNDLE_PATHS,
     GUEST_CA_ANCHORS,
+    GUEST_TICKETS,
     LEAF_BACKDATE,
     LEAF_LIFETIME,
     GuestTrust,
@@ -189,6 +191,51 @@ def test_guest_is_offered_exactly_the_upstream_alpn(
     ctx = LeafCache(ca).server_context("alpn.example.com", selected)
     c, s = handshake(ctx, guest_client(ca, offered), "alpn.example.com")
     assert c.selected_alpn_protocol() == want == s.selected_alpn_protocol()
+
+
+def _records(data: bytes) -> list[int]:
+    """The content types of the TLS records in ``data``."""
+    types = []
+    while len(data) >= 5:
+        types.append(data[0])
+        data = data[5 + int.from_bytes(data[3:5], "big") :]
+    return types
+
+
+def test_the_guest_gets_one_ticket_and_can_resume_with_it(ca: InterceptionCA) -> None:
+    """One TLS 1.3 ticket per guest handshake (GUEST_TICKETS, not OpenSSL's 2), and it
+    resumes: a guest's next connection skips the certificate and the signature."""
+    assert GUEST_TICKETS == 1
+    ctx = LeafCache(ca).server_context("resume.example.com", "http/1.1")
+    client = guest_client(ca, ["http/1.1"])
+    cin, cout, sin, sout = (ssl.MemoryBIO() for _ in range(4))
+    c = client.wrap_bio(cin, cout, server_hostname="resume.example.com")
+    s = ctx.wrap_bio(sin, sout, server_side=True)
+    with pytest.raises(ssl.SSLWantReadError):
+        c.do_handshake()
+    sin.write(cout.read())
+    with pytest.raises(ssl.SSLWantReadError):
+        s.do_handshake()
+    cin.write(sout.read())
+    c.do_handshake()
+    sin.write(cout.read())  # the client's Finished
+    s.do_handshake()
+    after = sout.read()  # what the server sends after its handshake: the tickets, nothing else
+    assert _records(after) == [0x17] * GUEST_TICKETS  # each ticket one encrypted record
+    cin.write(after)
+    with pytest.raises(ssl.SSLWantReadError):
+        c.read(1)
+    session = c.session
+    assert session is not None and session.has_ticket
+    cin2, cout2, sin2, sout2 = (ssl.MemoryBIO() for _ in range(4))
+    c2 = client.wrap_bio(cin2, cout2, server_hostname="resume.example.com", session=session)
+    s2 = ctx.wrap_bio(sin2, sout2, server_side=True)
+    for _ in range(4):
+        for end, out, peer_in in ((c2, cout2, sin2), (s2, sout2, cin2)):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                end.do_handshake()
+            peer_in.write(out.read())
+    assert c2.session_reused and s2.session_reused
 
 
 def test_a_guest_that_does_not_offer_the_selected_protocol_gets_none(ca: InterceptionCA) -> None:

@@ -3,6 +3,7 @@ symlinks, the secret hand-off, the interception settings from a config."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from pathlib import Path
@@ -141,3 +142,47 @@ def test_stream_scan_stops_the_chunk_that_completes_a_placeholder() -> None:
         ViolationAction.BLOCK_AND_LOG,
     )
     assert scan.receive_upstream(b"* OK").to_guest == b"* OK"
+
+
+def test_upstream_sessions_are_kept_bounded_refreshed_and_forgotten(tmp_path: Path) -> None:
+    """The interceptor's upstream session cache: a real TLS 1.3 session (made by a handshake
+    over memory BIOs), fresh until SESSION_REFRESH of its lifetime, LRU-bounded, dropped by
+    forget_session (what a failed upstream handshake calls)."""
+    import ssl
+
+    from corral.net.audit import AuditLog
+    from corral.net.tls_ca import LeafCache, UpstreamContexts
+    from corral.net.tls_interceptor import SESSION_REFRESH, UPSTREAM_SESSIONS, TlsInterceptor
+
+    server = LeafCache(InterceptionCA.generate("s")).server_context("up.example.com", None)
+    client = UpstreamContexts(verify=False).context()
+    cin, cout, sin, sout = (ssl.MemoryBIO() for _ in range(4))
+    c = client.wrap_bio(cin, cout, server_hostname="up.example.com")
+    s = server.wrap_bio(sin, sout, server_side=True)
+    for end, out, peer_in in ((c, cout, sin), (s, sout, cin), (c, cout, sin), (s, sout, cin)):
+        with contextlib.suppress(ssl.SSLWantReadError):
+            end.do_handshake()
+        peer_in.write(out.read())
+    with pytest.raises(ssl.SSLWantReadError):
+        c.read(1)  # takes in the ticket
+    session = c.session
+    assert session is not None and session.has_ticket and session.timeout > 0
+
+    fresh = TlsInterceptor.session_fresh
+    assert fresh(session, session.time + 1)
+    assert not fresh(session, session.time + session.timeout * SESSION_REFRESH + 1)
+
+    settings = TlsSettings(ca=InterceptionCA.generate("t"), ports=frozenset({443}))
+    tls = TlsInterceptor(settings, AuditLog("t", tmp_path))
+    key = ("up.example.com", "192.0.2.1", 443, ("h2",))
+    assert tls.session_for(key) is None
+    tls.keep_session(key, session)
+    assert tls.session_for(key) is session
+    for i in range(UPSTREAM_SESSIONS):
+        tls.keep_session(("other", i), session)
+    assert len(tls._sessions) == UPSTREAM_SESSIONS and tls.session_for(key) is None  # LRU
+    tls.keep_session(key, session)
+    tls.forget_session(key)
+    tls.forget_session(key)  # forgetting twice is harmless
+    assert tls.session_for(key) is None
+    tls.audit.close()

@@ -42,6 +42,7 @@ import logging
 import os
 import socket
 import ssl
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -119,11 +120,20 @@ MAX_DENIED_HEAD = 64 * 1024
 
 #: Upstream TLS sessions kept for resumption, one per (name, address, port, offered ALPN).
 #: A resumed upstream handshake skips the certificate chain and its verification (the
-#: session was verified when it was made) and the server's signature: measured ~0.6 ms of
-#: the ~2-3 ms a pair of handshakes costs here (OpenSSL 3.0). Browsers keep thousands of
-#: sessions; 1024 is far above the upstreams an agent talks to and bounds memory (~1-2 KiB
-#: each).
+#: session was verified when it was made) and the server's signature. Browsers keep
+#: thousands of sessions; 1024 is far above the upstreams an agent talks to and bounds
+#: memory (~1-2 KiB each).
 UPSTREAM_SESSIONS = 1024
+
+#: A kept session is used for new connections until it is this far into its lifetime (the
+#: server's ticket lifetime hint), then replaced by the session of the next connection. Why
+#: not a fresh session from every connection: CPython copies a session through DER on every
+#: read of ``SSLObject.session`` and on every ``session=`` (i2d + d2i, which reparses the
+#: server's certificate): ~130 µs each here (OpenSSL 3.0), a quarter of a resumed upstream
+#: handshake. Reusing one ticket for many connections is what Go's and OpenSSL's own client
+#: caches do; the servers that refuse a second use (single-use tickets) just make the next
+#: connection a full handshake, whose new session then replaces the kept one.
+SESSION_REFRESH = 0.5
 
 
 class PlaintextRelay(Protocol):
@@ -570,6 +580,7 @@ class TlsInterceptor:
         return True
 
     def session_for(self, key: tuple[object, ...]) -> ssl.SSLSession | None:
+        """The session to offer toward ``key``'s upstream (None: a full handshake)."""
         sess = self._sessions.get(key)
         if sess is not None:
             self._sessions.move_to_end(key)
@@ -580,6 +591,16 @@ class TlsInterceptor:
         self._sessions.move_to_end(key)
         while len(self._sessions) > UPSTREAM_SESSIONS:
             self._sessions.popitem(last=False)
+
+    def forget_session(self, key: tuple[object, ...]) -> None:
+        """An upstream handshake toward ``key`` failed: the next one is a full handshake
+        (and verifies the certificate again)."""
+        self._sessions.pop(key, None)
+
+    @staticmethod
+    def session_fresh(session: ssl.SSLSession, now: float) -> bool:
+        """True while ``session`` is younger than :data:`SESSION_REFRESH` of its lifetime."""
+        return now - session.time < session.timeout * SESSION_REFRESH
 
     def close(self) -> None:
         for task in list(self._tasks):
@@ -930,12 +951,14 @@ class _Connection:
             async with asyncio.timeout(self.owner.handshake_timeout):
                 up_in, up_out = ssl.MemoryBIO(), ssl.MemoryBIO()
                 up_ctx = s.upstream.context(a.alpn)
+                offered = self.owner.session_for(self.session_key)
                 try:
                     up_tls = up_ctx.wrap_bio(
                         up_in, up_out, server_side=False, server_hostname=a.sni,
-                        session=self.owner.session_for(self.session_key),
+                        session=offered,
                     )  # fmt: skip
                 except ValueError:  # a session of a context the cache has since replaced
+                    offered = None
                     up_tls = up_ctx.wrap_bio(
                         up_in, up_out, server_side=False, server_hostname=a.sni
                     )
@@ -944,16 +967,27 @@ class _Connection:
                 try:
                     await self._do_handshake(up)
                 except ssl.SSLCertVerificationError as exc:
+                    self.owner.forget_session(self.session_key)
                     self.owner.verify_failures += 1
                     raise _HandshakeRefused(
                         f"the upstream's certificate for {a.sni} failed verification "
                         f"({exc.verify_message or exc.reason}); the guest got a TLS alert"
                     ) from None
                 except ssl.SSLError as exc:
+                    self.owner.forget_session(self.session_key)
                     raise _HandshakeRefused(
                         f"TLS toward the upstream {a.sni} failed ({exc.reason or exc}); "
                         "the guest got a TLS alert"
                     ) from None
+                except BaseException:  # timed out, reset, cancelled: not offered again
+                    self.owner.forget_session(self.session_key)
+                    raise
+                if (
+                    offered is not None
+                    and up_tls.session_reused
+                    and self.owner.session_fresh(offered, time.time())
+                ):
+                    self.session_kept = True  # the kept one stays (SESSION_REFRESH)
                 selected = up_tls.selected_alpn_protocol()
                 g_in, g_out = ssl.MemoryBIO(), ssl.MemoryBIO()
                 g_tls = s.leaves.server_context(a.sni, selected).wrap_bio(
