@@ -435,16 +435,12 @@ class SandboxNetwork:
 
     # -- step 3 -----------------------------------------------------------------------------
     def quiesce(self) -> None:
-        """The first step of a stop, while the init is still being stopped: close the ICMP
-        relay. Its packet sockets' close waits for an RCU grace period (8-15 ms here), which
-        so elapses beside the init's stop instead of after it; pings go unanswered from here
-        on, everything else is served until :meth:`close`. On the data path's loop."""
-        for part in [p for p in self._parts if isinstance(p, IcmpRelay)]:
-            with contextlib.suppress(Exception):
-                part.close()
-            self._parts.remove(part)
+        """The first step of a stop, while the init is still being stopped. Nothing to do any
+        more: the ICMP relay's packet sockets, whose close waits for an RCU grace period, are
+        no longer closed during the stop at all (:meth:`close` with ``linger``). Kept for the
+        supervisor that still calls it."""
 
-    async def close(self, *, leave_link: bool = False, linger: bool = False) -> None:
+    async def close(self, *, leave_link: bool = False, linger: bool | None = None) -> None:
         """Stop every proxy and remove every kernel object and the lease. Idempotent.
 
         ``leave_link``: the sandbox's processes are gone (its supervisor stopped the init), so
@@ -453,7 +449,7 @@ class SandboxNetwork:
         (plumbing.remove). Nothing can send on it any more; a namesake created before it is
         gone deletes it itself (reserve's leftover check).
 
-        ``linger`` (with ``leave_link``; a supervisor that exits right after): the ICMP
+        ``linger`` (default: as ``leave_link``; a supervisor that exits right after): the ICMP
         relay's packet sockets are not closed but kept in :attr:`lingering`. Closing a packet
         socket always waits for an RCU grace period (``packet_release`` calls
         ``synchronize_net``: 8-15 ms here), which a ``remove`` waiting for the stop need not
@@ -464,6 +460,8 @@ class SandboxNetwork:
         log group a new lease would reuse) is closed *first* instead, before the table's
         delete: a netfilter netlink socket's close waits only while a deleted table's
         destruction is pending, so closed before the delete it does not wait."""
+        if linger is None:
+            linger = leave_link
         if self._closed:
             return
         self._closed = True

@@ -246,7 +246,12 @@ def stopped_reason(directory: Path) -> str | None:
 def status(directory: Path) -> str:
     """creating, running, stopped, crashed or removed (see the module docstring)."""
     if supervisor_alive(directory):
-        return RUNNING if (directory / CONTROL_SOCKET).exists() else CREATING
+        if (directory / CONTROL_SOCKET).exists():
+            return RUNNING
+        # A supervisor that wrote "stopped" after removing its control socket has released
+        # everything and is only exiting (its last sockets' close waits for the kernel, and
+        # a stop does not wait for that); a start deletes a stale record before it spawns.
+        return STOPPED if stopped_reason(directory) is not None else CREATING
     if stopped_reason(directory) is not None:
         return STOPPED
     if not directory.is_dir():

@@ -636,18 +636,24 @@ class Sandbox:
         status = self.status
         if status in (state.RUNNING, state.CREATING):
             recorded = state.read_supervisor_pid(self._directory)
+            answered = False
             try:
                 await control.call(
                     str(self._directory / state.CONTROL_SOCKET),
                     control.stop_request(timeout),
                     timeout + lifecycle.EXIT_MARGIN,
                 )
+                answered = True
             except SandboxError:
                 # Stopping by itself (its init exited, a violation), it may have removed its
                 # control socket already: then it is not an error, only an exit to wait for.
                 if state.supervisor_alive(self._directory) and not _only_exiting(self._directory):
                     raise
-            if recorded is not None:
+            # A supervisor answers the stop once the sandbox's processes, cgroup, network and
+            # lease are gone and "stopped" is written; what it still does after (close the
+            # sockets whose close waits for the kernel, exit) holds nothing of the sandbox,
+            # so its exit is not waited for, unless it is this process's child (reaped).
+            if recorded is not None and (not answered or recorded[0] in lifecycle._children):
                 await _wait_exit(*recorded, lifecycle.EXIT_MARGIN)
         elif status == state.CRASHED:
             await in_caller_netns(_collect_keeping_state, self.name)
