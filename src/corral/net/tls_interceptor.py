@@ -809,8 +809,8 @@ class _End:
     """One TLS connection of the pair: its socket, SSLObject and memory BIOs."""
 
     __slots__ = (
-        "eof", "incoming", "name", "outgoing", "reading", "shut", "sock", "tls", "wbuf",
-        "writing",
+        "at_eof", "eof", "error", "incoming", "name", "outgoing", "reading", "shut", "sock",
+        "tls", "waiter", "wbuf", "writing",
     )  # fmt: skip
 
     def __init__(self, name: str, sock: socket.socket, tls: ssl.SSLObject | None,
@@ -825,6 +825,9 @@ class _End:
         self.writing = False
         self.eof = False  # no more plaintext will come from this side
         self.shut = False  # we sent close_notify + FIN toward this side
+        self.waiter: asyncio.Future[None] | None = None  # a handshake waiting for bytes
+        self.error: OSError | None = None  # the socket failed during the handshakes
+        self.at_eof = False  # the socket's end was read into ``incoming`` (handshakes)
 
 
 class _Connection:
@@ -1065,7 +1068,66 @@ class _Connection:
         return sock
 
     async def _do_handshake(self, end: _End) -> None:
-        await _handshake(self.loop, end)
+        """``end``'s handshake over its socket (bytes already read are in its BIO).
+
+        Unlike :func:`_handshake` (``loop.sock_recv`` per flight: a ``recv`` that can only
+        say EAGAIN, then a reader added and removed, two epoll_ctl, per flight), the socket's
+        reader is registered once, at the first wait, and stays: the relay takes it over by
+        swapping the callback (no syscall)."""
+        tls = end.tls
+        assert tls is not None
+        while True:
+            try:
+                tls.do_handshake()
+            except ssl.SSLWantReadError:
+                await _send_out(self.loop, end)
+                await self._readable_in_handshake(end)
+                continue
+            except ssl.SSLError:
+                with contextlib.suppress(OSError):
+                    await _send_out(self.loop, end)  # our alert, if OpenSSL made one
+                raise
+            await _send_out(self.loop, end)
+            return
+
+    async def _readable_in_handshake(self, end: _End) -> None:
+        """Wait until bytes (or the end) from ``end``'s socket are in its BIO."""
+        if end.error is not None:
+            raise end.error
+        if end.at_eof:  # the peer's FIN is in the BIO already: OpenSSL says what it means
+            return
+        waiter = end.waiter = self.loop.create_future()
+        if not end.reading:
+            end.reading = True
+            self.loop.add_reader(end.sock.fileno(), self._handshake_readable, end)
+        await waiter
+
+    def _handshake_readable(self, end: _End) -> None:
+        """The reader during (and between) the handshakes: into the BIO, then wake the wait.
+        Bytes that come while nothing waits (a ticket, a server's greeting, a guest's first
+        request) stay in the BIO for the relay, at most HIGH_WATER of them."""
+        try:
+            data = end.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            end.error = exc
+            data = None
+        if data:
+            end.incoming.write(data)
+        elif data is not None:
+            end.incoming.write_eof()
+            end.at_eof = True
+        waiter, end.waiter = end.waiter, None
+        if end.error is not None or end.at_eof or (
+            waiter is None and end.incoming.pending > HIGH_WATER
+        ):  # fmt: skip
+            self._pause(end)
+        if waiter is not None and not waiter.done():
+            if end.error is not None:
+                waiter.set_exception(end.error)
+            else:
+                waiter.set_result(None)
 
     def _refuse(self) -> None:
         """Answer the guest's ClientHello with a fatal alert, then close everything."""
@@ -1081,6 +1143,9 @@ class _Connection:
         self, alpn: str | None, relay: PlaintextRelay | None = None, *, opaque: bool = False
     ) -> None:
         assert self.guest is not None and self.up is not None
+        if self.guest.error is not None or self.up.error is not None:
+            self.abort()  # reset while the other handshake ran: reset the other side too
+            return
         for end in (self.guest, self.up):
             with contextlib.suppress(OSError):
                 end.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -1091,8 +1156,11 @@ class _Connection:
         if self.relay is not None:
             self._apply(self.relay.start())
         # Bytes that arrived with the handshake's last flight are already in the BIOs.
-        self._resume(self.guest)
-        self._resume(self.up)
+        for end in (self.guest, self.up):
+            if end.reading:  # the handshake's reader: the relay's callback instead
+                self.loop.add_reader(end.sock.fileno(), self._readable, end)
+            else:
+                self._resume(end)
         self._pump(self.guest)
         self._pump(self.up)
 
@@ -1101,7 +1169,7 @@ class _Connection:
         return self.up if end is self.guest else self.guest
 
     def _resume(self, end: _End) -> None:
-        if not end.reading and not end.eof and not self.finished:
+        if not end.reading and not end.eof and not end.at_eof and not self.finished:
             end.reading = True
             self.loop.add_reader(end.sock.fileno(), self._readable, end)
 
@@ -1277,9 +1345,11 @@ class _Connection:
         if end.tls is not None:
             with contextlib.suppress(ssl.SSLError, ValueError):
                 end.tls.unwrap()
-            data = end.outgoing.read()
-            if data:
-                end.wbuf += data
+            # Sent now when nothing is queued (no writer to register and wait for); else
+            # queued behind what is, and _writable shuts down once it has all gone.
+            self._send(end, end.outgoing.read())
+            if self.finished:
+                return
         if end.wbuf:
             if not end.writing:
                 end.writing = True
