@@ -157,9 +157,9 @@ def main() -> None:
             for kind in kinds:
                 asyncio.run(run(args.count, kind))
         finally:
-            from corral.sdk import lifecycle
+            from corral.lifecycle import spawn
 
-            lifecycle.close_fork_server()
+            spawn.close_fork_server()
             netns.leave(back)
             world_mod.destroy(w)
     finally:

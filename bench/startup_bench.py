@@ -58,7 +58,7 @@ TARGET_RATIO = 2.0
 
 IMAGE = "corral-bench/busybox:1"
 
-#: The supervisor's own account of its start (runtime/supervisor.py logs it at "ready"):
+#: The supervisor's own account of its start (lifecycle/supervisor.py logs it at "ready"):
 #: from its first instruction to ready, and the launch() part of that.
 READY_LINE = re.compile(r"ready: init pid \d+ after ([\d.]+) ms \(launch ([\d.]+) ms\)")
 
@@ -304,9 +304,9 @@ def bench_world() -> Iterator[Any]:
     try:
         yield w
     finally:
-        from corral.sdk import lifecycle
+        from corral.lifecycle import spawn
 
-        lifecycle.close_fork_server()
+        spawn.close_fork_server()
         netns.leave(back)
         world_mod.destroy(w)
 

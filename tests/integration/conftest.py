@@ -51,9 +51,9 @@ def world() -> Iterator[world_mod.World]:
     finally:
         # The fork server and its spare live in the host netns; stop them properly before the
         # teardown SIGKILLs what is left there (a killed spare would leave an empty cgroup).
-        from corral.sdk import lifecycle
+        from corral.lifecycle import spawn
 
-        lifecycle.close_fork_server()
+        spawn.close_fork_server()
         with w.in_host():
             debris.check_namespace_before_it_goes(f"the test world's {w.host_ns}")
         world_mod.destroy(w)

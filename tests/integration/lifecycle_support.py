@@ -88,6 +88,6 @@ def supervisor_processes() -> list[int]:
         if not entry.isdigit():
             continue
         with contextlib.suppress(OSError), open(f"/proc/{entry}/cmdline", "rb") as f:
-            if b"corral.runtime.supervisor" in f.read():
+            if b"corral.lifecycle.supervisor" in f.read():
                 pids.append(int(entry))
     return pids

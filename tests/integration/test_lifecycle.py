@@ -21,8 +21,8 @@ import corral.sync
 from corral import NetworkPolicy, Sandbox
 from corral.errors import ConfigError, SandboxError, SandboxExists, SandboxNotFound
 from corral.kernel import procfs
-from corral.runtime import cgroups, gc, state
-from corral.sdk import lifecycle
+from corral.lifecycle import gc, spawn
+from corral.runtime import cgroups, state
 from tests.integration.lifecycle_support import (  # noqa: F401 - fixtures
     ROOT,
     corral_home_fixture,
@@ -279,7 +279,7 @@ def test_a_killed_spare_leaves_nothing_for_long(image: str) -> None:
     that replaces it removes it (or gc does), and creates keep working."""
     with corral.sync.Sandbox.create(unique("warm"), image=image, network=NONE) as sb:
         assert sb.exec("true").ok
-    client = lifecycle._fork_server_client
+    client = spawn._fork_server_client
     assert client is not None
     server_pid = client._proc.pid
     deadline = time.monotonic() + 10
@@ -353,7 +353,7 @@ def test_exec_started_supervisor_works_the_same(image: str, monkeypatch: pytest.
         recorded = state.read_supervisor_pid(sb.directory)
         assert recorded is not None
         with open(f"/proc/{recorded[0]}/cmdline", "rb") as f:
-            assert b"corral.runtime.supervisor" in f.read()
+            assert b"corral.lifecycle.supervisor" in f.read()
 
 
 def test_supervisor_runs_in_the_creators_network_namespace(image: str) -> None:

@@ -22,7 +22,8 @@ import pytest
 import corral.sync
 from corral import NetworkPolicy
 from corral.errors import SandboxError
-from corral.runtime import gc, state
+from corral.lifecycle import gc
+from corral.runtime import state
 from tests.integration.lifecycle_support import (  # noqa: F401 - fixtures
     corral_home_fixture,
     image_fixture,

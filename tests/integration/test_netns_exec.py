@@ -191,7 +191,7 @@ def test_gc_claims_nothing_of_a_namespace_that_is_gone(image: str) -> None:
 
 def _netns_gone(directory: Path) -> bool:
     """Whether no process, descriptor or name still holds the namespace recorded there."""
-    from corral.runtime import hostnetns
+    from corral.lifecycle import hostnetns
 
     record = json.loads((directory / "state.json").read_text())["host_netns"]
     return hostnetns.locate(record) is None

@@ -102,7 +102,7 @@ def _supervisors() -> list[int]:
     for entry in os.listdir("/proc"):
         if entry.isdigit() and int(entry) != os.getpid():
             with contextlib.suppress(OSError), open(f"/proc/{entry}/cmdline", "rb") as f:
-                if b"corral.runtime.supervisor" in f.read():
+                if b"corral.lifecycle.supervisor" in f.read():
                     pids.append(int(entry))
     return pids
 
@@ -245,8 +245,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if baseline is None or not _wanted(session):
         return
     temp = session.stash.get(_TEMP_KEY, None)
-    if "corral.runtime.gc" in sys.modules:  # removals of this process delete in a thread
-        sys.modules["corral.runtime.gc"].wait_for_deletions(timeout=30)
+    if "corral.lifecycle.gc" in sys.modules:  # removals of this process delete in a thread
+        sys.modules["corral.lifecycle.gc"].wait_for_deletions(timeout=30)
     deadline = time.monotonic() + SETTLE_SECONDS
     while True:
         now = _kernel_objects()

@@ -12,7 +12,8 @@ import pytest
 from corral.cli import sandbox as cli_sandbox
 from corral.cli.terminal import CANCEL, FORWARD, IGNORE, KILL, SignalRelay
 from corral.errors import ConfigError
-from corral.runtime import channel_wire, hostnetns
+from corral.lifecycle import hostnetns
+from corral.runtime import channel_wire
 
 
 def test_a_signal_during_start_up_cancels_and_sets_the_exit_code() -> None:

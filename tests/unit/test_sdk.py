@@ -165,7 +165,7 @@ def test_supervisor_import_path_is_lean() -> None:
 
     code = (
         "import sys;"
-        "from corral.runtime import supervisor;"
+        "from corral.lifecycle import supervisor;"
         "print(' '.join(sorted(sys.modules)))"
     )
     out = subprocess.run(

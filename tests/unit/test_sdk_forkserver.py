@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from corral.runtime import forkserver
-from corral.sdk import lifecycle
+from corral.lifecycle import forkserver, spawn
 
 
 @pytest.fixture
 def client() -> object:
-    c = forkserver.ForkServerClient([sys.executable, "-I", "-S", "-c", lifecycle._bootstrap_code()])
+    c = forkserver.ForkServerClient([sys.executable, "-I", "-S", "-c", spawn._bootstrap_code()])
     yield c
     c.close()
 
@@ -70,7 +69,7 @@ def test_malformed_requests_are_refused_and_the_server_keeps_serving(
 
 
 def test_the_server_exits_when_the_sdk_closes_its_end() -> None:
-    c = forkserver.ForkServerClient([sys.executable, "-I", "-S", "-c", lifecycle._bootstrap_code()])
+    c = forkserver.ForkServerClient([sys.executable, "-I", "-S", "-c", spawn._bootstrap_code()])
     proc = c._proc  # type: ignore[attr-defined]
     assert c.usable()
     c.close()
@@ -78,7 +77,7 @@ def test_the_server_exits_when_the_sdk_closes_its_end() -> None:
 
 
 def test_no_process_of_the_server_outlives_close() -> None:
-    c = forkserver.ForkServerClient([sys.executable, "-I", "-S", "-c", lifecycle._bootstrap_code()])
+    c = forkserver.ForkServerClient([sys.executable, "-I", "-S", "-c", spawn._bootstrap_code()])
     server_pid = c._proc.pid  # type: ignore[attr-defined]
     deadline = time.monotonic() + 10
     children: list[str] = []

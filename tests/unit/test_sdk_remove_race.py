@@ -17,7 +17,8 @@ import pytest
 
 from corral.errors import SandboxError
 from corral.kernel import procfs
-from corral.runtime import gc, state
+from corral.lifecycle import gc
+from corral.runtime import state
 from corral.sdk import sandbox
 
 

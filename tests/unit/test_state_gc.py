@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from corral.runtime import gc, state
+from corral.lifecycle import gc
+from corral.runtime import state
 
 
 @pytest.fixture(autouse=True)

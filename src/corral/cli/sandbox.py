@@ -943,7 +943,7 @@ def rm(force: bool, every: bool, names: tuple[str, ...]) -> None:
 def prune(force: bool, keep_images: bool) -> None:
     """Remove stopped and crashed sandboxes, then every image no sandbox uses."""
     from corral.cli.images import images_in_use
-    from corral.runtime import gc as gc_mod
+    from corral.lifecycle import gc as gc_mod
     from corral.runtime.images import ImageStore
     from corral.sdk.sandbox import Sandbox
 
@@ -982,7 +982,7 @@ def prune(force: bool, keep_images: bool) -> None:
 @click.argument("names", nargs=-1)
 def gc(keep_state: bool, names: tuple[str, ...]) -> None:
     """Remove what crashed sandboxes left behind (processes, cgroups, network, mounts)."""
-    from corral.runtime import gc as gc_mod
+    from corral.lifecycle import gc as gc_mod
 
     for name in names:
         state.validate_name(name)

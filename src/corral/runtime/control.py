@@ -13,7 +13,7 @@ Audit events are not served here: readers tail ``net-audit.jsonl`` in the state 
 themselves (:func:`corral.net.audit.follow`), which needs no supervisor and works after it.
 
 This module is the sans-I/O core (framing, validation, reply shapes) plus a small asyncio
-client for the SDK. The server's I/O lives in :mod:`corral.runtime.supervisor`. It is on the
+client for the SDK. The server's I/O lives in :mod:`corral.lifecycle.supervisor`. It is on the
 supervisor's start-up path, so it imports nothing heavy (see :mod:`corral.runtime.leanjson`).
 """
 

@@ -483,7 +483,7 @@ class Zygote:
 
     Moving a process into a v1 cgroup waits for an RCU grace period (6-15 ms here, more
     under load): the largest single cost of a launch. A spare supervisor (the fork server's,
-    corral.runtime.forkserver) pays it before any request: it makes a cgroup under a spare
+    corral.lifecycle.forkserver) pays it before any request: it makes a cgroup under a spare
     name and parks a forked child in it, blocked on a socket. ``launch(spec, zygote)``
     renames the cgroup's v1 directories to the sandbox's (cgroups.adopt), writes the limits,
     and sends the spec; the zygote then runs stage A, whose init is forked inside the cgroup.

@@ -79,7 +79,7 @@ def sandbox_dir(name: str) -> Path:
 
 @dataclass
 class SandboxState:
-    """Everything ``state.json`` holds; see :mod:`corral.runtime.supervisor` for who reads it."""
+    """Everything ``state.json`` holds; see :mod:`corral.lifecycle.supervisor` for who reads it."""
 
     name: str
     image: str

@@ -37,10 +37,10 @@ from corral.config import (
 )
 from corral.errors import ConfigError, PermissionDenied, SandboxError
 from corral.kernel import procfs
-from corral.runtime import cgroupfs, control, gc, hostnetns, state
+from corral.lifecycle import gc, hostnetns, spawn
+from corral.runtime import cgroupfs, control, state
 from corral.runtime.channel import ChannelClient, ExecProcess, FileInfo
 from corral.runtime.volumes import Volume, check_volumes
-from corral.sdk import lifecycle
 
 T = TypeVar("T")
 
@@ -641,7 +641,7 @@ class Sandbox:
                 await control.call(
                     str(self._directory / state.CONTROL_SOCKET),
                     control.stop_request(timeout),
-                    timeout + lifecycle.EXIT_MARGIN,
+                    timeout + spawn.EXIT_MARGIN,
                 )
                 answered = True
             except SandboxError:
@@ -653,8 +653,8 @@ class Sandbox:
             # lease are gone and "stopped" is written; what it still does after (close the
             # sockets whose close waits for the kernel, exit) holds nothing of the sandbox,
             # so its exit is not waited for, unless it is this process's child (reaped).
-            if recorded is not None and (not answered or recorded[0] in lifecycle._children):
-                await _wait_exit(*recorded, lifecycle.EXIT_MARGIN)
+            if recorded is not None and (not answered or recorded[0] in spawn._children):
+                await _wait_exit(*recorded, spawn.EXIT_MARGIN)
         elif status == state.CRASHED:
             await in_caller_netns(_collect_keeping_state, self.name)
 
@@ -939,7 +939,7 @@ def _abandon(sandbox_state: state.SandboxState) -> None:
     """Take down a sandbox whose create was cancelled after it started."""
     directory = state.sandbox_dir(sandbox_state.name)
     with state.name_lock(sandbox_state.name):
-        lifecycle.kill_supervisor(directory)
+        spawn.kill_supervisor(directory)
         gc.release_leftovers(sandbox_state.name, directory)
         gc.remove_directory(directory)
 
@@ -969,7 +969,7 @@ async def _wait_exit(pid: int, start_time: int, timeout: float) -> None:
                 loop.remove_reader(pidfd)
     finally:
         os.close(pidfd)
-    lifecycle.reap(pid)
+    spawn.reap(pid)
 
 
 # -- blocking steps (worker thread) ---------------------------------------------------------
@@ -1120,10 +1120,10 @@ def _start(
                 from corral.net.secret_handoff import write_handoff
 
                 write_handoff(directory, secret_values)
-            new_state = _with_runtime(new_state, lifecycle.spawn_supervisor(directory))
+            new_state = _with_runtime(new_state, spawn.spawn_supervisor(directory))
             state.write_state(directory, new_state)
         except BaseException:
-            lifecycle.kill_supervisor(directory)
+            spawn.kill_supervisor(directory)
             gc.release_leftovers(name, directory)
             gc.remove_directory(directory)
             raise
@@ -1162,7 +1162,7 @@ def _restart(name: str) -> state.SandboxState:
         sandbox_state = dataclasses.replace(sandbox_state, host_netns=hostnetns.identify())
         state.write_state(directory, sandbox_state)
         try:
-            ready = lifecycle.spawn_supervisor(directory)
+            ready = spawn.spawn_supervisor(directory)
         except BaseException:
             if not (directory / state.STOPPED_FILE).exists():
                 (directory / state.STOPPED_FILE).write_text("failed to start again\n")

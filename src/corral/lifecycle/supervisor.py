@@ -1,4 +1,4 @@
-"""The per-sandbox supervisor: ``python -m corral.runtime.supervisor <state_dir>``.
+"""The per-sandbox supervisor: ``python -m corral.lifecycle.supervisor <state_dir>``.
 
 One supervisor process owns one sandbox for its whole life (SPEC section 5): it launches the
 sandbox's init, runs its network data path, answers the control socket, and on ``stop`` (or
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 READY_FD_ENV = "CORRAL_READY_FD"
 
 #: Argument that makes this program serve as the SDK process's fork server instead
-#: (see corral.runtime.forkserver).
+#: (see corral.lifecycle.forkserver).
 FORK_SERVER_ARG = "--fork-server"
 
 #: Connections the control socket queues before accept: a handful of CLI/SDK clients.
@@ -171,7 +171,7 @@ class Supervisor:
     ) -> None:
         self.state_dir = state_dir
         self.ready_fd = ready_fd
-        #: The fork server's pipe (corral.runtime.forkserver): told once the start is over,
+        #: The fork server's pipe (corral.lifecycle.forkserver): told once the start is over,
         #: so that the server forks its next spare only then, not beside this launch.
         self.released_fd = released_fd
         #: Stage A made ahead of time by the fork server's spare (launcher.Zygote); used up
@@ -477,7 +477,8 @@ class Supervisor:
         from pathlib import Path
 
         from corral.kernel.mountinfo import mounts_under
-        from corral.runtime import gc, state
+        from corral.lifecycle import gc
+        from corral.runtime import state
 
         directory = Path(self.state_dir)
         name = str(self.state.get("name"))
@@ -644,14 +645,14 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) == 2 and args[0] == FORK_SERVER_ARG:
         import socket
 
-        from corral.runtime import forkserver
+        from corral.lifecycle import forkserver
 
         status = forkserver.serve(socket.socket(fileno=int(args[1])))
     elif len(args) == 1:
         ready_fd = int(os.environ.pop(READY_FD_ENV, "-1"))
         status = Supervisor(os.path.abspath(args[0]), ready_fd).run()
     else:
-        sys.stderr.write("usage: python -m corral.runtime.supervisor STATE_DIR\n")
+        sys.stderr.write("usage: python -m corral.lifecycle.supervisor STATE_DIR\n")
         status = 2
     sys.stdout.flush()
     sys.stderr.flush()

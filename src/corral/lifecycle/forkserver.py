@@ -6,7 +6,7 @@ exec -> remove budget. So the SDK process starts, on its first ``create``, one f
 exec'd, single-threaded interpreter that has imported the supervisor and the launcher once and
 then only forks. Each fork becomes one sandbox's supervisor (its own session, stdio to the
 sandbox's log, the environment and network namespace of the ``create`` call) and from then on
-is exactly the supervisor that ``python -m corral.runtime.supervisor`` would be.
+is exactly the supervisor that ``python -m corral.lifecycle.supervisor`` would be.
 
 This is not a daemon: the fork server belongs to the SDK process that started it and exits
 when that process closes the socket (or dies). Supervisors it forked are independent of it
@@ -28,8 +28,8 @@ import sys
 import time
 
 from corral.kernel import netns
+from corral.lifecycle.supervisor import FORK_SERVER_ARG
 from corral.runtime import leanjson
-from corral.runtime.supervisor import FORK_SERVER_ARG
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -80,7 +80,8 @@ def serve(sock: socket.socket) -> int:
     import select
     import signal
 
-    from corral.runtime import launcher, supervisor  # noqa: F401 - the point is to pre-import
+    from corral.lifecycle import supervisor  # noqa: F401 - the point is to pre-import
+    from corral.runtime import launcher  # noqa: F401
 
     # The network data path too (asyncio, policy, proxies, libnftables: ~75 ms to import here),
     # which every networked supervisor would otherwise import after the fork, on its create's
@@ -209,7 +210,7 @@ def _become_supervisor(
     returns (os._exit: the fork server's own state must not be torn down twice)."""
     import signal
 
-    from corral.runtime import supervisor
+    from corral.lifecycle import supervisor
 
     status = 1
     try:

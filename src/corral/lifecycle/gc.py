@@ -34,12 +34,13 @@ def release_leftovers(name: str, directory: Path) -> list[str]:
     """Remove what a dead supervisor of ``name`` left: processes, cgroup, network, mounts.
 
     Returns one line per thing removed, each one checked to be gone afterwards (the network
-    in the namespace the sandbox was created from: runtime/hostside.py). Something that
+    in the namespace the sandbox was created from: lifecycle/hostside.py). Something that
     could not be removed is a SandboxError, so that the caller keeps the directory and the
     next gc tries again. Hold ``state.name_lock(name)``.
     """
     removed: list[str] = []
-    from corral.runtime import cgroupfs, hostside, launcher
+    from corral.lifecycle import hostside
+    from corral.runtime import cgroupfs, launcher
     from corral.runtime.cgroups import Cgroup
 
     cgroup_record = directory / launcher.CGROUP_RECORD

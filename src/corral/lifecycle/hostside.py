@@ -2,7 +2,7 @@
 
 The host side of a sandbox's network (veth ``cr-<id>``, its divert rules and routing table,
 the nftables table ``corral-<id>``) lives in the network namespace the sandbox was created
-from, recorded in its state (``host_netns``, :mod:`corral.runtime.hostnetns`). gc enters that
+from, recorded in its state (``host_netns``, :mod:`corral.lifecycle.hostnetns`). gc enters that
 namespace from a thread of its own (``setns`` moves one thread only, and every ``ip``/``nft``
 it runs inherits it), lists which pieces exist, removes them, and lists again: a line is
 reported for each piece that was there before and is not after, and a piece still there is
@@ -22,7 +22,7 @@ from typing import TypeVar
 
 from corral.errors import CorralError, SandboxError
 from corral.kernel import netns
-from corral.runtime import hostnetns
+from corral.lifecycle import hostnetns
 
 T = TypeVar("T")
 

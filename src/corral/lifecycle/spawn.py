@@ -19,9 +19,9 @@ from pathlib import Path
 
 from corral import errors
 from corral.errors import CorralError, SandboxError
+from corral.lifecycle.forkserver import ForkServerClient
+from corral.lifecycle.supervisor import READY_FD_ENV
 from corral.runtime import leanjson, state
-from corral.runtime.forkserver import ForkServerClient
-from corral.runtime.supervisor import READY_FD_ENV
 
 #: Seconds ``create`` waits for the supervisor's ready line: a cold sandbox with a network
 #: is ready in well under a second; this bound only catches a hung start.
@@ -58,7 +58,7 @@ def _bootstrap_code() -> str:
         "import sys;"
         f"sys.path.insert(0,{root!r});"
         f"sys.path.extend({extra!r});"
-        "from corral.runtime.supervisor import main;"
+        "from corral.lifecycle.supervisor import main;"
         "sys.exit(main())"
     )
 
@@ -110,7 +110,7 @@ def _exec_supervisor(directory: Path, ready_fd: int) -> int:
 def spawn_supervisor(directory: Path) -> dict[str, object]:
     """Start the supervisor of the sandbox in ``directory`` and wait for it to be ready.
 
-    The supervisor is forked by this process's fork server (corral.runtime.forkserver) or,
+    The supervisor is forked by this process's fork server (corral.lifecycle.forkserver) or,
     when that is disabled (``CORRAL_FORK_SERVER=0``) or broken, exec'd as a new interpreter.
     It runs in the network namespace of the calling thread. Returns the runtime fields of its
     ready message (init_pid, channel_path, cgroup, netns_path); a failed start raises the
