@@ -87,7 +87,7 @@ def serve(sock: socket.socket) -> int:
     # which every networked supervisor would otherwise import after the fork, on its create's
     # path. Shared copy-on-write with every supervisor, so offline ones pay no memory for it.
     with contextlib.suppress(ImportError):  # the supervisor reports a missing data path
-        from corral.net import datapath  # noqa: F401
+        from corral.net import datapath, secret_handoff  # noqa: F401
 
     # Supervisors are reaped by the kernel: this process never waits for them.
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)

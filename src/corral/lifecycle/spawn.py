@@ -206,6 +206,11 @@ def wait_supervisor_exit(pid: int, timeout: float) -> bool:
     return True
 
 
+def is_child(pid: int) -> bool:
+    """Whether supervisor ``pid`` was exec'd by this process (so must be reaped by it)."""
+    return pid in _children
+
+
 def reap(pid: int) -> None:
     """Collect the exit status of supervisor ``pid`` if it is our child and has exited."""
     proc = _children.get(pid)
@@ -221,3 +226,8 @@ def kill_supervisor(directory: Path) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(recorded[0], signal.SIGKILL)
     wait_supervisor_exit(recorded[0], EXIT_MARGIN)
+
+
+def started_here(pid: int) -> bool:
+    """Whether supervisor ``pid`` was exec'd by this process (its exit must be reaped here)."""
+    return pid in _children

@@ -138,20 +138,13 @@ class NetworkThread:
             await self._stop_event.wait()
         finally:
             # On the loop that started them: proxies and listeners belong to this loop. The
-            # veth goes with the namespace once the init is gone (see SandboxNetwork.close).
+            # veth goes with the namespace once the init is gone, and the sockets whose
+            # close waits for the kernel stay open until this process exits, after the
+            # stop has been answered (see SandboxNetwork.close, linger).
             try:
-                await self._network.close(leave_link=True)  # type: ignore[attr-defined]
+                await self._network.close(linger=True)  # type: ignore[attr-defined]
             except BaseException as exc:
                 _log(f"closing the network failed: {exc!r}")
-
-    def quiesce(self) -> None:
-        """Begin the network's stop (SandboxNetwork.quiesce) on its loop; returns at once."""
-        loop = self._loop
-        if loop is not None and self._thread.is_alive() and not loop.is_closed():
-            try:  # noqa: SIM105 - contextlib is not on the lean import path
-                loop.call_soon_threadsafe(self._network.quiesce)  # type: ignore[attr-defined]
-            except RuntimeError:  # the loop closed meanwhile
-                pass
 
     def close(self) -> None:
         """Stop serving and release the network (netns, veth, nft table, listeners)."""
@@ -299,7 +292,9 @@ class Supervisor:
         from corral.config import NetworkConfig
         from corral.net.datapath import SandboxNetwork
 
-        config = NetworkConfig.from_json(leanjson.dumps(self.state.get("network") or {}))
+        network = self.state.get("network") or {}
+        assert isinstance(network, dict)
+        config = NetworkConfig.from_dict(network)
         from pathlib import Path
 
         from corral.net.secret_handoff import secret_table, take_handoff
@@ -575,7 +570,12 @@ class Supervisor:
 
     # -- stop -------------------------------------------------------------------------------
     def _release(self) -> None:
-        """Undo whatever of steps 3-6 happened; each part is attempted even if one fails."""
+        """Undo whatever of steps 3-6 happened; each part is attempted even if one fails.
+
+        Logs how long the init's stop and the network's release took (bench/startup_bench.py
+        reads that line, as it reads "ready")."""
+        started = time.monotonic()
+        init_ms = network_ms = 0.0
         if self.zygote is not None:  # the start failed before launch()
             self.zygote.discard()
             self.zygote = None
@@ -586,8 +586,6 @@ class Supervisor:
                 os.unlink(self.control_path)
             except FileNotFoundError:
                 pass
-        if self.network_thread is not None:
-            self.network_thread.quiesce()  # its slow part overlaps the init's stop
         if self.launched is not None:
             try:
                 from corral.runtime.launcher import stop
@@ -595,15 +593,23 @@ class Supervisor:
                 stop(self.launched, grace=self.stop_timeout)
             except BaseException as exc:
                 _log(f"stopping the sandbox's init failed: {exc!r}")
+            init_ms = (time.monotonic() - started) * 1000
+        network_started = time.monotonic()
         if self.network_thread is not None:
             self.network_thread.close()
         elif self.network is not None:
             import asyncio
 
             try:
-                asyncio.run(self.network.close(leave_link=True))  # type: ignore[attr-defined]
+                asyncio.run(self.network.close(linger=True))  # type: ignore[attr-defined]
             except BaseException as exc:
                 _log(f"releasing the network failed: {exc!r}")
+        if self.network is not None:
+            network_ms = (time.monotonic() - network_started) * 1000
+        _log(
+            f"released after {(time.monotonic() - started) * 1000:.1f} ms"
+            f" (init {init_ms:.1f} ms, network {network_ms:.1f} ms)"
+        )
 
     def _finish(self, reason: str) -> None:
         _write_file(os.path.join(self.state_dir, "stopped"), reason + "\n")
@@ -613,6 +619,9 @@ class Supervisor:
 #: Nice value of the process that deletes an auto-removed sandbox's directory: nobody waits
 #: for it, while the next create usually does (as gc.DELETER_NICE).
 DELETER_NICE = 19
+
+#: Upper bound of the descriptors the deleter closes (os.closerange; a supervisor has tens).
+MAX_FD = 65536
 
 
 def _delete_detached(path: str) -> None:
@@ -628,6 +637,9 @@ def _delete_detached(path: str) -> None:
         try:
             import shutil
 
+            # Nothing of this process's: the data path's lingering sockets (see
+            # SandboxNetwork.close) must close when the supervisor exits, not with this.
+            os.closerange(3, MAX_FD)
             os.setsid()
             os.nice(DELETER_NICE)
             shutil.rmtree(path, ignore_errors=True)
