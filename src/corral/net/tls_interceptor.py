@@ -968,7 +968,10 @@ class _Connection:
                 up = _End("upstream", self.upstream_sock, up_tls, up_in, up_out)
                 self.up = up
                 try:
-                    await self._do_handshake(up)
+                    # Our Finished stays in the BIO: the relay sends it with the guest's
+                    # first request (one send, and the upstream answers both at once), or
+                    # alone when the relay starts and the guest has sent nothing yet.
+                    await self._do_handshake(up, send_last=False)
                 except ssl.SSLCertVerificationError as exc:
                     self.owner.forget_session(self.session_key)
                     self.owner.verify_failures += 1
@@ -1000,7 +1003,9 @@ class _Connection:
                 guest = _End("guest", a.guest, g_tls, g_in, g_out)
                 self.guest = guest
                 try:
-                    await self._do_handshake(guest)
+                    # Its session ticket (sent after the guest's Finished) stays in the BIO
+                    # and goes with our first write toward the guest (see _pump).
+                    await self._do_handshake(guest, send_last=False)
                 except ssl.SSLError as exc:
                     # The guest refused our leaf (it does not trust the CA) or broke TLS:
                     # its own alert (in g_out, flushed by _do_handshake) says so to it.
@@ -1067,8 +1072,10 @@ class _Connection:
             raise
         return sock
 
-    async def _do_handshake(self, end: _End) -> None:
+    async def _do_handshake(self, end: _End, *, send_last: bool = True) -> None:
         """``end``'s handshake over its socket (bytes already read are in its BIO).
+        ``send_last`` False leaves the last flight (a client's Finished) in the BIO for the
+        caller to send with what follows it.
 
         Unlike :func:`_handshake` (``loop.sock_recv`` per flight: a ``recv`` that can only
         say EAGAIN, then a reader added and removed, two epoll_ctl, per flight), the socket's
@@ -1087,7 +1094,8 @@ class _Connection:
                 with contextlib.suppress(OSError):
                     await _send_out(self.loop, end)  # our alert, if OpenSSL made one
                 raise
-            await _send_out(self.loop, end)
+            if send_last:
+                await _send_out(self.loop, end)
             return
 
     async def _readable_in_handshake(self, end: _End) -> None:
@@ -1204,6 +1212,7 @@ class _Connection:
         """Take every plaintext byte ``end``'s TLS can give and hand it on."""
         if self.finished or end.tls is None:
             return
+        held = end.outgoing.pending
         chunks: list[bytes] = []
         ended = False
         try:
@@ -1220,8 +1229,13 @@ class _Connection:
         except ssl.SSLError:
             self.abort()
             return
-        # Post-handshake messages (tickets, key updates) may have produced bytes to send.
-        self._flush(end)
+        # Post-handshake messages (a key update, a renegotiation) may have produced bytes
+        # to send: flushed. What was already waiting toward the guest (its session ticket,
+        # held since the handshake) is not urgent: it goes with the next write toward it,
+        # usually the first response, one send instead of two. Toward the upstream all is
+        # flushed (our Finished, held for the guest's first request, goes now at the latest).
+        if end is self.up or end.outgoing.pending > held:
+            self._flush(end)
         if end is self.up and not self.session_kept:
             # TLS 1.3 tickets arrive after the handshake, with the upstream's first bytes.
             session = end.tls.session
