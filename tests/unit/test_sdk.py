@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import corral
 import corral.sync
 from corral.errors import ConfigError, SandboxNotFound
+from corral.lifecycle import sandboxes
 from corral.sdk import sandbox as sdk
 
 
@@ -79,7 +80,7 @@ def test_check_env() -> None:
 
 
 def test_env_list_from_image_config() -> None:
-    assert sdk._env_list_to_dict(["A=1", "B=x=y", "junk", "=v"]) == {"A": "1", "B": "x=y"}
+    assert sandboxes._env_list_to_dict(["A=1", "B=x=y", "junk", "=v"]) == {"A": "1", "B": "x=y"}
 
 
 def test_secrets_from_env_are_resolved_at_create(monkeypatch: pytest.MonkeyPatch) -> None:

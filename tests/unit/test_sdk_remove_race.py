@@ -17,9 +17,8 @@ import pytest
 
 from corral.errors import SandboxError
 from corral.kernel import procfs
-from corral.lifecycle import gc
+from corral.lifecycle import gc, sandboxes
 from corral.runtime import state
-from corral.sdk import sandbox
 
 
 @pytest.fixture(autouse=True)
@@ -50,16 +49,16 @@ def test_a_finished_supervisor_still_exiting_does_not_block_remove(
 ) -> None:
     directory, _pid = live_supervisor
     (directory / state.STOPPED_FILE).write_text("stopped on request\n")
-    sandbox._remove("exiting")  # raised "is still running" before
+    sandboxes.remove("exiting")  # raised "is still running" before
     assert not directory.exists()
 
 
 def test_a_running_supervisor_blocks_remove(live_supervisor: tuple[Path, int]) -> None:
     directory, _pid = live_supervisor
     with pytest.raises(SandboxError, match="is still running"):
-        sandbox._remove("exiting")
+        sandboxes.remove("exiting")
     (directory / state.STOPPED_FILE).write_text("stale\n")
     (directory / state.CONTROL_SOCKET).write_text("")  # it still serves its control socket
     with pytest.raises(SandboxError, match="is still running"):
-        sandbox._remove("exiting")
+        sandboxes.remove("exiting")
     assert directory.exists()

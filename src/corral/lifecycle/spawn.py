@@ -227,7 +227,3 @@ def kill_supervisor(directory: Path) -> None:
         os.kill(recorded[0], signal.SIGKILL)
     wait_supervisor_exit(recorded[0], EXIT_MARGIN)
 
-
-def started_here(pid: int) -> bool:
-    """Whether supervisor ``pid`` was exec'd by this process (its exit must be reaped here)."""
-    return pid in _children

@@ -19,10 +19,9 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from corral.config import NetworkConfig, PortBinding, SecretEntry
-from corral.kernel import netns
-from corral.runtime import state
-from corral.runtime.channel import FileInfo
-from corral.runtime.volumes import Volume
+from corral.lifecycle import sandboxes
+from corral.lifecycle.access import FileInfo, Volume
+from corral.lifecycle.steps import current_netns
 from corral.sdk import sandbox as async_sdk
 from corral.sdk.sandbox import ExecResult
 
@@ -35,7 +34,7 @@ _loop_lock = threading.Lock()
 def _run_here(coro: Coroutine[Any, Any, T]) -> T:
     """Like _run, but steps that start or clean up sandboxes run in the calling thread's
     network namespace rather than in the private loop thread's (see in_caller_netns)."""
-    netns_fd = netns.open_current()
+    netns_fd = current_netns()
 
     async def in_callers_namespace() -> T:
         async_sdk.caller_netns.set(netns_fd)  # this task's context only
@@ -175,7 +174,7 @@ class Sandbox:
         return self._inner.image
 
     @property
-    def state(self) -> state.SandboxState:
+    def state(self) -> sandboxes.SandboxState:
         return self._inner.state
 
     @property
