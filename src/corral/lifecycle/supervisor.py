@@ -109,8 +109,21 @@ class NetworkThread:
         self._stop_event: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._run, name="corral-net", daemon=True)
 
+    def begin(self) -> None:
+        """Start the thread (the data path starts on it); :meth:`start` waits for it."""
+        if not self._thread.is_alive() and not self._started.is_set():
+            self._thread.start()
+
+    def idle(self) -> None:
+        """Block until the thread holds nothing: its start is over and it waits on its loop
+        (or, after a failed start, it has ended). launch()'s before_fork."""
+        if self._thread.is_alive() or self._started.is_set():
+            self._started.wait(NETWORK_START_TIMEOUT)
+            if self._start_error is not None:
+                self._thread.join(NETWORK_CLOSE_TIMEOUT)
+
     def start(self) -> None:
-        self._thread.start()
+        self.begin()
         if not self._started.wait(NETWORK_START_TIMEOUT):
             raise StartError(
                 f"network: the data path did not start within {NETWORK_START_TIMEOUT:g} s"
@@ -281,10 +294,21 @@ class Supervisor:
         )
         launch_start = time.monotonic()
         zygote, self.zygote = self.zygote, None
-        self.launched = launch(spec, zygote, cgroup_done=self._release_fork_server)
-        self.launch_ms = (time.monotonic() - launch_start) * 1000
         if self.network is not None:
             self.network_thread = NetworkThread(self.network)
+            if zygote is not None:
+                # A launch with a zygote forks nothing in this process (the zygote forks the
+                # init), so the data path may start beside it: its link, proxies and table
+                # are made while the launch waits for the sandbox's mounts.
+                self.network_thread.begin()
+        self.launched = launch(
+            spec,
+            zygote,
+            cgroup_done=self._release_fork_server,
+            before_fork=None if self.network_thread is None else self.network_thread.idle,
+        )
+        self.launch_ms = (time.monotonic() - launch_start) * 1000
+        if self.network_thread is not None:
             self.network_thread.start()
         self._listen()
 
