@@ -2,14 +2,23 @@
 
 A :class:`SplicedPair` joins two connected, non-blocking sockets with two :class:`_Pump`\\ s,
 one per direction. A pump splices what the source has into a pipe and from the pipe into the
-destination, driven by the event loop's reader/writer callbacks (no task, no coroutine per
-connection: a callback costs a fraction of a task switch, which is what the connection rate
-target needs). When the destination cannot take more, the pump stops reading its source until
+destination. No task, no coroutine per connection, and none of asyncio's per-fd bookkeeping:
+every spliced socket is registered **once**, edge-triggered, in one epoll of the pair's
+:class:`PipePool` (its :class:`_Poller`, itself one reader of the event loop), for input and
+peer close; ``EPOLLOUT`` is added only the first time a destination is full. Closing a socket
+removes it from the epoll, so a connection costs two ``epoll_ctl`` in all (asyncio's
+``add_reader``/``remove_reader`` per direction and state cost six, each a selector round trip
+in Python). Edge-triggered means a pump reads until ``EAGAIN`` or end of stream whenever it
+is told to read (a short splice does not prove the socket drained: the pipe's slots can run
+out first). When the destination cannot take more, the pump stops reading its source until
 the destination drains (back-pressure); the bytes in flight are bounded by the pipe size.
 
 End of stream in one direction is forwarded as ``shutdown(SHUT_WR)`` (half-close); the pair
-closes when both directions ended. An error on either side (reset, broken pipe) aborts the pair
-and resets the other side (``SO_LINGER`` 0), so a guest sees an upstream reset as a reset.
+closes when both directions ended (the second direction's FIN is the ``close`` itself, the
+socket having nothing unread). An error on either side (reset, broken pipe) aborts the pair
+and resets the other side (``SO_LINGER`` 0), so a guest sees an upstream reset as a reset; so
+does a socket that reports an error while neither direction waits on it (a reset after its
+peer's half-close).
 
 Pipes are pooled (:class:`PipePool`): creating and resizing two pipes per connection would
 cost as much as the rest of the connection setup.
@@ -21,6 +30,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import select
 import socket
 import struct
 import threading
@@ -58,12 +68,65 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 _CONNECTION_ERRORS = (ConnectionError, BrokenPipeError, TimeoutError, OSError)
 
 
+_EPOLL_IN = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+_EPOLL_IN_OUT = _EPOLL_IN | select.EPOLLOUT
+_EPOLL_ERR = select.EPOLLERR
+
+#: Events taken from the pair epoll per readiness callback (more wait for the next one).
+POLL_BATCH = 256
+
+
+class _Poller:
+    """One edge-triggered epoll for every spliced socket of a :class:`PipePool`, itself
+    registered once with the event loop (see the module docstring)."""
+
+    __slots__ = ("ep", "loop", "pairs")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.ep = select.epoll()
+        #: fd -> the pair that owns it; forgotten when the pair lets go of its sockets.
+        self.pairs: dict[int, SplicedPair] = {}
+        loop.add_reader(self.ep.fileno(), self._ready)
+
+    def add(self, fd: int, pair: SplicedPair) -> None:
+        self.ep.register(fd, _EPOLL_IN)
+        self.pairs[fd] = pair
+
+    def want_out(self, fd: int) -> None:
+        self.ep.modify(fd, _EPOLL_IN_OUT)
+
+    def remove(self, fd: int) -> None:
+        """Unregister a socket that stays open (bulk mode); a closed one needs nothing."""
+        self.pairs.pop(fd, None)
+        with contextlib.suppress(OSError):
+            self.ep.unregister(fd)
+
+    def forget(self, fd: int) -> None:
+        self.pairs.pop(fd, None)
+
+    def _ready(self) -> None:
+        pairs = self.pairs
+        for fd, events in self.ep.poll(0, POLL_BATCH):
+            pair = pairs.get(fd)
+            if pair is not None:
+                pair._event(fd, events)
+
+    def close(self) -> None:
+        if not self.loop.is_closed():
+            self.loop.remove_reader(self.ep.fileno())
+        self.ep.close()
+        self.pairs.clear()
+
+
 class PipePool:
-    """Empty, non-blocking pipes of :data:`PIPE_SIZE`, reused across connections."""
+    """Empty, non-blocking pipes of :data:`PIPE_SIZE`, reused across connections, and the
+    epoll its pairs' sockets are registered in (one per owner and event loop)."""
 
     def __init__(self, keep: int = PIPE_POOL_SIZE) -> None:
         self._free: list[tuple[int, int]] = []
         self._keep = keep
+        self._poller: _Poller | None = None
 
     def get(self) -> tuple[int, int]:
         if self._free:
@@ -81,11 +144,22 @@ class PipePool:
             os.close(pipe[0])
             os.close(pipe[1])
 
+    def poller(self, loop: asyncio.AbstractEventLoop) -> _Poller:
+        poller = self._poller
+        if poller is None or poller.loop is not loop:
+            if poller is not None:
+                poller.close()
+            poller = self._poller = _Poller(loop)
+        return poller
+
     def close(self) -> None:
         for r, w in self._free:
             os.close(r)
             os.close(w)
         self._free.clear()
+        if self._poller is not None:
+            self._poller.close()
+            self._poller = None
 
 
 def reset(sock: socket.socket) -> None:
@@ -96,16 +170,18 @@ def reset(sock: socket.socket) -> None:
 
 
 class _Pump:
-    """One direction: ``src`` -> pipe -> ``dst``."""
+    """One direction: ``src`` -> pipe -> ``dst``. ``reading``: it wants its source's input
+    events (False at end of stream, under back-pressure, in bulk mode); ``writing``: it waits
+    for its destination to drain."""
 
     __slots__ = (
-        "done", "dst", "dst_fd", "eof", "fill", "loop", "moved", "on_done", "on_error", "owner",
-        "pipe", "reading", "src", "src_fd", "writing",
+        "done", "dst", "dst_fd", "eof", "fill", "moved", "on_done", "on_error", "out_on",
+        "owner", "pipe", "poller", "reading", "src", "src_fd", "writing",
     )  # fmt: skip
 
     def __init__(
         self,
-        loop: asyncio.AbstractEventLoop,
+        poller: _Poller,
         src: socket.socket,
         dst: socket.socket,
         pipe: tuple[int, int],
@@ -115,7 +191,7 @@ class _Pump:
     ) -> None:
         self.owner = owner
         self.moved = 0
-        self.loop = loop
+        self.poller = poller
         self.src = src
         self.dst = dst
         self.src_fd = src.fileno()
@@ -126,37 +202,23 @@ class _Pump:
         self.done = False
         self.on_done = on_done
         self.on_error = on_error
-        # What is registered with the loop: unregistering costs a selector round trip in
-        # asyncio, so the close path only undoes what is there.
+        self.reading = True
+        self.writing = False
+        self.out_on = False  # EPOLLOUT is registered for dst
+
+    def stop(self) -> None:
         self.reading = False
         self.writing = False
 
-    def start(self) -> None:
-        self._read_on()
-
-    def stop(self) -> None:
-        self._read_off()
-        self._write_off()
-
-    def _read_on(self) -> None:
-        self.loop.add_reader(self.src_fd, self._readable)
-        self.reading = True
-
-    def _read_off(self) -> None:
-        if self.reading:
-            self.loop.remove_reader(self.src_fd)
-            self.reading = False
-
     def _write_on(self) -> None:
-        self.loop.add_writer(self.dst_fd, self._writable)
         self.writing = True
+        if not self.out_on:
+            # Registered once; the modify reports dst at once if it drained meanwhile.
+            self.out_on = True
+            self.poller.want_out(self.dst_fd)
 
-    def _write_off(self) -> None:
-        if self.writing:
-            self.loop.remove_writer(self.dst_fd)
-            self.writing = False
-
-    def _readable(self) -> None:
+    def readable(self) -> None:
+        """Move what the source has, until it would block (edge-triggered: all of it)."""
         try:
             while True:
                 want = PIPE_SIZE - self.fill
@@ -166,21 +228,17 @@ class _Pump:
                     return
                 if n == 0:
                     self.eof = True
-                    self._read_off()
+                    self.reading = False
                     self._finish_if_drained()
                     return
                 self.fill += n
                 self.moved += n
                 if not self._flush():
                     # Destination full: stop reading until it drains (back-pressure).
-                    self._read_off()
+                    self.reading = False
                     self._write_on()
                     return
                 if self.moved >= PROMOTE_AFTER and self.owner is not None and self.owner.promote():
-                    return
-                if n < want:
-                    # The socket had less than asked: it is drained. Another splice would
-                    # only say EAGAIN; the (level-triggered) loop calls again when more comes.
                     return
         except _CONNECTION_ERRORS:
             self.on_error()
@@ -195,15 +253,17 @@ class _Pump:
             self.fill -= m
         return True
 
-    def _writable(self) -> None:
+    def writable(self) -> None:
         try:
             if not self._flush():
                 return
-            self._write_off()
+            self.writing = False
             if self.eof:
                 self._finish_if_drained()
             else:
-                self._read_on()
+                # Input that came while it was not reading gave its edge already: read now.
+                self.reading = True
+                self.readable()
         except _CONNECTION_ERRORS:
             self.on_error()
 
@@ -211,9 +271,13 @@ class _Pump:
         if self.fill:
             self._write_on()
             return
-        with contextlib.suppress(OSError):
-            self.dst.shutdown(socket.SHUT_WR)
         self.done = True
+        other = self.owner.other(self) if self.owner is not None else None
+        if other is None or not other.done:
+            # Half-close; when the other direction already ended, the pair's close is the FIN
+            # (dst was read to its end, so nothing unread turns that close into a reset).
+            with contextlib.suppress(OSError):
+                self.dst.shutdown(socket.SHUT_WR)
         self.on_done()
 
 
@@ -228,11 +292,14 @@ class SplicedPair:
         "_threads",
         "_threads_left",
         "a",
+        "a_fd",
         "ab",
         "b",
+        "b_fd",
         "ba",
         "loop",
         "pipes",
+        "poller",
     )
 
     def __init__(
@@ -253,12 +320,35 @@ class SplicedPair:
         self._bulk_failed = False
         self._closing = False
         self.loop = loop
-        self.ab = _Pump(loop, a, b, pipes.get(), self._direction_done, self.abort, self)
-        self.ba = _Pump(loop, b, a, pipes.get(), self._direction_done, self.abort, self)
+        self.a_fd = a.fileno()
+        self.b_fd = b.fileno()
+        self.poller = poller = pipes.poller(loop)
+        self.ab = _Pump(poller, a, b, pipes.get(), self._direction_done, self.abort, self)
+        self.ba = _Pump(poller, b, a, pipes.get(), self._direction_done, self.abort, self)
 
     def start(self) -> None:
-        self.ab.start()
-        self.ba.start()
+        # Registering reports what is already there (a first request, a banner) as an event
+        # of the next round: nothing is read ahead of the epoll here.
+        self.poller.add(self.a_fd, self)
+        self.poller.add(self.b_fd, self)
+
+    def other(self, pump: _Pump) -> _Pump:
+        return self.ba if pump is self.ab else self.ab
+
+    def _event(self, fd: int, events: int) -> None:
+        """Readiness of one of the two sockets (from the poller)."""
+        if fd == self.a_fd:
+            source, sink = self.ab, self.ba
+        else:
+            source, sink = self.ba, self.ab
+        if source.reading:
+            source.readable()
+        if sink.writing and not self._closed:
+            sink.writable()
+        if events & _EPOLL_ERR and not self._closed and not self._threads_left:
+            # An error neither direction consumed (a reset of a socket whose input already
+            # ended and that nothing is waiting to write to): the pair is over.
+            self.abort()
 
     def _direction_done(self) -> None:
         if self.ab.done and self.ba.done:
@@ -291,6 +381,9 @@ class SplicedPair:
         _bulk_pairs += 1
         for pump in (self.ab, self.ba):
             pump.stop()
+        # The threads own the sockets now: no readiness may reach the loop for them.
+        self.poller.remove(self.a_fd)
+        self.poller.remove(self.b_fd)
         self._threads_left = 2
         self.a.setblocking(True)
         self.b.setblocking(True)
@@ -363,6 +456,8 @@ class SplicedPair:
         self._closed = True
         for pump in (self.ab, self.ba):
             pump.stop()
+        self.poller.forget(self.a_fd)
+        self.poller.forget(self.b_fd)
         for pump in (self.ab, self.ba):
             self.pipes.put(pump.pipe, empty=pump.fill == 0)
         for sock in (self.a, self.b):

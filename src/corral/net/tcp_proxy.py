@@ -18,7 +18,11 @@ destination the guest dialled (no SO_ORIGINAL_DST needed). Per connection:
    ends the hold at once: server-first protocols never wait. A flow whose outcome no name
    can change is dialled at once and never held;
 4. the upstream is dialled from the host netns, non-blocking, bounded by
-   :data:`CONNECT_TIMEOUT`; failure or timeout = reset;
+   :data:`CONNECT_TIMEOUT`; failure or timeout = reset. Over the host's veths the upstream's
+   SYN-ACK is usually processed before ``connect`` returns (``EINPROGRESS``; the kernel
+   handles the backlog as the call releases the socket), so a second ``connect`` is asked
+   at once: 0 means connected, and the pair is spliced in the same callback, without a
+   writer registration, a timer and another turn of the loop for each connection;
 5. the held bytes are written upstream, then bytes move both ways with splice
    (:mod:`corral.net.splice`).
 
@@ -67,6 +71,12 @@ LISTEN_BACKLOG = 4096
 #: Connections accepted per readiness callback before yielding to the loop, so a burst of
 #: new connections cannot starve the bytes of established ones.
 ACCEPT_BATCH = 64
+
+#: Parsed destination addresses kept (the accepted socket gives text; the gate wants
+#: objects, and a sandbox talks to few addresses). Cleared when full.
+ADDRESS_CACHE = 1024
+
+_UPSTREAM_TYPE = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 
 
 def transparent_listener(address: IPAddress, kind: int, port: int = 0) -> socket.socket:
@@ -148,10 +158,18 @@ class TcpProxy:
         #: ClientHello and handed to it (see _intercepted); None when interception is off.
         self.tls = tls
         self.guests = frozenset(guests)
+        #: The guests' addresses as accept() spells them (compressed text): compared as
+        #: strings, no parse per connection.
+        self._guest_texts = frozenset(str(g) for g in guests)
+        self._addresses: dict[str, IPAddress] = {}
         self.connect_timeout = connect_timeout
         self.first_flight_timeout = first_flight_timeout
         self.pipes = pipes or PipePool()
         self.listeners = [transparent_listener(a, socket.SOCK_STREAM) for a in listen]
+        for sock in self.listeners:
+            # Inherited by every accepted socket: one setsockopt per listener, not per
+            # connection (request/response traffic must not wait for Nagle).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.ports = {
             a.version: s.getsockname()[1] for a, s in zip(listen, self.listeners, strict=True)
         }
@@ -206,21 +224,21 @@ class TcpProxy:
     def _admit(
         self, guest: socket.socket, peer: tuple[str, int] | tuple[str, int, int, int]
     ) -> None:
-        source = ipaddress.ip_address(peer[0])
-        if source not in self.guests:
+        source = peer[0]
+        if source not in self._guest_texts:
             reset(guest)  # a host process dialled the listener itself
             return
         local = guest.getsockname()
-        dst = ipaddress.ip_address(local[0])
+        dst = self._address(local[0])
         port = int(local[1])
-        if not self.gate.try_acquire("tcp", str(source), dst, port):
+        if not self.gate.try_acquire("tcp", source, dst, port):
             reset(guest)
             return
         if self.tls is not None and port == CONNECT_PROXY_PORT and dst in self.gate.gateways:
             # corral's own CONNECT proxy (like port 53: served here, not a flow to decide);
             # each tunnel is decided on its authority (TlsInterceptor.take_connect).
             guest.setblocking(False)
-            who = str(source)
+            who = source
             self.tls.take_connect(
                 guest, who,
                 decide=lambda name, addr, p: self.gate.egress(
@@ -236,14 +254,14 @@ class TcpProxy:
             guest.setblocking(False)
             self.tls.take_dot(
                 Accepted(
-                    guest=guest, source=str(source), destination=dst, port=port, target=dst,
+                    guest=guest, source=source, destination=dst, port=port, target=dst,
                     sni=None, alpn=(), first=b"", pinned=False, upstream=None,
                 ),
                 self.gate.release,
             )  # fmt: skip
             return
         try:
-            verdict = self.gate.egress("tcp", str(source), dst, port)
+            verdict = self.gate.egress("tcp", source, dst, port)
         except BaseException:
             self.gate.release()
             raise
@@ -257,7 +275,7 @@ class TcpProxy:
             )
             or self._answers_denial(verdict)
         ):
-            self._hold(guest, str(source), dst, port, verdict)
+            self._hold(guest, source, dst, port, verdict)
             return
         if not verdict.allowed or verdict.target is None:
             self.gate.release()
@@ -265,25 +283,48 @@ class TcpProxy:
             return
         self._dial(guest, verdict.target, port)
 
+    def _address(self, text: str) -> IPAddress:
+        addr = self._addresses.get(text)
+        if addr is None:
+            if len(self._addresses) >= ADDRESS_CACHE:
+                self._addresses.clear()
+            addr = self._addresses[text] = ipaddress.ip_address(text)
+        return addr
+
     def _dial(
-        self, guest: socket.socket, target: IPAddress, port: int, held: _Held | None = None
+        self,
+        guest: socket.socket,
+        target: IPAddress,
+        port: int,
+        held: _Held | None = None,
+        pending: bytes = b"",
     ) -> _Dial | None:
-        """Start the upstream connection; None (the guest reset, the slot released) when
-        it cannot even start."""
+        """Start the upstream connection (``pending``: bytes to write first); None (the
+        guest reset, the slot released) when it cannot even start or failed at once. An
+        upstream that connected at once (step 4 of the module docstring) is spliced (or,
+        for a hold, watched for a banner) before this returns."""
         family = socket.AF_INET if target.version == 4 else socket.AF_INET6
         try:
-            upstream = socket.socket(family, socket.SOCK_STREAM)
+            upstream = socket.socket(family, _UPSTREAM_TYPE)
         except OSError:
             if held is None:
                 self.gate.release()
                 reset(guest)
             return None
-        upstream.setblocking(False)
+        with contextlib.suppress(OSError):
+            upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         dial = _Dial(self, guest, upstream)
         dial.held = held
+        dial.pending = pending
         self._dials.add(dial)
-        err = upstream.connect_ex((str(target), port))
-        if err not in (0, errno.EINPROGRESS):
+        address = (str(target), port)
+        err = upstream.connect_ex(address)
+        if err == errno.EINPROGRESS:
+            err = upstream.connect_ex(address)  # 0: connected meanwhile; EALREADY: not yet
+        if err == 0:
+            self._established(dial)
+            return dial
+        if err != errno.EALREADY:
             self._fail(dial, count=True)
             return None
         assert self._loop is not None
@@ -301,6 +342,10 @@ class TcpProxy:
         if err != 0:
             self._fail(dial, count=True)
             return
+        self._established(dial)
+
+    def _established(self, dial: _Dial) -> None:
+        assert self._loop is not None
         dial.connected = True
         if dial.held is not None:
             # Dialled early for a held connection: an upstream that speaks first (a banner)
@@ -323,9 +368,7 @@ class TcpProxy:
                 return
             dial.pending = dial.pending[n:]
         self._dials.discard(dial)
-        for s in (dial.guest, dial.upstream):
-            with contextlib.suppress(OSError):
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # TCP_NODELAY: the guest's from the listener, the upstream's set before its connect.
         pair = SplicedPair(self._loop, dial.guest, dial.upstream, self.pipes, self._pair_closed)
         self._pairs.add(pair)
         pair.start()
@@ -440,11 +483,8 @@ class TcpProxy:
                 return
             dial = held.dial  # not TLS, or bypassed: spliced like any other connection
         if dial is None:
-            dial = self._dial(held.guest, verdict.target, held.port)
-            if dial is None:
-                return
-            dial.pending = first
-            return  # _connected flushes and splices
+            self._dial(held.guest, verdict.target, held.port, pending=first)
+            return  # flushed and spliced once connected
         dial.held = None
         dial.pending = first
         if dial.connected:
@@ -516,9 +556,7 @@ class TcpProxy:
     ) -> None:
         """Dial ``target`` and splice ``guest`` to it after writing ``first`` (a CONNECT
         tunnel that is not intercepted); the connection's slot goes with it."""
-        dial = self._dial(guest, target, port)
-        if dial is not None:
-            dial.pending = first
+        self._dial(guest, target, port, pending=first)
 
     def _answers_denial(self, verdict: FlowVerdict) -> bool:
         """``deny_response`` is set (with interception on) and the flow was refused by the
