@@ -4,9 +4,9 @@ The imports are read with ``ast`` (nothing is imported to find them), including 
 inside functions and under ``TYPE_CHECKING``: a lazy import is still a dependency.
 
 :data:`KNOWN_VIOLATIONS` lists, as patterns of importing and imported module, the imports
-that break a rule today; phase 2 of issue 11 (a composition package that owns a sandbox's life)
-removes them. The test fails on any violation not listed, and on a listed one that no longer
-happens, so the list can only shrink and always says what is left.
+that break a rule today (none since phase 2 of issue 11 moved what composes runtime and net
+into :mod:`corral.lifecycle`). The test fails on any violation not listed, and on a listed one
+that no longer happens, so the list can only shrink and always says what is left.
 """
 
 from __future__ import annotations
@@ -36,24 +36,15 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     "net": frozenset({"policy", "config", "kernel", "paths", "errors"}),
     "runtime": frozenset({"policy", "config", "kernel", "paths", "errors"}),
     "lifecycle": frozenset({"runtime", "net", "policy", "config", "kernel", "paths", "errors"}),
-    "sdk": frozenset(
-        {"lifecycle", "runtime", "net", "policy", "config", "kernel", "paths", "errors"}
-    ),
+    "sdk": frozenset({"lifecycle", "policy", "config", "errors"}),
     "cli": frozenset({"sdk", "lifecycle", "policy", "config", "errors"}),
     "facade": frozenset({"sdk", "policy", "config", "errors"}),
 }
 
 #: Imports that break a rule today, as (importer, imported) ``fnmatch`` patterns of module
-#: names, each with why and what removes it.
-KNOWN_VIOLATIONS: frozenset[tuple[str, str]] = frozenset({
-    # cli -> runtime: the CLI reaches past the SDK for images, state, gc, volumes, tree copy
-    # and the channel's wire constants. Phase 2: it calls the composition package (and
-    # config/policy) only.
-    ("corral.cli.*", "corral.runtime.*"),
-    # cli -> net: ``policy explain`` compiles the prefilter to show the kernel's stage. Phase
-    # 2: that becomes policy (it is pure) or composition API.
-    ("corral.cli.policy", "corral.net.prefilter"),
-})
+#: names, each with why and what removes it. Empty since phase 2 of issue 11 (the lifecycle
+#: package): an entry may only be added with its reason and the work that removes it.
+KNOWN_VIOLATIONS: frozenset[tuple[str, str]] = frozenset()
 
 
 def _excused(violation: tuple[str, str]) -> tuple[str, str] | None:

@@ -9,7 +9,7 @@ Where things land follows docker's rules (docs/cli.md, "cp"): a SRC ending in ``
 the directory's contents; a DST that is an existing directory receives SRC under its own
 name; otherwise DST is the new name (its parent must exist; a DST ending in ``/`` must be an
 existing directory). The transfer is a tar stream over the sandbox's channel
-(corral.runtime.tree_copy); ``-a`` keeps numeric owners, else what lands in the sandbox is
+(corral.lifecycle.access, over corral.runtime.tree_copy); ``-a`` keeps numeric owners, else what lands in the sandbox is
 its root's and what lands on the host is the caller's.
 """
 
@@ -25,7 +25,7 @@ from typing import Any
 import click
 
 from corral.errors import ConfigError, SandboxError
-from corral.runtime import state
+from corral.lifecycle import sandboxes
 
 
 def split_target(text: str) -> tuple[str | None, str]:
@@ -37,7 +37,7 @@ def split_target(text: str) -> tuple[str | None, str]:
     if text.startswith(("/", ".", "~")) or ":" not in text:
         return None, text
     name, _, path = text.partition(":")
-    if not state.NAME_PATTERN.fullmatch(name):
+    if not sandboxes.NAME_PATTERN.fullmatch(name):
         return None, text
     return name, path or "/"
 
@@ -81,11 +81,11 @@ async def _sandbox_dir(client: Any, path: str) -> bool | None:
 
 
 async def _copy_in(name: str, src: str, dst: str, archive: bool) -> None:
-    from corral.runtime import tree_copy
+    from corral.lifecycle import access
 
     client = await _client(name)
     if src == "-":
-        await _tar_from_stdin(client, dst)
+        await access.tar_from(client, sys.stdin.fileno(), dst)
         return
     local = Path(os.path.expanduser(src))
     if not os.path.lexists(local):
@@ -99,29 +99,29 @@ async def _copy_in(name: str, src: str, dst: str, archive: bool) -> None:
             await client.mkdir(dst)
         elif not target_is_dir:
             raise SandboxError(f"cp: {dst} is not a directory in sandbox {name!r}")
-        await tree_copy.send_tree(client, local, dst, None, archive=archive)
+        await access.send_tree(client, local, dst, None, archive=archive)
     elif target_is_dir:
-        await tree_copy.send_tree(client, local, dst, local.resolve().name if src in (".", "..")
+        await access.send_tree(client, local, dst, local.resolve().name if src in (".", "..")
                                   else local.name, archive=archive)  # fmt: skip
     elif target_is_dir is None:
         if dst.endswith("/"):
             raise SandboxError(f"cp: the directory {dst} does not exist in sandbox {name!r}")
         parent, base = posixpath.split(dst)
-        await tree_copy.send_tree(client, local, parent or "/", base, archive=archive)
+        await access.send_tree(client, local, parent or "/", base, archive=archive)
     else:
         if local_is_dir:
             raise SandboxError(f"cp: cannot copy the directory {src} onto the file {dst}")
         parent, base = posixpath.split(dst)
-        await tree_copy.send_tree(client, local, parent or "/", base, archive=archive)
+        await access.send_tree(client, local, parent or "/", base, archive=archive)
 
 
 async def _copy_out(name: str, src: str, dst: str, archive: bool) -> None:
-    from corral.runtime import tree_copy
+    from corral.lifecycle import access
 
     client = await _client(name)
     info = await client.stat(src)  # the sandbox's own sentence if it is not there
     if dst == "-":
-        await _tar_to_stdout(client, src)
+        await access.tar_to(client, src, sys.stdout.buffer)
         return
     dest = Path(os.path.expanduser(dst))
     base = posixpath.basename(src.rstrip("/")) or "root"
@@ -130,65 +130,17 @@ async def _copy_out(name: str, src: str, dst: str, archive: bool) -> None:
             raise SandboxError(f"cp: {src} is not a directory in sandbox {name!r}")
         if not dest.exists():
             dest.mkdir()
-        await tree_copy.receive_tree(client, src, dest, None, archive=archive)
+        await access.receive_tree(client, src, dest, None, archive=archive)
     elif dest.is_dir():
-        await tree_copy.receive_tree(client, src, dest, base, archive=archive)
+        await access.receive_tree(client, src, dest, base, archive=archive)
     elif not os.path.lexists(dest):
         if dst.endswith("/"):
             raise SandboxError(f"cp: the directory {dst} does not exist on the host")
-        await tree_copy.receive_tree(client, src, dest.parent, dest.name, archive=archive)
+        await access.receive_tree(client, src, dest.parent, dest.name, archive=archive)
     else:
         if info.kind == "dir":
             raise SandboxError(f"cp: cannot copy the directory {src} onto the file {dst}")
-        await tree_copy.receive_tree(client, src, dest.parent, dest.name, archive=archive)
-
-
-async def _tar_to_stdout(client: Any, src: str) -> None:
-    """The raw tar stream of ``src`` (as the sandbox wrote it: not checked, not extracted)."""
-    from corral.runtime.channel_wire import KIND_FILE, encode_control, error_from_reply
-
-    name = posixpath.basename(src.rstrip("/")) or "root"
-    out = sys.stdout.buffer
-    async with client._lease() as conn:
-        await conn.send(encode_control({"op": "tar_out", "path": src, "name": name}))
-        reply = await conn.recv_control()
-        if reply.get("t") == "error":
-            raise error_from_reply(reply)
-        while True:
-            frame = await conn.recv()
-            if frame.kind != KIND_FILE:
-                raise error_from_reply(frame.control())
-            if not frame.body:
-                break
-            out.write(frame.body)
-        out.flush()
-        reply = await conn.recv_control()
-    if reply.get("t") == "error":
-        raise error_from_reply(reply)
-
-
-async def _tar_from_stdin(client: Any, dst: str) -> None:
-    """Extract a tar stream read from stdin into the sandbox directory ``dst``."""
-    from corral.runtime.channel_wire import (
-        KIND_FILE,
-        MAX_DATA_SIZE,
-        encode_control,
-        encode_data,
-        error_from_reply,
-    )
-
-    fd = sys.stdin.fileno()
-    async with client._lease() as conn:
-        await conn.send(encode_control({"op": "tar_in", "path": dst}))
-        reply = await conn.recv_control()
-        if reply.get("t") == "error":
-            raise error_from_reply(reply)
-        while chunk := await asyncio.to_thread(os.read, fd, MAX_DATA_SIZE):
-            await conn.send(encode_data(KIND_FILE, chunk))
-        await conn.send(encode_data(KIND_FILE, b""))
-        reply = await conn.recv_control()
-    if reply.get("t") == "error":
-        raise error_from_reply(reply)
+        await access.receive_tree(client, src, dest.parent, dest.name, archive=archive)
 
 
 def register(group: click.Group) -> None:

@@ -23,7 +23,7 @@ from rich.progress import (
 from rich.table import Table
 
 from corral.errors import ImageError
-from corral.runtime.images import Image, ImageStore
+from corral.lifecycle.images import Image, ImageStore
 
 #: Characters of a digest's hex shown in tables (Docker shows 12).
 SHORT_DIGEST = 12
@@ -143,12 +143,12 @@ def images_in_use() -> dict[str, list[str]]:
     A stopped sandbox counts: ``start`` mounts the same image again under its writable layer.
     """
     from corral.errors import SandboxError
-    from corral.runtime import state
+    from corral.lifecycle import sandboxes
 
     used: dict[str, list[str]] = {}
-    for name in state.list_names():
+    for name in sandboxes.list_names():
         try:
-            sandbox_state = state.read_state(name)
+            sandbox_state = sandboxes.read_state(name)
         except SandboxError:
             continue
         if sandbox_state.image_digest:

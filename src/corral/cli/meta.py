@@ -53,20 +53,20 @@ def completion(shell: str) -> None:
 
 
 def sandbox_names(prefix: str = "") -> list[str]:
-    from corral.runtime import state
+    from corral.lifecycle import sandboxes
 
     try:
-        return [n for n in state.list_names() if n.startswith(prefix)]
+        return [n for n in sandboxes.list_names() if n.startswith(prefix)]
     except OSError:
         return []
 
 
 def image_references(prefix: str = "") -> list[str]:
     """Tags in the local store (``docker.io/library/`` shortened as users type it)."""
-    from corral.runtime import paths
+    from corral.lifecycle.images import images_dir
 
     try:
-        refs = json.loads((paths.images_dir() / "refs.json").read_text())
+        refs = json.loads((images_dir() / "refs.json").read_text())
     except (OSError, ValueError):
         return []
     out = set()

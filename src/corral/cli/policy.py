@@ -174,7 +174,7 @@ def explain_flow(
     ``names``: what the sandbox's DNS pinned to the address; ``sni``: the name the connection
     revealed (None: not read, the verdict may wait for it).
     """
-    from corral.net.prefilter import compile_prefilter, evaluate
+    from corral.lifecycle.explain import denied_in_kernel
 
     gw = [verdicts.unmap(g) for g in gateways]
     policy = Policy.compile(config, host_addresses=[*host_addresses, *gw])
@@ -189,11 +189,9 @@ def explain_flow(
     if v.wait_for_name:
         return policy, v, STAGE_HELD
     if protocol in (PolicyProtocol.TCP, PolicyProtocol.UDP) and port is not None:
-        pf = compile_prefilter(
-            policy.rules, policy.default_egress, policy.host, pools=pools, gateways=gw,
-        )  # fmt: skip
         pinned = {address} if names else set()
-        if evaluate(pf, str(protocol), address, port, pinned):
+        if denied_in_kernel(policy, str(protocol), address, port, pools=pools, gateways=gw,
+                            pinned=pinned):  # fmt: skip
             return policy, v, STAGE_KERNEL
     return policy, v, STAGE_PROXY
 

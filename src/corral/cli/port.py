@@ -6,10 +6,10 @@ from __future__ import annotations
 import click
 
 from corral.errors import ConfigError
-from corral.runtime import state
+from corral.lifecycle import sandboxes
 
 
-def published_lines(sandbox_state: state.SandboxState, selector: str | None = None) -> list[str]:
+def published_lines(sandbox_state: sandboxes.SandboxState, selector: str | None = None) -> list[str]:
     """``GUEST/PROTO -> BIND:HOST`` for each published port (``selector``: ``80`` or
     ``53/udp`` keeps only that guest port)."""
     rows = list(sandbox_state.published)
@@ -44,7 +44,7 @@ def published_lines(sandbox_state: state.SandboxState, selector: str | None = No
 @click.argument("port", required=False, metavar="[GUEST[/PROTO]]")
 def port(name: str, port: str | None) -> None:
     """List NAME's published ports (GUEST/PROTO -> BIND:HOST), or only GUEST's."""
-    sandbox_state = state.read_state(name)
+    sandbox_state = sandboxes.read_state(name)
     lines = published_lines(sandbox_state, port)
     if port is not None and not lines:
         raise ConfigError("PORT", f"sandbox {name!r} does not publish guest port {port}")

@@ -38,8 +38,8 @@ from corral.config import (
     parse_secret,
 )
 from corral.errors import ConfigError, SandboxError
-from corral.runtime import state
-from corral.runtime.channel_wire import DEFAULT_TERMINAL_SIZE
+from corral.lifecycle import sandboxes
+from corral.lifecycle.access import DEFAULT_TERMINAL_SIZE
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -481,7 +481,7 @@ async def _create_from_options(
     env.update(parse_env(opts["env_pairs"]))
     volumes = list(opts["volumes"])
     if volumes:
-        from corral.runtime.volumes import check_volumes
+        from corral.lifecycle.access import check_volumes
 
         try:
             check_volumes(volumes)
@@ -832,10 +832,10 @@ def logs(net_events: bool, supervisor: bool, follow: bool, name: str) -> None:
             async for event in sandbox.logs(follow=follow):
                 click.echo(event.to_json())
             return
-        path = sandbox.directory / state.COMMAND_LOG
+        path = sandbox.directory / sandboxes.COMMAND_LOG
         if supervisor or not path.exists() or path.stat().st_size == 0:
-            path = sandbox.directory / state.LOG_FILE
-        await _print_file(path, follow, lambda: sandbox.status == state.RUNNING)
+            path = sandbox.directory / sandboxes.LOG_FILE
+        await _print_file(path, follow, lambda: sandbox.status == sandboxes.RUNNING)
 
     asyncio.run(go())
 
@@ -922,7 +922,7 @@ def rm(force: bool, every: bool, names: tuple[str, ...]) -> None:
         targets = await Sandbox.list() if every else [await Sandbox.get(n) for n in names]
         kept = []
         for sandbox in targets:
-            if every and not force and sandbox.status in (state.RUNNING, state.CREATING):
+            if every and not force and sandbox.status in (sandboxes.RUNNING, sandboxes.CREATING):
                 kept.append(sandbox.name)
                 continue
             await sandbox.remove(force=force)
@@ -944,7 +944,7 @@ def prune(force: bool, keep_images: bool) -> None:
     """Remove stopped and crashed sandboxes, then every image no sandbox uses."""
     from corral.cli.images import images_in_use
     from corral.lifecycle import gc as gc_mod
-    from corral.runtime.images import ImageStore
+    from corral.lifecycle.images import ImageStore
     from corral.sdk.sandbox import Sandbox
 
     what = "stopped and crashed sandboxes" + ("" if keep_images else " and unused images")
@@ -960,7 +960,7 @@ def prune(force: bool, keep_images: bool) -> None:
         for line in gc_mod.collect(failures=failures):
             click.echo(f"removed {line}")
         for sandbox in await Sandbox.list():
-            if sandbox.status == state.STOPPED:
+            if sandbox.status == sandboxes.STOPPED:
                 await sandbox.remove()
                 click.echo(f"removed sandbox {sandbox.name}")
         for failure in failures:
@@ -985,7 +985,7 @@ def gc(keep_state: bool, names: tuple[str, ...]) -> None:
     from corral.lifecycle import gc as gc_mod
 
     for name in names:
-        state.validate_name(name)
+        sandboxes.validate_name(name)
     failures: list[str] = []
     removed = gc_mod.collect(list(names) or None, keep_state=keep_state, failures=failures)
     for line in removed:
