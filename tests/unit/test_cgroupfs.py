@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from corral.errors import SandboxError
+from corral.kernel import mountinfo
 from corral.runtime import cgroupfs
 from corral.runtime.cgroupfs import HierarchyMount
 
@@ -113,7 +114,7 @@ def test_no_hierarchy_at_all_is_one_sentence() -> None:
 
 
 def test_mountinfo_parsing_unescapes_points_and_reads_the_fstype_after_the_dash() -> None:
-    entries = cgroupfs.parse_mountinfo(
+    entries = mountinfo.parse_entries(
         b"31 23 0:28 / /sys/fs/with\\040space rw shared:3 master:2 - cgroup2 cgroup2 rw\n"
         b"garbage line\n"
     )

@@ -36,12 +36,12 @@ SANDBOX_NETNS_PREFIX = "corral-"
 
 
 def identity_of(path: str) -> tuple[int, int] | None:
-    """(st_dev, st_ino) of the namespace file ``path``; None if it cannot be read."""
+    """(st_dev, st_ino) of the namespace file ``path`` (:func:`corral.kernel.netns.identity`);
+    None if it cannot be read."""
     try:
-        st = os.stat(path)
+        return netns.identity(path)
     except OSError:
         return None
-    return st.st_dev, st.st_ino
 
 
 def identify(path: str = netns.THREAD_NETNS) -> dict[str, object]:

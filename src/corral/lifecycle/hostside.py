@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import threading
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -105,25 +104,10 @@ def _release_gone(name: str) -> list[str]:
 
 
 def in_namespace(path: str, func: Callable[..., T], *args: object) -> T:
-    """``func(*args)`` in a new thread that first joins the network namespace at ``path``."""
-    result: list[T] = []
-    error: list[BaseException] = []
-
-    def body() -> None:
-        try:
-            netns.join_path(path)
-            result.append(func(*args))
-        except BaseException as exc:
-            error.append(exc)
-
-    # The thread ends right after: a thread that changed its namespace is never reused.
-    thread = threading.Thread(target=body, name="corral-gc-netns")
-    thread.start()
-    thread.join()
-    if error:
-        if isinstance(error[0], OSError):
-            raise SandboxError(
-                f"gc: cannot enter the network namespace {path}: {error[0].strerror}"
-            ) from None
-        raise error[0]
-    return result[0]
+    """``func(*args)`` on a short-lived thread in the network namespace at ``path``
+    (:func:`corral.kernel.netns.call_in_thread`); a namespace it cannot enter is a
+    SandboxError that names it."""
+    try:
+        return netns.call_in_thread(path, lambda: func(*args))
+    except OSError as exc:
+        raise SandboxError(f"gc: cannot enter the network namespace {path}: {exc.strerror}") from None

@@ -36,7 +36,7 @@ import contextlib
 import os
 
 from corral.errors import SandboxError
-from corral.kernel.mountinfo import unescape
+from corral.kernel.mountinfo import SELF_MOUNTINFO, MountEntry, parse_entries
 
 #: The controllers corral sets limits with (cgroups.V1_CONTROLLERS; repeated here so this
 #: module does not import the one that imports it).
@@ -85,39 +85,6 @@ class HierarchyMount:
         return f"HierarchyMount{self._key()!r}"
 
 
-class MountEntry:
-    """The fields of one /proc/self/mountinfo line that matter here."""
-
-    __slots__ = ("fstype", "point", "shared")
-
-    def __init__(self, point: str, fstype: str, shared: bool):
-        self.point = point
-        self.fstype = fstype
-        self.shared = shared  # in a peer group: mounts below it propagate elsewhere
-
-
-def parse_mountinfo(text: bytes) -> list[MountEntry]:
-    """Every line of a mountinfo file (malformed lines are skipped)."""
-    entries = []
-    for line in text.splitlines():
-        fields = line.split(b" ")
-        try:
-            dash = fields.index(b"-", 6)
-        except ValueError:
-            continue
-        if len(fields) <= dash + 1:
-            continue
-        optional = fields[6:dash]
-        entries.append(
-            MountEntry(
-                point=unescape(fields[4]),
-                fstype=fields[dash + 1].decode("ascii", "replace"),
-                shared=any(o.startswith(b"shared:") for o in optional),
-            )
-        )
-    return entries
-
-
 def hierarchies(proc_self_cgroup: str) -> tuple[list[tuple[str, ...]], bool]:
     """(v1 hierarchies carrying a wanted controller, as their controller lists; whether a v2
     hierarchy exists), from the text of /proc/self/cgroup."""
@@ -162,7 +129,7 @@ def mount_plan(proc_self_cgroup: str, mountinfo: bytes, root: str) -> list[Hiera
     """The mounts that make this process's cgroup hierarchies visible at ``root``; empty
     when a cgroup filesystem is already mounted there. SandboxError when mounting there
     would not stay private (the covering mount is shared) or there is nothing to mount."""
-    entries = parse_mountinfo(mountinfo)
+    entries = parse_entries(mountinfo)
     if visible(entries, root):
         return []
     v1, v2 = hierarchies(proc_self_cgroup)
@@ -219,7 +186,7 @@ def ensure(root: str = "/sys/fs/cgroup") -> str | None:
             return None
         with open("/proc/self/cgroup") as f:
             own = f.read()
-        with open("/proc/self/mountinfo", "rb") as f:
+        with open(SELF_MOUNTINFO, "rb") as f:
             mountinfo = f.read()
         plan = mount_plan(own, mountinfo, root)
         note = None
