@@ -8,7 +8,7 @@ import ipaddress
 import json
 from pathlib import Path
 
-from corral.config import NetworkConfig, NetworkPolicy, PolicyRule
+from corral.config import NetworkConfig, NetworkPolicy, PolicyProtocol, PolicyRule
 from corral.net.audit import AuditEvent, AuditLog, follow, read_events
 from corral.net.gate import LIMIT_EVENTS_PER_SECOND, FlowGate
 from corral.policy import Policy
@@ -188,3 +188,44 @@ def test_slots_leased_from_other_pools_are_other_sandboxes(tmp_path: Path) -> No
     pool.release("other")
     g._leases_at -= 2  # the lease snapshot is refreshed at most once a second
     assert g.egress("tcp", "s", other.guest_ipv4, 80).allowed
+
+
+def test_remembered_verdicts_follow_the_pins_and_each_flow_is_audited(tmp_path: Path) -> None:
+    """The gate remembers verdicts made before a revealed name; the memory is keyed by the
+    pinned names, so a pin (or its expiry) changes the answer at once, and a repeated denial
+    is still one audit event per flow."""
+    from corral.policy.pins import PinSet
+
+    now = [1000.0]
+    pins = PinSet(clock=lambda: now[0])
+    cfg = NetworkConfig(
+        default_egress="deny",
+        rules=[PolicyRule(action="allow", destination="api.example.com", protocol="tcp")],
+    )
+    policy = Policy.compile(cfg, host_addresses=[GW4, GW6, HOST])
+    g = FlowGate(
+        sandbox="sb", policy=policy, gateways=[GW4, GW6], pools=POOLS, max_connections=8,
+        audit=AuditLog("sb", tmp_path), host_addresses=[HOST], pins=pins,
+    )  # fmt: skip
+    dst = ip("203.0.113.20")
+    assert not g.egress("tcp", "s", dst, 443).allowed
+    assert not g.egress("tcp", "s", dst, 443).allowed
+    pins.add(["api.example.com"], [dst], ttl=30)
+    pinned = g.egress("tcp", "s", dst, 443)
+    assert pinned.allowed and pinned.names == ("api.example.com",)
+    now[0] += 3600  # the pin expired
+    assert not g.egress("tcp", "s", dst, 443).allowed
+    denials = [e for e in read_events(tmp_path / "net-audit.jsonl") if e.action == "deny"]
+    assert len(denials) == 3
+    # The remembered answer is the pure verdict's, for every flow asked twice.
+    from corral.policy import verdict as verdicts
+
+    for text, port, proto in [("203.0.113.20", 443, "tcp"), ("10.0.0.1", 80, "udp"),
+                              ("172.16.0.9", 22, "tcp"), (str(GW4), 8080, "tcp")]:  # fmt: skip
+        for _ in range(2):
+            got = g.egress(proto, "s", ip(text), port)
+            fresh = verdicts.egress(
+                policy, g.view, PolicyProtocol(proto), ip(text), port,
+                names=pins.names_for(ip(text)),
+            )  # fmt: skip
+            assert got == fresh

@@ -11,7 +11,11 @@ policy explain``). The gate is the I/O around it:
   ago is enforced by the kernel meanwhile);
 - ``max_connections`` counts TCP connections plus UDP flows from the sandbox, exactly: a
   slot is taken before the upstream is dialled and given back when the flow ends;
-- every denial (and every allow when asked) becomes an audit event.
+- every denial (and every allow when asked) becomes an audit event, per flow;
+- verdicts before any revealed name are remembered per (protocol, destination, port, pinned
+  names) while the policy object and the sandbox view stay the same: the verdict is a pure
+  function of exactly those, so a connection gets the same answer the function would give
+  (its audit event included), at a dict lookup instead of ~8 us of rule matching.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ LIMIT_EVENTS_PER_SECOND = 10
 
 #: How stale the snapshot of other sandboxes' leased slots may get (see the module docstring).
 LEASES_REFRESH_SECONDS = 1.0
+
+#: Remembered verdicts (see the module docstring); the memory is dropped whole when full.
+VERDICT_CACHE = 4096
 
 _PROTOCOLS = {p.value: p for p in PolicyProtocol}
 
@@ -81,6 +88,8 @@ class FlowGate:
         self._limit_window = 0.0
         self._limit_events = 0
         self._limit_suppressed = 0
+        self._verdicts: dict[tuple[str, IPAddress, int | None, frozenset[str]], FlowVerdict] = {}
+        self._verdicts_for: tuple[object, SandboxView] | None = None
 
     def _current_view(self) -> SandboxView:
         if self.leased is not None:
@@ -137,16 +146,30 @@ class FlowGate:
         with the names the sandbox's resolver pinned to it; ``revealed``: see
         :func:`corral.policy.verdict.egress`. A verdict that waits for a name is not
         audited (the final one is)."""
-        v = verdicts.egress(
-            self.policy,
-            self._current_view(),
-            _PROTOCOLS[protocol],
-            destination,
-            port,
-            names=self.pins.names_for(unmap(destination)),
-            revealed=revealed,
-        )
-        if audit and not v.wait_for_name:
+        view = self._current_view()
+        names = self.pins.names_for(unmap(destination))
+        if revealed is not None:
+            v = verdicts.egress(
+                self.policy, view, _PROTOCOLS[protocol], destination, port,
+                names=names, revealed=revealed,
+            )  # fmt: skip
+        else:
+            memo = self._verdicts
+            facts = self._verdicts_for
+            if facts is None or facts[0] is not self.policy or facts[1] is not view:
+                memo.clear()
+                self._verdicts_for = (self.policy, view)
+            key = (protocol, destination, port, names)
+            found = memo.get(key)
+            if found is None:
+                found = verdicts.egress(
+                    self.policy, view, _PROTOCOLS[protocol], destination, port, names=names
+                )
+                if len(memo) >= VERDICT_CACHE:
+                    memo.clear()
+                memo[key] = found
+            v = found
+        if audit and not v.wait_for_name and (not v.allowed or self.audit.log_allowed):
             self._record("egress", protocol, source, str(destination), port, v)
         return v
 
