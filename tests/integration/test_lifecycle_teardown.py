@@ -2,7 +2,7 @@
 supervisor still does after the answer holds nothing of the sandbox, and a supervisor
 SIGKILLed at any moment of its stop leaves nothing ``corral gc`` cannot remove.
 
-The stop's order (runtime supervisor ``_release``, ``SandboxNetwork.close(linger=True)``):
+The stop's order (``lifecycle.supervisor.Supervisor._release``, ``SandboxNetwork.close(linger=True)``):
 init stopped and its cgroup removed, the NFLOG socket closed, the nft table deleted, the
 proxies closed, rules, routes and the netns mount removed, the lease released, ``stopped``
 written, the stop answered; then the ICMP relay's packet sockets (whose close waits for an
