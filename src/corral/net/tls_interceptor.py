@@ -1245,18 +1245,21 @@ class _Connection:
         if self.finished:
             return
         if chunks:
-            self._deliver(end, b"".join(chunks) if len(chunks) > 1 else chunks[0])
+            # The opaque relay's last bytes from a side that has ended go out with the
+            # close_notify that _ended then makes toward the other side: one send, not two.
+            last = ended and not end.eof and self.relay is None
+            self._deliver(end, b"".join(chunks) if len(chunks) > 1 else chunks[0], flush=not last)
         if ended and not end.eof and not self.finished:
             end.eof = True
             self._pause(end)
             self._ended(end)
 
-    def _deliver(self, src: _End, data: bytes) -> None:
+    def _deliver(self, src: _End, data: bytes, *, flush: bool = True) -> None:
         if self.finished:
             return
         relay = self.relay
         if relay is None:
-            self._write(self._other(src), data)
+            self._write(self._other(src), data, flush=flush)
             return
         out = relay.receive_guest(data) if src is self.guest else relay.receive_upstream(data)
         self._apply(out)
@@ -1290,7 +1293,9 @@ class _Connection:
         if other.eof:
             self._close_gracefully()
 
-    def _write(self, end: _End, data: bytes) -> None:
+    def _write(self, end: _End, data: bytes, *, flush: bool = True) -> None:
+        """``data`` toward ``end``; ``flush`` False leaves the records in its BIO for the
+        caller's next send (the close_notify that follows them)."""
         if end.shut:
             return
         if end.tls is None:
@@ -1301,7 +1306,8 @@ class _Connection:
         except ssl.SSLError:
             self.abort()
             return
-        self._flush(end)
+        if flush:
+            self._flush(end)
 
     def _flush(self, end: _End) -> None:
         if self.finished or end.tls is None:
