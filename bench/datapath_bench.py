@@ -28,9 +28,17 @@ It prints, for each path, per alternating round and as medians:
 - request latency on one connection (1-byte ping-pong to the echo server, p50/p99);
 
 then the ratios against their targets (issue 9): bulk >= 0.9 of kernel forwarding, both
-connection rates >= 0.6, added connect-to-first-byte p50 < 100 us. ``--profile`` runs the
-corral side under cProfile during one extra round of connections and prints where its CPU
-time goes, with the supervisor's CPU microseconds per connection.
+connection rates >= 0.6, added connect-to-first-byte p50 < 100 us. Each round measures both
+paths back to back, in alternating order (kernel first in odd rounds, corral first in even
+ones), so slow drift of the shared machine's load does not favour one side.
+
+For the connection rounds it also reads the CPU they cost: the supervisor's own (user and
+system, from /proc/<pid>/stat) and the whole machine's (every core's busy time from
+/proc/stat, wrk and the servers included) per connection, for both paths. On a machine whose
+cores are all busy in the kernel path, the machine's CPU per connection bounds the rate any
+design can reach. ``--profile`` runs the corral side under cProfile during one extra round of
+connections and prints where its CPU time goes, with the supervisor's CPU microseconds per
+connection.
 """
 
 from __future__ import annotations
@@ -244,10 +252,23 @@ def compile_fastok(directory: Path) -> Path:
     return binary
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) seconds of a process."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def cpu_seconds(pid: int) -> float:
+    return sum(cpu_times(pid))
+
+
+def machine_busy() -> float:
+    """Busy seconds of all cores together (every /proc/stat state but idle and iowait)."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:8]]
+    return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
@@ -263,6 +284,7 @@ def main() -> None:
                     help="profile the corral side during one extra round of connections")  # fmt: skip
     args = ap.parse_args()
 
+    load_before = f"{os.getloadavg()[0]:.2f}"
     w = world_mod.build(f"b{int(time.time()) % 10000}")
     supervisor: subprocess.Popen[str] | None = None
     tmp = tempfile.TemporaryDirectory()
@@ -295,15 +317,19 @@ def main() -> None:
             raise RuntimeError("the corral supervisor did not start")
         time.sleep(1.0)  # iperf3 server up
 
-        keys = ("gbit", "seq", "par", "fb50", "fb99", "p50", "p99")
+        keys = ("gbit", "seq", "par", "fb50", "fb99", "p50", "p99", "busy")
         samples = {name: {k: [] for k in keys} for name in ("kernel", "corral")}
         ratios: dict[str, list[float]] = {"gbit": [], "seq": [], "par": [], "added_fb": []}
         free_ports = iter(ports)
         cpu_per_conn: list[float] = []
+        user_per_conn: list[float] = []
         for rnd in range(args.rounds):
             this: dict[str, dict[str, float]] = {}
             port_seq, port_par, port_fb = next(free_ports), next(free_ports), next(free_ports)
-            for name, ns in (("kernel", kns), ("corral", cns)):
+            order = [("kernel", kns), ("corral", cns)]
+            if rnd % 2:
+                order.reverse()
+            for name, ns in order:
                 r = this[name] = {}
                 # Latency first: not right after a burst of closes.
                 r["p50"], r["p99"] = two_numbers(ns, PING_PONG, SERVER_V4, str(ECHO_PORT),
@@ -311,12 +337,16 @@ def main() -> None:
                 r["fb50"], r["fb99"] = two_numbers(ns, FIRST_BYTE, SERVER_V4, str(port_fb),
                                                    str(args.connects))  # fmt: skip
                 r["gbit"] = iperf(ns, args.seconds)
-                cpu = cpu_seconds(supervisor.pid) if name == "corral" else 0.0
+                user, system = cpu_times(supervisor.pid)
+                busy = machine_busy()
                 r["seq"] = wrk(ns, args.seconds, port_seq, 1)
                 r["par"] = wrk(ns, args.seconds, port_par, 8)
+                conns = (r["seq"] + r["par"]) * args.seconds
+                r["busy"] = (machine_busy() - busy) * 1e6 / conns
                 if name == "corral":
-                    conns = (r["seq"] + r["par"]) * args.seconds
-                    cpu_per_conn.append((cpu_seconds(supervisor.pid) - cpu) * 1e6 / conns)
+                    user2, system2 = cpu_times(supervisor.pid)
+                    cpu_per_conn.append((user2 + system2 - user - system) * 1e6 / conns)
+                    user_per_conn.append((user2 - user) * 1e6 / conns)
                 for key, value in r.items():
                     samples[name][key].append(value)
             k, c = this["kernel"], this["corral"]
@@ -335,7 +365,13 @@ def main() -> None:
         k = {key: statistics.median(v) for key, v in samples["kernel"].items()}
         c = {key: statistics.median(v) for key, v in samples["corral"].items()}
         print(f"medians of {args.rounds} alternating rounds (sandbox veth MTU {args.mtu}, "
-              f"uplink MTU {UPLINK_MTU}):")  # fmt: skip
+              f"uplink MTU {UPLINK_MTU}; load average before the run "
+              f"{load_before}, now {os.getloadavg()[0]:.2f}):")  # fmt: skip
+        print("measured: iperf3 one stream for bulk; wrk -t1 -c1 and -t8 -c8 with "
+              "'Connection: close' (one new TCP connection per request) for the rates; "
+              "a Python client's connect + request + first byte of the answer for "
+              "connect-to-first-byte; 1-byte ping-pong on one connection; policy public-only, "
+              "decided per connection")  # fmt: skip
         print(f"{'':30}{'kernel fwd':>12}{'corral':>12}{'ratio':>8}")
         rows = [("bulk TCP (Gbit/s)", "gbit", ".2f"), ("new conns/s, sequential", "seq", ".0f"),
                 ("new conns/s, 8 threads", "par", ".0f")]  # fmt: skip
@@ -352,7 +388,11 @@ def main() -> None:
               f"{'meets' if added < TARGET_ADDED_FIRST_BYTE_US else 'misses'})")  # fmt: skip
         print(f"added ping-pong p50: {c['p50'] - k['p50']:.1f} us")
         print(f"corral's CPU per new connection (supervisor, user+system): "
-              f"{statistics.median(cpu_per_conn):.0f} us")  # fmt: skip
+              f"{statistics.median(cpu_per_conn):.0f} us, of which user "
+              f"{statistics.median(user_per_conn):.0f} us")  # fmt: skip
+        print(f"the machine's CPU per new connection (all cores busy, wrk and servers "
+              f"included): kernel fwd {k['busy']:.0f} us, corral {c['busy']:.0f} us "
+              f"({os.cpu_count()} cores)")  # fmt: skip
         print("(ratios are medians of per-round ratios; upstream: fastok, one C epoll thread)")
 
         if args.profile:
