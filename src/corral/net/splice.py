@@ -327,10 +327,14 @@ class SplicedPair:
         self.ba = _Pump(poller, b, a, pipes.get(), self._direction_done, self.abort, self)
 
     def start(self) -> None:
-        # Registering reports what is already there (a first request, a banner) as an event
-        # of the next round: nothing is read ahead of the epoll here.
-        self.poller.add(self.a_fd, self)
+        """Register both sockets, reading ``a`` (the side that dialled: it usually speaks
+        first, and its first request is usually there already) before its registration: a
+        turn of the loop less per connection; a registration reports whatever arrives
+        after that read, and costs one ``EAGAIN`` splice when nothing was there."""
         self.poller.add(self.b_fd, self)
+        self.ab.readable()
+        if not self._closed and not self._threads_left:
+            self.poller.add(self.a_fd, self)
 
     def other(self, pump: _Pump) -> _Pump:
         return self.ba if pump is self.ab else self.ab
