@@ -642,3 +642,65 @@ def test_upstream_sessions_are_resumed_and_a_changed_server_is_verified_again(
     finally:
         world.stop_process(good)
     assert interceptor.handshakes == 4 and interceptor.resumed == 2
+
+
+#: A server that speaks first (an SMTPS/IMAPS shape): greets right after its handshake, then
+#: closes. argv address, port, cert, key.
+GREETING_SERVER = """
+import socket, ssl, sys
+addr, port, cert, key = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+srv = socket.create_server((addr, port), reuse_port=True)
+print("ready", flush=True)
+while True:
+    raw, _ = srv.accept()
+    raw.settimeout(10)
+    try:
+        with ctx.wrap_socket(raw, server_side=True) as s:  # needs the client's Finished
+            s.sendall(b"220 greetings\\r\\n")
+    except (OSError, ssl.SSLError):
+        pass
+"""
+
+READ_ONLY_CLIENT = """
+import socket, ssl, sys
+host, addr, port, ca = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+ctx = ssl.create_default_context(cafile=ca)
+with socket.create_connection((addr, port), timeout=10) as raw:
+    with ctx.wrap_socket(raw, server_hostname=host) as s:
+        got = b""
+        try:
+            while chunk := s.recv(4096):
+                got += chunk
+        except (ssl.SSLEOFError, ConnectionError):
+            pass
+        print(got.decode().strip())
+"""
+
+
+def test_a_server_that_speaks_first_is_carried(
+    make_net: MakeNet, world: World, servers: None, certs: Path, tmp_path: Path
+) -> None:
+    """Our Finished toward the upstream is held for the guest's first bytes (one send with
+    them); a guest that sends nothing still gets it sent when the relay starts, so a server
+    that waits for it and then speaks first (SMTPS, IMAPS) is carried."""
+    tls = TLSConfig(upstream_ca_certs=[str(certs / "ca.pem")], intercepted_ports=[RESUME_PORT])
+    n = make_net(NetworkConfig(policy="public-only", tls=tls))
+    ca = sandbox_ca(n, tmp_path)
+    proc = world.spawn_inet(
+        [sys.executable, "-c", GREETING_SERVER, SERVER_V4, str(RESUME_PORT),
+         str(certs / "good.pem"), str(certs / "good.key")],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        for _ in range(2):  # a full upstream handshake, then a resumed one
+            out = n.run(
+                [sys.executable, "-c", READ_ONLY_CLIENT, NAME, SERVER_V4, str(RESUME_PORT),
+                 str(ca)]
+            )  # fmt: skip
+            assert out.stdout.strip() == "220 greetings", (out.stdout, out.stderr)
+    finally:
+        world.stop_process(proc)
+    assert n.net.tcp.tls.handshakes == 2
