@@ -32,11 +32,13 @@ connection rates >= 0.6, added connect-to-first-byte p50 < 100 us. Each round me
 paths back to back, in alternating order (kernel first in odd rounds, corral first in even
 ones), so slow drift of the shared machine's load does not favour one side.
 
-For the connection rounds it also reads the CPU they cost: the supervisor's own (user and
-system, from /proc/<pid>/stat) and the whole machine's (every core's busy time from
-/proc/stat, wrk and the servers included) per connection, for both paths. On a machine whose
-cores are all busy in the kernel path, the machine's CPU per connection bounds the rate any
-design can reach. ``--profile`` runs the corral side under cProfile during one extra round of
+For the connection rounds it also reads the CPU they cost per connection: the supervisor's
+own (user and system, from /proc/<pid>/stat); the path's processes' (wrk, from its rusage,
+the two fastok servers and the supervisor: the packet work the kernel does inside their
+system calls is theirs, other jobs on the machine are not); and the whole machine's (every
+core's busy time from /proc/stat, which a shared machine's other jobs inflate, the more so
+for the slower side). On a machine whose cores are all busy in the kernel path, the CPU per
+connection bounds the rate any design can reach. ``--profile`` runs the corral side under cProfile during one extra round of
 connections and prints where its CPU time goes, with the supervisor's CPU microseconds per
 connection.
 """
@@ -47,6 +49,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import signal
 import statistics
 import subprocess
@@ -264,6 +267,12 @@ def cpu_seconds(pid: int) -> float:
     return sum(cpu_times(pid))
 
 
+def children_cpu() -> float:
+    """User + system seconds of this process's waited-for children (wrk among them)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def machine_busy() -> float:
     """Busy seconds of all cores together (every /proc/stat state but idle and iowait)."""
     with open("/proc/stat") as f:
@@ -298,9 +307,11 @@ def main() -> None:
         # round leave TIME_WAIT entries on the server side, and a later round reusing those
         # 4-tuples stalls on SYN retransmits (seen as a round at a tenth of the rate).
         ports = [HTTP_PORT + i for i in range(3 * (args.rounds + 1))]
+        servers: dict[int, int] = {}  # port -> fastok's pid (ip netns exec execs it)
         for port in ports:
             srv = w.spawn_inet([str(fastok), SERVER_V4, str(port)], stdout=subprocess.PIPE)
             assert srv.stdout is not None and b"ready" in srv.stdout.readline()
+            servers[port] = srv.pid
         echo = w.spawn_inet(
             [sys.executable, "-c", ECHO_SERVER, SERVER_V4, str(ECHO_PORT)], stdout=subprocess.PIPE
         )
@@ -317,7 +328,7 @@ def main() -> None:
             raise RuntimeError("the corral supervisor did not start")
         time.sleep(1.0)  # iperf3 server up
 
-        keys = ("gbit", "seq", "par", "fb50", "fb99", "p50", "p99", "busy")
+        keys = ("gbit", "seq", "par", "fb50", "fb99", "p50", "p99", "busy", "path")
         samples = {name: {k: [] for k in keys} for name in ("kernel", "corral")}
         ratios: dict[str, list[float]] = {"gbit": [], "seq": [], "par": [], "added_fb": []}
         free_ports = iter(ports)
@@ -339,10 +350,16 @@ def main() -> None:
                 r["gbit"] = iperf(ns, args.seconds)
                 user, system = cpu_times(supervisor.pid)
                 busy = machine_busy()
+                pids = [servers[port_seq], servers[port_par]]
+                path = sum(map(cpu_seconds, pids)) + children_cpu()
                 r["seq"] = wrk(ns, args.seconds, port_seq, 1)
                 r["par"] = wrk(ns, args.seconds, port_par, 8)
                 conns = (r["seq"] + r["par"]) * args.seconds
                 r["busy"] = (machine_busy() - busy) * 1e6 / conns
+                path = sum(map(cpu_seconds, pids)) + children_cpu() - path
+                if name == "corral":
+                    path += sum(cpu_times(supervisor.pid)) - user - system
+                r["path"] = path * 1e6 / conns
                 if name == "corral":
                     user2, system2 = cpu_times(supervisor.pid)
                     cpu_per_conn.append((user2 + system2 - user - system) * 1e6 / conns)
@@ -390,9 +407,10 @@ def main() -> None:
         print(f"corral's CPU per new connection (supervisor, user+system): "
               f"{statistics.median(cpu_per_conn):.0f} us, of which user "
               f"{statistics.median(user_per_conn):.0f} us")  # fmt: skip
-        print(f"the machine's CPU per new connection (all cores busy, wrk and servers "
-              f"included): kernel fwd {k['busy']:.0f} us, corral {c['busy']:.0f} us "
-              f"({os.cpu_count()} cores)")  # fmt: skip
+        print(f"CPU per new connection of the path's processes (wrk, fastok, supervisor): "
+              f"kernel fwd {k['path']:.0f} us, corral {c['path']:.0f} us; of the whole "
+              f"machine ({os.cpu_count()} cores, other jobs included): kernel fwd "
+              f"{k['busy']:.0f} us, corral {c['busy']:.0f} us")  # fmt: skip
         print("(ratios are medians of per-round ratios; upstream: fastok, one C epoll thread)")
 
         if args.profile:
