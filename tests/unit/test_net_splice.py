@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import hashlib
 import os
 import socket
 import struct
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -169,3 +171,48 @@ def test_a_reset_after_half_close_ends_the_pair_and_resets_the_other_side(rig: R
         assert error in (errno.EPIPE, errno.ECONNRESET)
 
     rig.run(endpoints)
+
+
+def test_a_callback_moves_at_most_its_budget_and_reads_on_later(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Edge-triggered pumps read until EAGAIN; a source that always has more must still let
+    the loop turn (each callback moves READ_BUDGET, then yields and reads on)."""
+    chunk = 1 << 14
+    monkeypatch.setattr(splice, "PIPE_SIZE", chunk)
+    monkeypatch.setattr(splice, "READ_BUDGET", 1)
+    monkeypatch.setattr(splice, "MAX_BULK_PAIRS", 0)  # stay in loop mode
+    total = 1 << 20
+    data = os.urandom(total)
+    writer = threading.Thread(target=rig.client.sendall, args=(data,))
+    writer.start()
+    deadline = time.monotonic() + 10
+    while queued(rig.guest) < 4 * chunk and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert queued(rig.guest) >= 4 * chunk
+    got = bytearray()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+        pair = SplicedPair(loop, rig.guest, rig.upstream, rig.pool, lambda _: done.set())
+        pair.start()
+        assert pair.ab.moved == chunk  # one chunk, the rest in later turns
+
+        def server() -> None:
+            while len(got) < total:
+                got.extend(rig.server.recv(1 << 16))
+            rig.server.close()
+            rig.client.close()
+
+        await asyncio.wait_for(asyncio.gather(loop.run_in_executor(None, server), done.wait()), 20)
+        rig.pool.close()
+
+    asyncio.run(main())
+    writer.join()
+    assert bytes(got) == data
+
+
+def queued(sock: socket.socket) -> int:
+    """Bytes waiting in a socket's receive queue (SIOCINQ)."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]

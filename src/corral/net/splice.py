@@ -49,6 +49,11 @@ PIPE_POOL_SIZE = 64
 #: well past any request/response exchange, reached in about a millisecond by a bulk stream.
 PROMOTE_AFTER = 4 << 20
 
+#: Bytes one readiness callback moves before it yields to the loop (and reads on in a later
+#: turn): edge-triggered readers read until EAGAIN, and a fast source into a fast destination
+#: in loop mode (past :data:`MAX_BULK_PAIRS`) must not starve every other connection.
+READ_BUDGET = 4 * PIPE_SIZE
+
 #: Pairs in bulk mode at once, per supervisor (two threads each). Beyond it, connections stay
 #: in loop mode, which is slower per byte but costs no thread.
 MAX_BULK_PAIRS = 8
@@ -218,7 +223,9 @@ class _Pump:
             self.poller.want_out(self.dst_fd)
 
     def readable(self) -> None:
-        """Move what the source has, until it would block (edge-triggered: all of it)."""
+        """Move what the source has, until it would block (edge-triggered: all of it), or
+        :data:`READ_BUDGET` bytes and the rest in a later turn of the loop."""
+        budget = READ_BUDGET
         try:
             while True:
                 want = PIPE_SIZE - self.fill
@@ -240,8 +247,16 @@ class _Pump:
                     return
                 if self.moved >= PROMOTE_AFTER and self.owner is not None and self.owner.promote():
                     return
+                budget -= n
+                if budget <= 0:
+                    self.poller.loop.call_soon(self._resume)
+                    return
         except _CONNECTION_ERRORS:
             self.on_error()
+
+    def _resume(self) -> None:
+        if self.reading:
+            self.readable()
 
     def _flush(self) -> bool:
         """Move the pipe into ``dst``; False if ``dst`` would block with bytes left."""
