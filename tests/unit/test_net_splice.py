@@ -7,10 +7,12 @@ pipes and registrations a closed pair leaves behind (none but the pooled pipes).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import hashlib
 import os
+import resource
 import socket
 import struct
 import termios
@@ -216,3 +218,32 @@ def test_a_callback_moves_at_most_its_budget_and_reads_on_later(
 def queued(sock: socket.socket) -> int:
     """Bytes waiting in a socket's receive queue (SIOCINQ)."""
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+def test_a_pair_that_finds_no_descriptor_for_its_pipes_leaves_nothing(rig: Rig) -> None:
+    """Descriptors exhausted (a flood): the pair is refused at construction and the pipe it
+    did get goes back to the pool (the proxy then resets the connection, its slot back)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fill: list[int] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        rig.pool.poller(loop)  # the epoll exists before the descriptors run out
+        highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 16, hard))
+        try:
+            with contextlib.suppress(OSError):
+                while True:
+                    fill.append(os.open("/dev/null", os.O_RDONLY))
+            os.close(fill.pop())
+            os.close(fill.pop())  # room for exactly one pipe
+            with pytest.raises(OSError):
+                SplicedPair(loop, rig.guest, rig.upstream, rig.pool, lambda _: None)
+        finally:
+            for fd in fill:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert len(rig.pool._free) == 1
+        rig.pool.close()
+
+    asyncio.run(main())

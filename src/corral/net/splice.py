@@ -338,18 +338,27 @@ class SplicedPair:
         self.a_fd = a.fileno()
         self.b_fd = b.fileno()
         self.poller = poller = pipes.poller(loop)
-        self.ab = _Pump(poller, a, b, pipes.get(), self._direction_done, self.abort, self)
-        self.ba = _Pump(poller, b, a, pipes.get(), self._direction_done, self.abort, self)
+        first = pipes.get()
+        try:
+            second = pipes.get()
+        except OSError:  # no descriptor left: the caller refuses this connection
+            pipes.put(first, empty=True)
+            raise
+        self.ab = _Pump(poller, a, b, first, self._direction_done, self.abort, self)
+        self.ba = _Pump(poller, b, a, second, self._direction_done, self.abort, self)
 
     def start(self) -> None:
         """Register both sockets, reading ``a`` (the side that dialled: it usually speaks
         first, and its first request is usually there already) before its registration: a
         turn of the loop less per connection; a registration reports whatever arrives
         after that read, and costs one ``EAGAIN`` splice when nothing was there."""
-        self.poller.add(self.b_fd, self)
-        self.ab.readable()
-        if not self._closed and not self._threads_left:
-            self.poller.add(self.a_fd, self)
+        try:
+            self.poller.add(self.b_fd, self)
+            self.ab.readable()
+            if not self._closed and not self._threads_left:
+                self.poller.add(self.a_fd, self)
+        except OSError:  # the epoll cannot take them (ENOMEM, max_user_watches): reset both
+            self.abort()
 
     def other(self, pump: _Pump) -> _Pump:
         return self.ba if pump is self.ab else self.ab

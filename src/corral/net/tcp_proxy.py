@@ -369,9 +369,16 @@ class TcpProxy:
             dial.pending = dial.pending[n:]
         self._dials.discard(dial)
         # TCP_NODELAY: the guest's from the listener, the upstream's set before its connect.
-        pair = SplicedPair(self._loop, dial.guest, dial.upstream, self.pipes, self._pair_closed)
+        try:
+            pair = SplicedPair(self._loop, dial.guest, dial.upstream, self.pipes, self._pair_closed)
+        except OSError:
+            # No pipe left (descriptors exhausted by a flood): this connection is refused.
+            reset(dial.upstream)
+            reset(dial.guest)
+            self.gate.release()
+            return
         self._pairs.add(pair)
-        pair.start()
+        pair.start()  # a pair that cannot start aborts itself (its slot comes back)
 
     def _flush_more(self, dial: _Dial) -> None:
         assert self._loop is not None
@@ -551,9 +558,7 @@ class TcpProxy:
             return True
         return False
 
-    def splice_to(
-        self, guest: socket.socket, target: IPAddress, port: int, first: bytes
-    ) -> None:
+    def splice_to(self, guest: socket.socket, target: IPAddress, port: int, first: bytes) -> None:
         """Dial ``target`` and splice ``guest`` to it after writing ``first`` (a CONNECT
         tunnel that is not intercepted); the connection's slot goes with it."""
         self._dial(guest, target, port, pending=first)
