@@ -17,12 +17,13 @@ import ctypes.util
 import errno
 import tempfile
 
+from corral.kernel.libc import LIBC_SONAME
 from corral.runtime import syscalls
 
 #: Sonames pyseccomp looks up at import. It calls ``ctypes.util.find_library``, which runs
 #: ``ldconfig -p`` in a subprocess for each (two processes, ~10 ms each, in every fork server's
 #: start); for these two the answer is fixed (Debian's libc6 and libseccomp2).
-_SONAMES = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}
+_SONAMES = {"c": LIBC_SONAME, "seccomp": "libseccomp.so.2"}
 _find_library = ctypes.util.find_library
 ctypes.util.find_library = lambda name: _SONAMES.get(name) or _find_library(name)
 try:
