@@ -140,6 +140,32 @@ def _env_list_to_dict(entries: Iterable[str]) -> dict[str, str]:
     return out
 
 
+def absolute_tls_paths(config: NetworkConfig) -> NetworkConfig:
+    """``config`` with its TLS files (``ca_cert``, ``ca_key``, ``upstream_ca_certs``) made
+    absolute against the caller's working directory.
+
+    Why: users name them as they name any file (``--tls-upstream-ca-cert ca.pem``), relative
+    to where they run corral, but the supervisor that reads them runs in the sandbox's
+    directory and may read them again at ``corral start``; state.json keeps the absolute
+    form, so both read the file the user meant."""
+    tls = config.tls
+    if tls is None:
+        return config
+
+    def absolute(path: str) -> str:
+        return os.path.abspath(os.path.expanduser(path))
+
+    return dataclasses.replace(
+        config,
+        tls=dataclasses.replace(
+            tls,
+            ca_cert=absolute(tls.ca_cert) if tls.ca_cert is not None else None,
+            ca_key=absolute(tls.ca_key) if tls.ca_key is not None else None,
+            upstream_ca_certs=tuple(absolute(p) for p in tls.upstream_ca_certs),
+        ),
+    )
+
+
 def prepare(
     name: str,
     image_ref: str,
@@ -165,7 +191,7 @@ def prepare(
         image=image.reference,
         image_digest=image.digest,
         rootfs=str(image.rootfs),
-        network=config.to_dict(),
+        network=absolute_tls_paths(config).to_dict(),
         offline=config.is_offline,
         # Values never go into state.json: start hands them to the supervisor, whose
         # memory is the only place they live (SPEC "Secrets and violations").
