@@ -6,8 +6,10 @@ where corral runs and an `internet` namespace with web servers on a public-looki
 authoritative for example.com (www/api/ads), and a real OCI registry (Debian's
 docker-registry). It pushes a small image made from this machine's own curl and python3 there,
 then drives the `corral` command: pull, sandboxes under the public-only preset, by name and
-under deny lists, a custom first-match-wins firewall by name, the audit log, and `policy
-explain`. Nothing leaves the machine; everything is removed at the end.
+under deny lists, a custom first-match-wins firewall by name, the audit log, `policy
+explain`, and a secret that the sandbox never sees (an HTTPS server of the world's own CA at
+203.0.113.12, secure.example.com, keeps every byte it receives, so the demo can show where
+the real value went). Nothing leaves the machine; everything is removed at the end.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.support import dns_server, images, registry, servers  # noqa: E402
+from tests.support import dns_server, images, registry, servers, tls_servers  # noqa: E402
 from tests.support import world as world_mod  # noqa: E402
 
 CORRAL = str(ROOT / ".venv" / "bin" / "corral")
 PUBLIC, OTHER_PUBLIC, PRIVATE = "203.0.113.10", "203.0.113.11", "10.77.0.10"
+SECURE, SECURE_NAME = "203.0.113.12", "secure.example.com"
+#: The secret of the secrets scene: it must reach the HTTPS server and nothing else.
+SECRET_VALUE = "sk-live-demo-7f3a9c"
 #: The demo world's DNS: the host namespace's resolv.conf names this server.
 ZONES = {
     "zones": ["example.com"],
@@ -36,6 +41,7 @@ ZONES = {
         ["api.example.com", "A", 300, OTHER_PUBLIC],
         ["ads.example.com", "A", 300, OTHER_PUBLIC],
         ["intranet.example.com", "A", 300, PRIVATE],
+        [SECURE_NAME, "A", 300, SECURE],
     ],
 }
 
@@ -72,9 +78,12 @@ def main() -> None:
     env = dict(os.environ)
     try:
         say("the demo world: servers on a public and a private address, and an OCI registry")
-        for addr in (OTHER_PUBLIC, PRIVATE):
+        for addr in (OTHER_PUBLIC, PRIVATE, SECURE):
             world.add_server_address(f"{addr}/32")
         servers.start_servers(world.spawn_inet, [PUBLIC, OTHER_PUBLIC, PRIVATE])
+        ca_pem = tls_servers.make_certs(work / "certs", extra_names=[SECURE_NAME])
+        capture = work / "capture"
+        tls_servers.start_tls_servers(world.spawn_inet, work / "certs", capture, [SECURE])
         dns_server.start_dns_server(
             world.spawn_inet, [world_mod.DNS_V4, world_mod.DNS_V6], ZONES, work / "dns",
             stop=world.stop_process,
@@ -88,7 +97,8 @@ def main() -> None:
             f"internet: http://{PUBLIC}/, http://{OTHER_PUBLIC}/ (public), http://{PRIVATE}/ (private)"
         )
         print(f"registry: {reg.host} holds {image}")
-        print(f"dns: {world_mod.DNS_V4} answers for example.com, www, api, ads, intranet")
+        print(f"https: https://{SECURE_NAME}/ ({SECURE}), a certificate of the world's own CA")
+        print(f"dns: {world_mod.DNS_V4} answers for example.com, www, api, ads, intranet, secure")
 
         # corral reads the host's resolvers at create time; this demo's host is the world's
         # host namespace, whose resolv.conf names the demo DNS server.
@@ -152,6 +162,40 @@ def main() -> None:
                        env=env)  # fmt: skip
             finally:
                 subprocess.run([CORRAL, "rm", "-f", "demo"], env=env, capture_output=True)
+            say("secrets: the sandbox holds a placeholder; the value goes only to "
+                f"{SECURE_NAME}, inside TLS that corral terminates")
+            secret_env = dict(env, API_TOKEN=SECRET_VALUE)
+            seen = ""
+            corral("create", "--name", "agent", "--secret", f"API_TOKEN@{SECURE_NAME}",
+                   "--tls-upstream-ca-cert", str(ca_pem), image, env=secret_env)  # fmt: skip
+            try:
+                seen += corral("exec", "agent", "--", "sh", "-c", 'echo "API_TOKEN=$API_TOKEN"',
+                               env=env).stdout  # fmt: skip
+                # The server answers the request as it arrived; the real value in that answer
+                # is masked back to the placeholder on its way into the sandbox. (HTTP/1.1, so
+                # that the server's capture holds the header as text: HTTP/2 compresses it.)
+                seen += corral("exec", "agent", "--", "sh", "-c",
+                               'curl -sS -m 5 --http1.1 -H "Authorization: Bearer $API_TOKEN" '
+                               f"https://{SECURE_NAME}/echo",
+                               env=env).stdout  # fmt: skip
+                # Anywhere else (another host, plain HTTP) the placeholder is a violation.
+                seen += corral("exec", "agent", "--", "sh", "-c",
+                               'curl -sS -m 5 -H "Authorization: Bearer $API_TOKEN" '
+                               "http://example.com/",
+                               env=env, expect_fail=True).stdout  # fmt: skip
+                # The violation is an audit event naming the secret and the host, never the value.
+                logs = corral("logs", "--net", "agent", env=env).stdout
+                inspect = corral("inspect", "agent", env=env).stdout
+            finally:
+                subprocess.run([CORRAL, "rm", "-f", "agent"], env=env, capture_output=True)
+            received = b"".join(p.read_bytes() for p in sorted(capture.glob("*.bin")))
+            print(f"the HTTPS server received the real value: {SECRET_VALUE.encode() in received}")
+            print(f"the sandbox saw it: {SECRET_VALUE in seen}; inspect or the audit log show "
+                  f"it: {SECRET_VALUE in inspect + logs}")  # fmt: skip
+            if SECRET_VALUE.encode() not in received or SECRET_VALUE in seen + inspect + logs:
+                raise SystemExit("demo: the secret did not go where it should, and only there")
+            if "API_TOKEN" not in logs:
+                raise SystemExit("demo: the violation is not in the audit log")
         say("done: the sandboxes, their namespaces, firewall tables and cgroups are gone")
     finally:
         with world.in_host():

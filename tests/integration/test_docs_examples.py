@@ -17,8 +17,12 @@ what a reader's machine would have, made hermetic:
 * names resolve through a DNS server in the world (``CORRAL_RESOLV_CONF``): ``example.com``,
   ``api.example.com`` and ``www.example.com`` are the world's HTTP server, which answers
   ``reached <addr>:<port>``; ``ads.example.com`` exists too (so that denying it is visible);
+* ``secure.example.com`` is an HTTPS server (tests/support/tls_servers.py: ``/echo`` answers
+  the request as it arrived) with a certificate of the world's own CA;
 * the working directory holds ``net.json`` and ``policy.json`` (public-only, ads.example.com
-  denied), the files the docs' ``--network-file`` examples name.
+  denied), the files the docs' ``--network-file`` examples name, and ``ca.pem``, the world's
+  CA, which the docs' TLS examples pass as ``--tls-upstream-ca-cert`` (a real host's
+  certificate verifies against the host's roots without it).
 
 An example passes when it exits 0 and leaves no sandbox behind (the README's first example
 once leaked its sandbox: that is a failure here).
@@ -43,6 +47,7 @@ from tests.support import world as world_mod
 from tests.support.dns_server import start_dns_server
 from tests.support.registry import RunningRegistry
 from tests.support.servers import start_servers
+from tests.support.tls_servers import make_certs, start_tls_servers
 from tests.support.world import SERVER_V4
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,6 +63,9 @@ _FENCE = re.compile(r"^(\s*)(```+|~~~+)\s*([A-Za-z0-9_+-]*)")
 
 #: The world's DNS server for the docs (an address of its own on the internet side).
 DNS_ADDRESS = "203.0.113.61"
+#: The world's HTTPS server for the docs' TLS and secrets examples.
+TLS_ADDRESS = "203.0.113.62"
+TLS_NAME = "secure.example.com"
 
 #: Seconds one example may take (a pull, a few sandboxes, a network round).
 EXAMPLE_TIMEOUT = 240
@@ -115,6 +123,7 @@ NETWORK_FILE = {"policy": "public-only", "deny_domains": ["ads.example.com"]}
 class DocsWorld:
     env: dict[str, str]
     home: Path
+    ca_pem: Path
 
 
 @pytest.fixture(scope="module")
@@ -129,19 +138,24 @@ def docs_world(
         for repo, image in (("library/alpine", busybox), ("library/busybox", busybox)):
             images_mod.push(client, registry.host, repo, image)
         images_mod.push(client, registry.host, "library/python", tools, tag="3.12")
-    if f"{DNS_ADDRESS}/32" not in world.extra_addresses:
-        world.add_server_address(f"{DNS_ADDRESS}/32")
+    for address in (DNS_ADDRESS, TLS_ADDRESS):
+        if f"{address}/32" not in world.extra_addresses:
+            world.add_server_address(f"{address}/32")
     work = tmp_path_factory.mktemp("docs-world")
     zones = {
         "zones": ["example.com"],
         "records": [
             [name, "A", 300, SERVER_V4]
             for name in ("example.com", "api.example.com", "www.example.com", "ads.example.com")
-        ],
+        ]
+        + [[TLS_NAME, "A", 300, TLS_ADDRESS]],
     }
+    ca_pem = make_certs(work / "certs", extra_names=[TLS_NAME])
     dns = start_dns_server(world.spawn_inet, [DNS_ADDRESS], zones, work / "dns",
                            stop=world.stop_process)  # fmt: skip
     servers = start_servers(world.spawn_inet, [SERVER_V4])
+    tls_servers = start_tls_servers(world.spawn_inet, work / "certs", work / "capture",
+                                    [TLS_ADDRESS])  # fmt: skip
     resolv = work / "resolv.conf"
     resolv.write_text(f"nameserver {DNS_ADDRESS}\n")
     home = work / "home"
@@ -154,8 +168,9 @@ def docs_world(
         PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}",
     )
     try:
-        yield DocsWorld(env, home)
+        yield DocsWorld(env, home, ca_pem)
     finally:
+        world.stop_process(tls_servers)
         world.stop_process(servers)
         dns.stop()
         with world.in_host():
@@ -189,6 +204,7 @@ def test_example_runs(
 ) -> None:
     for name in ("net.json", "policy.json"):
         (tmp_path / name).write_text(json.dumps(NETWORK_FILE))
+    shutil.copy(docs_world.ca_pem, tmp_path / "ca.pem")
     if example.language in PYTHON:
         script = tmp_path / "example.py"
         argv = [sys.executable, str(script)]

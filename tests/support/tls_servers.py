@@ -35,7 +35,7 @@ import ssl
 import struct
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -53,8 +53,11 @@ _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 # -- certificates (root namespace, at test setup) ----------------------------------------------
-def make_certs(directory: Path) -> Path:
-    """Write ca.pem, and <kind>.pem/<kind>.key for good, expired, selfsigned, wrong."""
+def make_certs(directory: Path, extra_names: Sequence[str] = ()) -> Path:
+    """Write ca.pem, and <kind>.pem/<kind>.key for good, expired, selfsigned, wrong.
+
+    ``extra_names`` are further names of the good certificate (the docs' and the demo's
+    world serve it under a name of their own zone)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -132,7 +135,7 @@ def make_certs(directory: Path) -> Path:
     )
     (directory / "userca.pem").write_bytes(user.public_bytes(serialization.Encoding.PEM))
     (directory / "userca.key").write_bytes(key_pem(user_key))
-    leaf("good", [NAME, f"*.{NAME}"])
+    leaf("good", [NAME, f"*.{NAME}", *extra_names])
     leaf("expired", [NAME], expired=True)
     leaf("selfsigned", [NAME], self_signed=True)
     leaf("wrong", ["other.test"])
