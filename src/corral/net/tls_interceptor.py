@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from corral.config import NetworkConfig
 from corral.config.enums import ViolationAction
+from corral.config.network import DNS_PORT
 from corral.config.values import host_pattern_matches
 from corral.net.audit import AuditLog
 from corral.net.gate import FlowVerdict, IPAddress
@@ -536,7 +537,7 @@ class TlsInterceptor:
         def make() -> socket.socket:
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             sock.bind((str(guest), 0))
-            sock.connect((str(gateway), 53))
+            sock.connect((str(gateway), DNS_PORT))
             sock.setblocking(False)
             return sock
 
@@ -899,7 +900,7 @@ class _Connection:
 
                 sock = await self.loop.run_in_executor(None, netns.call_in_thread, path, make)
                 self.upstream_sock = sock
-                await self.loop.sock_connect(sock, (str(gateway_v4), 53))
+                await self.loop.sock_connect(sock, (str(gateway_v4), DNS_PORT))
         except (_HandshakeRefused, ssl.SSLError, TimeoutError, OSError) as exc:
             owner.record(a, "deny", f"DNS over TLS not carried ({exc})")
             self.abort()
