@@ -91,3 +91,14 @@ def own_start_time() -> int:
     stat = read_stat("self")
     assert stat is not None  # /proc/self always exists for the caller
     return stat.start_time
+
+
+def write_id_maps(pid: int, uid_map: str, gid_map: str) -> None:
+    """Write the uid and gid maps of ``pid``'s (new, still unmapped) user namespace.
+
+    Each map goes in one write(2), as the kernel requires (a map can be written once, whole);
+    errors are raised as the kernel gave them (EPERM: the writer lacks the ids; EINVAL: bad
+    or overlapping lines), for the caller to phrase."""
+    for name, lines in (("uid_map", uid_map), ("gid_map", gid_map)):
+        with open(f"/proc/{pid}/{name}", "w") as f:
+            f.write(lines)

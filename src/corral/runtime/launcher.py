@@ -396,8 +396,10 @@ def _listen(path: Path) -> socket.socket:
 
 def _write_id_maps(pid: int) -> None:
     line = f"0 {UID_BASE} {ID_RANGE}\n"
-    for name in ("uid_map", "gid_map"):
-        _write_proc(pid, name, line)
+    try:
+        procfs.write_id_maps(pid, line, line)
+    except OSError as e:
+        raise SandboxError(f"write /proc/{pid}/uid_map, gid_map: {e.strerror}") from None
 
 
 def _write_proc(pid: int, name: str, value: str) -> None:

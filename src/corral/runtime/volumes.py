@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from corral.errors import ConfigError
+from corral.kernel import procfs
 from corral.runtime import syscalls
 
 #: Volumes per sandbox: each is a mount in the sandbox and an fd held during the launch;
@@ -161,9 +162,7 @@ def helper_user_namespace(uid_map: str, gid_map: str) -> int:
     try:
         if os.read(ready_r, 1) != b"u":
             raise OSError(0, "the helper process could not create a user namespace")
-        for name, lines in (("uid_map", uid_map), ("gid_map", gid_map)):
-            with open(f"/proc/{pid}/{name}", "w") as f:
-                f.write(lines)
+        procfs.write_id_maps(pid, uid_map, gid_map)
         return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     finally:
         os.close(ready_r)
