@@ -11,6 +11,7 @@ reader are imported only when used (they are not on the SDK's import path otherw
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import posixpath
 from collections.abc import AsyncIterator
@@ -48,25 +49,13 @@ async def receive_tree(
 async def tar_to(client: ChannelClient, src: str, out: BinaryIO) -> None:
     """The raw tar stream of the sandbox's ``src`` into ``out`` (as the sandbox wrote it: not
     checked, not extracted; ``corral cp NAME:SRC -``)."""
-    from corral.runtime.channel_wire import KIND_FILE, encode_control, error_from_reply
+    from corral.runtime import tree_copy
 
     name = posixpath.basename(src.rstrip("/")) or "root"
-    async with client._lease() as conn:
-        await conn.send(encode_control({"op": "tar_out", "path": src, "name": name}))
-        reply = await conn.recv_control()
-        if reply.get("t") == "error":
-            raise error_from_reply(reply)
-        while True:
-            frame = await conn.recv()
-            if frame.kind != KIND_FILE:
-                raise error_from_reply(frame.control())
-            if not frame.body:
-                break
-            out.write(frame.body)
-        out.flush()
-        reply = await conn.recv_control()
-    if reply.get("t") == "error":
-        raise error_from_reply(reply)
+    async with contextlib.aclosing(tree_copy.tar_out(client, src, name)) as chunks:
+        async for body in chunks:
+            out.write(body)
+    out.flush()
 
 
 async def tar_from(client: ChannelClient, fd: int, dst: str) -> None:

@@ -25,7 +25,7 @@ import contextlib
 import os
 import shutil
 import stat
-from collections.abc import Generator
+from collections.abc import AsyncGenerator, Generator
 from pathlib import Path
 
 from corral.errors import SandboxError
@@ -308,6 +308,28 @@ def apply(extractor: HostExtractor, reader: TarReader) -> bool:
     return False
 
 
+async def tar_out(client: ChannelClient, src: str, name: str) -> AsyncGenerator[bytes, None]:
+    """The tar stream of the sandbox's ``src`` (named ``name`` inside it, "" for its
+    entries), chunk by chunk as the channel carries it: the one reader of the ``tar_out``
+    exchange, for the copy that extracts it and for ``corral cp NAME:SRC -`` that passes it
+    through. The sandbox's own error, before or after the stream, is raised."""
+    async with client._lease() as conn:
+        await conn.send(encode_control({"op": "tar_out", "path": src, "name": name}))
+        reply = await conn.recv_control()
+        if reply.get("t") == "error":
+            raise error_from_reply(reply)
+        while True:
+            frame = await conn.recv()
+            if frame.kind != KIND_FILE:
+                raise error_from_reply(frame.control())
+            if not frame.body:
+                break
+            yield frame.body
+        reply = await conn.recv_control()
+    if reply.get("t") == "error":
+        raise error_from_reply(reply)
+
+
 async def receive_tree(
     client: ChannelClient, src: str, dest_dir: Path, top: str | None, *, archive: bool = False
 ) -> None:
@@ -321,29 +343,15 @@ async def receive_tree(
     reader = TarReader()
     ended = False
     try:
-        async with client._lease() as conn:
-            await conn.send(
-                encode_control({"op": "tar_out", "path": src, "name": top if top else ""})
-            )
-            reply = await conn.recv_control()
-            if reply.get("t") == "error":
-                raise error_from_reply(reply)
-            while True:
-                frame = await conn.recv()
-                if frame.kind != KIND_FILE:
-                    raise error_from_reply(frame.control())
-                if not frame.body:
-                    break
+        async with contextlib.aclosing(tar_out(client, src, top if top else "")) as chunks:
+            async for body in chunks:
                 if ended:
                     continue  # bytes after the end of the archive are not looked at
-                reader.feed(frame.body)
+                reader.feed(body)
                 ended = await asyncio.to_thread(apply, extractor, reader)
-            if not ended:
-                reader.feed_eof()
-                apply(extractor, reader)
-            reply = await conn.recv_control()
-            if reply.get("t") == "error":
-                raise error_from_reply(reply)
+        if not ended:
+            reader.feed_eof()
+            apply(extractor, reader)
         await asyncio.to_thread(extractor.finish)
     except TarError as exc:
         extractor.abandon()
