@@ -1,4 +1,5 @@
-"""Each Linux interface corral reads or calls, written once: procfs, mountinfo, libc, netns.
+"""Each Linux interface corral reads or calls, written once: procfs, mountinfo, libc, netns,
+and the atomic replacement of a file (files).
 
 Both :mod:`corral.runtime` (the launcher, the init, gc) and :mod:`corral.net` (the data path)
 need the same kernel details: a process's start time from ``/proc/<pid>/stat``, the mount

@@ -37,6 +37,7 @@ import time
 
 from corral.errors import CorralError, StartError
 from corral.kernel import procfs
+from corral.kernel.files import replace_file
 from corral.runtime import control, leanjson
 
 TYPE_CHECKING = False
@@ -75,16 +76,6 @@ def _optional_int(value: object) -> int | None:
 
 def _optional_float(value: object) -> float | None:
     return None if value is None else float(value)  # type: ignore[arg-type]
-
-
-def _write_file(path: str, text: str, mode: int = 0o600) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def _log(message: str) -> None:
@@ -198,8 +189,9 @@ class Supervisor:
     # -- start ------------------------------------------------------------------------------
     def run(self) -> int:
         started = time.monotonic()
-        _write_file(
-            os.path.join(self.state_dir, "supervisor.pid"), f"{os.getpid()} {procfs.own_start_time()}\n"
+        replace_file(
+            os.path.join(self.state_dir, "supervisor.pid"),
+            f"{os.getpid()} {procfs.own_start_time()}\n".encode(),
         )
         self._install_signals()
         try:
@@ -636,7 +628,7 @@ class Supervisor:
         )
 
     def _finish(self, reason: str) -> None:
-        _write_file(os.path.join(self.state_dir, "stopped"), reason + "\n")
+        replace_file(os.path.join(self.state_dir, "stopped"), (reason + "\n").encode())
         _log(reason)
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from corral.config.enums import ViolationAction
 from corral.errors import ConfigError
+from corral.kernel.files import replace_file
 from corral.net.secrets import SecretTable
 
 #: The hand-off file's name in the sandbox's state directory.
@@ -98,9 +99,7 @@ TLS_SUMMARY_FILE = "tls.json"
 
 
 def write_tls_summary(directory: Path, summary: Mapping[str, object]) -> None:
-    tmp = directory / (TLS_SUMMARY_FILE + ".tmp")
-    tmp.write_text(json.dumps(dict(summary)))
-    tmp.replace(directory / TLS_SUMMARY_FILE)
+    replace_file(directory / TLS_SUMMARY_FILE, json.dumps(dict(summary)).encode())
 
 
 def read_tls_summary(directory: Path) -> dict[str, Any] | None:

@@ -36,6 +36,7 @@ from typing import Any
 
 from corral.errors import ConfigError, SandboxError, SandboxExists, SandboxNotFound
 from corral.kernel import procfs
+from corral.kernel.files import replace_file
 from corral.runtime import paths
 
 #: Sandbox names: they become directory names, hostnames and cgroup/netns name parts, so they
@@ -141,17 +142,7 @@ class SandboxState:
 
 def write_state(directory: Path, state: SandboxState) -> None:
     """Replace ``state.json`` atomically (write a temporary file, fsync-free rename)."""
-    _write_atomic(directory / STATE_FILE, json.dumps(state.to_dict(), indent=1) + "\n")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    replace_file(directory / STATE_FILE, (json.dumps(state.to_dict(), indent=1) + "\n").encode())
 
 
 def read_state(name: str) -> SandboxState:
