@@ -14,7 +14,13 @@ of a private test world (tests/support/world.py), and measures, with all of a ki
   divided by COUNT: the host's view, including kernel memory (page tables, namespaces,
   cgroups, the overlay mounts) that PSS does not show;
 * create time of the COUNT-th sandbox relative to the first (and of the last ten relative
-  to the first ten, less noisy).
+  to the first ten, less noisy);
+* where that memory is, so a change can aim at it: the pages that no process outside one
+  sandbox maps (its unique memory, from /proc/<pid>/pagemap: what removing it frees), split
+  into the supervisor's own, the sandbox processes' own and those the sandbox's processes
+  share only among themselves (pages dirtied before a fork inside the sandbox), and the
+  kernel's part of the MemAvailable drop (slab, page tables, kernel stacks, shmem, from
+  /proc/meminfo).
 
 Targets: issue 3, network none: under 30 MiB per sandbox, ratio under 2; issue 9, networked:
 under 10 MiB of host memory per sandbox, the COUNT-th create no slower than 1.5x the first.
@@ -61,6 +67,83 @@ def mem_available() -> int:
     raise RuntimeError("no MemAvailable in /proc/meminfo")
 
 
+#: /proc/meminfo fields that are kernel memory a sandbox costs (besides its processes' pages).
+KERNEL_FIELDS = ("Slab", "PageTables", "KernelStack", "Shmem")
+
+
+def meminfo() -> dict[str, int]:
+    out: dict[str, int] = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            out[name] = int(rest.split()[0]) * 1024
+    return out
+
+
+def present_pages(pid: int) -> set[int]:
+    """Page frame numbers of every present page of ``pid``'s writable mappings (read-only
+    and executable mappings are file pages every Python process shares). Needs root: the
+    kernel zeroes the frame numbers for everyone else."""
+    import array
+
+    frames: set[int] = set()
+    try:
+        with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/pagemap", "rb") as pm:
+            for line in maps:
+                fields = line.split()
+                if "w" not in fields[1]:
+                    continue
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                pm.seek(lo // 4096 * 8)
+                entries = array.array("Q")
+                entries.frombytes(pm.read((hi - lo) // 4096 * 8))
+                frames.update(e & 0x7FFFFFFFFFFFFF for e in entries if e >> 63)
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return frames
+
+
+def unique_memory(sandboxes: list[tuple[int, set[int]]]) -> tuple[float, float, float]:
+    """Mean over sandboxes of (supervisor-only, sandbox-processes-only, shared-within) MiB of
+    pages that no process outside the sandbox maps. ``sandboxes``: (supervisor, others)."""
+    owner: dict[int, int] = {}  # frame -> index of the one sandbox mapping it, -1 if several
+    who: dict[int, set[int]] = {}  # frame -> pids of that sandbox mapping it
+    for index, (supervisor, others) in enumerate(sandboxes):
+        for pid in {supervisor, *others}:
+            for frame in present_pages(pid):
+                seen = owner.setdefault(frame, index)
+                if seen != index:
+                    owner[frame] = -1
+                who.setdefault(frame, set()).add(pid)
+    # Frames mapped by any process outside every sandbox (fork server, SDK) are shared.
+    for pid in _outside_pids({p for s, o in sandboxes for p in (s, *o)}):
+        for frame in present_pages(pid):
+            owner[frame] = -1
+    totals = [0.0, 0.0, 0.0]
+    for frame, index in owner.items():
+        if index < 0:
+            continue
+        supervisor, _others = sandboxes[index]
+        pids = who[frame]
+        kind = 0 if pids == {supervisor} else 1 if len(pids) == 1 else 2
+        totals[kind] += 4096
+    return tuple(t / len(sandboxes) / MIB for t in totals)  # type: ignore[return-value]
+
+
+def _outside_pids(inside: set[int]) -> set[int]:
+    """Every other python process (the fork server and its spare, the SDK itself)."""
+    out = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) not in inside:
+            try:
+                with open(f"/proc/{entry}/comm") as f:
+                    if f.read().startswith("python"):
+                        out.add(int(entry))
+            except OSError:
+                continue
+    return out
+
+
 def sandbox_pids(cgroup_paths: str) -> set[int]:
     pids: set[int] = set()
     for path in cgroup_paths.split():
@@ -81,6 +164,7 @@ async def run(count: int, kind: str) -> None:
     await warm.remove()
     await asyncio.sleep(0.5)
     before = mem_available()
+    kernel_before = meminfo()
     sandboxes = []
     create_ms: list[float] = []
     try:
@@ -92,14 +176,19 @@ async def run(count: int, kind: str) -> None:
             sandboxes.append(sb)
         await asyncio.sleep(1.0)  # let the sandboxes settle into idle
         after = mem_available()
+        kernel_after = meminfo()
         per_sandbox = []
         supervisors = []
+        members: list[tuple[int, set[int]]] = []
         for sb in sandboxes:
             recorded = state.read_supervisor_pid(sb.directory)
             assert recorded is not None
-            pids = {recorded[0]} | sandbox_pids(sb.state.cgroup or "")
+            others = sandbox_pids(sb.state.cgroup or "")
+            pids = {recorded[0]} | others
+            members.append((recorded[0], others))
             supervisors.append(pss_bytes(recorded[0]))
             per_sandbox.append(sum(pss_bytes(p) for p in pids))
+        unique = unique_memory(members)
     finally:
         for sb in sandboxes:
             await sb.remove()
@@ -114,6 +203,12 @@ async def run(count: int, kind: str) -> None:
     print(f"PSS per sandbox (supervisor + sandbox processes): {pss:6.2f} MiB "
           f"(supervisor alone {statistics.mean(supervisors) / MIB:.2f} MiB)")  # fmt: skip
     print(f"MemAvailable drop per sandbox:                    {avail:6.2f} MiB")
+    print(f"unique memory per sandbox (no process outside it maps these pages): "
+          f"{sum(unique):.2f} MiB = supervisor {unique[0]:.2f} + sandbox processes "
+          f"{unique[1]:.2f} + shared among the sandbox's own processes {unique[2]:.2f}")  # fmt: skip
+    kernel = {k: (kernel_after[k] - kernel_before[k]) / count / MIB for k in KERNEL_FIELDS}
+    print("kernel memory per sandbox: "
+          + ", ".join(f"{k} {v:.2f} MiB" for k, v in kernel.items()))  # fmt: skip
     print(f"create time: first {first:.1f} ms, {count}th {last:.1f} ms, "
           f"ratio {last / first:.2f}")  # fmt: skip
     print(f"create time: median of first 10 {head:.1f} ms, of last 10 {tail:.1f} ms, "
