@@ -854,3 +854,22 @@ def test_a_lingering_close_leaves_nothing_a_namesake_needs(
     finally:
         second.close()
     assert leftovers(world, second.net, "tlinger") == []
+
+
+def test_idle_parts_hold_no_timer_and_idle_flows_still_expire(make_net: MakeNet) -> None:
+    """An idle sandbox's data path wakes for nothing (net/sweeper.py): no part's clean-up
+    timer runs until it holds state, and state is still forgotten on time once it does."""
+    n = make_net(NetworkPolicy.public_only())
+    net = n.net
+    parts = {"udp": net.udp, "icmp": net.icmp, "dns": net.dns, "ports": net.ports}
+    assert {k: p._sweeper.armed for k, p in parts.items()} == dict.fromkeys(parts, False)
+    net.udp.idle_timeout = 0.3
+    net.udp._sweeper.interval = 0.1
+    assert n.exchange("udp", PUBLIC_V4, ECHO_PORT, "dgram") == "OK dgram"
+    wait_for(lambda: not net.udp.flows, timeout=5, what="the idle UDP flow to be swept")
+    wait_for(lambda: not net.udp._sweeper.armed, timeout=5, what="the UDP sweeper to stop")
+    assert n.ping(PUBLIC_V4)
+    wait_for(lambda: not net.icmp._sweeper.armed, timeout=5, what="the ICMP sweeper to stop")
+    # A second flow after the stop starts the sweeper again.
+    assert n.exchange("udp", PUBLIC_V4, ECHO_PORT, "again") == "OK again"
+    wait_for(lambda: not net.udp.flows, timeout=5, what="the second idle UDP flow to be swept")

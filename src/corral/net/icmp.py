@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass
 
 from corral.net.gate import FlowGate, IPAddress
+from corral.net.sweeper import Sweeper
 
 ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
@@ -263,7 +264,7 @@ class IcmpRelay:
         self.pending: dict[tuple[int, int, int], _Pending] = {}  # (version, ident, seq)
         self._next_ident = random.randrange(1 << 16)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweeper = Sweeper(1.0, self._sweep)
         self._audit_window = 0.0
         self._audit_count = 0
         try:
@@ -306,11 +307,10 @@ class IcmpRelay:
             self._loop.add_reader(sock.fileno(), self._from_guest, sock)
         for version, sock in self.upstream.items():
             self._loop.add_reader(sock.fileno(), self._from_upstream, version, sock)
-        self._sweeper = self._loop.call_later(1.0, self._sweep)
+        self._sweeper.start(self._loop)
 
     def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        self._sweeper.close()
         for sock in [*self.link_sockets, *self.upstream.values()]:
             if self._loop is not None and sock.fileno() >= 0:
                 self._loop.remove_reader(sock.fileno())
@@ -367,6 +367,7 @@ class IcmpRelay:
         self.pending[(verdict.target.version, ident, req.sequence)] = _Pending(
             req, verdict.target, now + ECHO_TIMEOUT
         )
+        self._sweeper.arm()
         with contextlib.suppress(OSError):
             sock.sendto(msg, (str(verdict.target), 0))
 
@@ -399,9 +400,8 @@ class IcmpRelay:
             with contextlib.suppress(OSError):
                 self.link_sockets[0 if entry.request.source.version == 4 else 1].send(frame)
 
-    def _sweep(self) -> None:
+    def _sweep(self) -> bool:
         now = time.monotonic()
         for key in [k for k, p in self.pending.items() if p.deadline <= now]:
             del self.pending[key]
-        assert self._loop is not None
-        self._sweeper = self._loop.call_later(1.0, self._sweep)
+        return bool(self.pending)

@@ -29,6 +29,7 @@ from corral.errors import NetworkError
 from corral.net.firewall import PUBLISHED_MARK
 from corral.net.gate import FlowGate, IPAddress
 from corral.net.splice import PipePool, SplicedPair, reset
+from corral.net.sweeper import Sweeper
 
 #: Inbound TCP connections plus UDP peers per sandbox at once (each costs 2-6 descriptors).
 MAX_INBOUND = 1024
@@ -111,7 +112,7 @@ class PublishedPorts:
         self._pairs: set[SplicedPair] = set()
         self._pending: set[asyncio.Task[None]] = set()
         self._udp: dict[tuple[int, tuple[str, int]], _UdpPeer] = {}
-        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweeper = Sweeper(5.0, self._sweep)
 
     @property
     def inbound(self) -> int:
@@ -124,11 +125,10 @@ class PublishedPorts:
                 self._loop.add_reader(p.sock.fileno(), self._accept, p)
             else:
                 self._loop.add_reader(p.sock.fileno(), self._datagram, p)
-        self._sweeper = self._loop.call_later(5.0, self._sweep)
+        self._sweeper.start(self._loop)
 
     def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        self._sweeper.close()
         for p in self.published:
             if self._loop is not None and p.sock.fileno() >= 0:
                 self._loop.remove_reader(p.sock.fileno())
@@ -197,6 +197,7 @@ class PublishedPorts:
                 if session is None:
                     continue
                 self._udp[key] = session
+                self._sweeper.arm()
             session.last = time.monotonic()
             with contextlib.suppress(OSError):
                 session.sock.send(data)
@@ -239,9 +240,8 @@ class PublishedPorts:
             self._loop.remove_reader(session.sock.fileno())
         session.sock.close()
 
-    def _sweep(self) -> None:
+    def _sweep(self) -> bool:
         now = time.monotonic()
         for s in [s for s in self._udp.values() if now - s.last >= UDP_PEER_IDLE_TIMEOUT]:
             self._end_udp(s)
-        assert self._loop is not None
-        self._sweeper = self._loop.call_later(5.0, self._sweep)
+        return bool(self._udp)

@@ -31,6 +31,7 @@ from collections import OrderedDict
 
 from corral.net.gate import FlowGate, IPAddress
 from corral.net.icmp import checksum
+from corral.net.sweeper import Sweeper
 from corral.net.tcp_proxy import IP_TRANSPARENT, IPV6_TRANSPARENT, transparent_listener
 from corral.net.tls_interceptor import REASON_PREFIX as QUIC_REASON_PREFIX
 
@@ -146,19 +147,18 @@ class UdpRelay:
         self.flows: dict[FlowKey, _Flow] = {}
         self._denied: OrderedDict[FlowKey, float] = OrderedDict()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweeper = Sweeper(SWEEP_INTERVAL, self._sweep)
         self._raw: dict[int, socket.socket] = {}
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         for sock in self.listeners:
             self._loop.add_reader(sock.fileno(), self._from_listener, sock)
-        self._sweeper = self._loop.call_later(SWEEP_INTERVAL, self._sweep)
+        self._sweeper.start(self._loop)
 
     def close(self) -> None:
         loop = self._loop
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        self._sweeper.close()
         for sock in self.listeners:
             if loop is not None and sock.fileno() >= 0:
                 loop.remove_reader(sock.fileno())
@@ -275,6 +275,7 @@ class UdpRelay:
             return None
         flow = _Flow(key, guest, upstream, reply)
         self.flows[key] = flow
+        self._sweeper.arm()
         assert self._loop is not None
         self._loop.add_reader(upstream.fileno(), self._from_upstream, flow)
         if reply is not None:
@@ -344,12 +345,11 @@ class UdpRelay:
                     self._send_raw(flow, data)
 
     # -- lifetime ---------------------------------------------------------------------------
-    def _sweep(self) -> None:
+    def _sweep(self) -> bool:
         now = time.monotonic()
         for flow in [f for f in self.flows.values() if now - f.last >= self.idle_timeout]:
             self._end(flow)
-        assert self._loop is not None
-        self._sweeper = self._loop.call_later(SWEEP_INTERVAL, self._sweep)
+        return bool(self.flows)
 
     def _end(self, flow: _Flow) -> None:
         if self.flows.pop(flow.key, None) is None:

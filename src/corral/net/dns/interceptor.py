@@ -45,6 +45,7 @@ from corral.net.dns.resolver import (
     SandboxResolver,
     Step,
 )
+from corral.net.sweeper import Sweeper
 from corral.net.tcp_proxy import transparent_listener
 from corral.net.udp_relay import build_udp_packet, parse_origdst
 from corral.policy import Policy
@@ -188,7 +189,7 @@ class DnsInterceptor:
         self._attempts: dict[Attempt, tuple[socket.socket | None, asyncio.Handle | None]] = {}
         self._tasks: dict[Attempt, asyncio.Task[None]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweeper = Sweeper(SWEEP_INTERVAL, self._sweep)
         self._resume: asyncio.TimerHandle | None = None
         self._closed = False
 
@@ -201,7 +202,7 @@ class DnsInterceptor:
         for s in self._tcp:
             s.listen(MAX_TCP_CONNECTIONS)
             self._loop.add_reader(s.fileno(), self._accept, s)
-        self._sweeper = self._loop.call_later(SWEEP_INTERVAL, self._sweep)
+        self._sweeper.start(self._loop)
 
     def close(self) -> None:
         """Stop serving and drop every connection and upstream try (idempotent)."""
@@ -209,9 +210,9 @@ class DnsInterceptor:
             return
         self._closed = True
         loop = self._loop
-        for h in (self._sweeper, self._resume):
-            if h is not None:
-                h.cancel()
+        self._sweeper.close()
+        if self._resume is not None:
+            self._resume.cancel()
         for s in (*self._udp, *self._tcp):
             if loop is not None and s.fileno() >= 0:
                 loop.remove_reader(s.fileno())
@@ -233,6 +234,7 @@ class DnsInterceptor:
 
     # -- applying the core's steps -----------------------------------------------------------
     def _apply(self, step: Step) -> None:
+        self._sweeper.arm()  # the step may have cached, pinned or remembered a failure
         if step.pinned and self.on_pinned is not None:
             try:
                 self.on_pinned(step.pinned)
@@ -350,6 +352,7 @@ class DnsInterceptor:
             local = sock.getsockname()
             conn = _GuestConnection(sock, str(source), str(local[0]))
             self._conns.add(conn)
+            self._sweeper.arm()
             self._read_on(conn)
 
     def _read_on(self, conn: _GuestConnection) -> None:
@@ -579,7 +582,7 @@ class DnsInterceptor:
             sock.close()
 
     # -- housekeeping ------------------------------------------------------------------------
-    def _sweep(self) -> None:
+    def _sweep(self) -> bool:
         now = time.monotonic()
         for conn in list(self._conns):
             if conn.outstanding == 0 and not conn.outbuf and now - conn.last >= TCP_IDLE_TIMEOUT:
@@ -588,8 +591,7 @@ class DnsInterceptor:
             self.core.sweep()
         except Exception:
             _log.exception("DNS: the sweep failed")
-        assert self._loop is not None
-        self._sweeper = self._loop.call_later(SWEEP_INTERVAL, self._sweep)
+        return bool(self._conns) or self.core.holds_state()
 
     @property
     def tcp_connections(self) -> int:

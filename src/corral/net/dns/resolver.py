@@ -310,6 +310,11 @@ class SandboxResolver:
         self.cache.clear()
         self._failures.clear()
 
+    def holds_state(self) -> bool:
+        """Whether :meth:`sweep` has anything to forget later (cache, failures, pins): the
+        interceptor's timer runs only while it does (net/sweeper.py)."""
+        return bool(self.cache) or bool(self._failures) or bool(self.pins)
+
     def sweep(self) -> None:
         """Periodic: expired cache entries, failure memory and pins."""
         now = self._clock()
