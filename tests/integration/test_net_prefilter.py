@@ -14,6 +14,8 @@ import time
 import pytest
 
 from corral.config import NetworkConfig, NetworkPolicy, PolicyRule
+from corral.net.addressing import FIRST_LEASE_NUMBER
+from corral.net.nflog import NflogSocket, candidate_groups
 from tests.integration.test_net_datapath import (  # noqa: F401  (fixtures)
     ECHO_PORT,
     HTTP_PORT,
@@ -26,7 +28,9 @@ from tests.integration.test_net_datapath import (  # noqa: F401  (fixtures)
     make_net,
     servers,
 )
+from tests.support import netns
 from tests.support.servers import RunningNetwork
+from tests.support.world import World
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -133,3 +137,20 @@ def test_a_domain_rule_passes_only_pinned_addresses_to_the_proxy(make_net: MakeN
     assert connect(n, "tcp", PUBLIC2_V4, ECHO_PORT) == "connected"
     assert n.exchange("tcp", PUBLIC2_V4, ECHO_PORT, "pinned") == "OK pinned"
     assert n.exchange("tcp", PUBLIC_V4, ECHO_PORT, "ok") == "OK ok"
+
+
+def test_a_held_nflog_group_does_not_cost_the_prefilter(make_net: MakeNet, world: World) -> None:
+    """The slot's own NFLOG group held by another process of the namespace (another corral
+    home's sandbox, or a removed one still exiting): the sandbox binds its next candidate,
+    so denials are still refused before the handshake and still audited."""
+    with netns.entered(world.host_ns):
+        held = [NflogSocket(g) for g in candidate_groups(FIRST_LEASE_NUMBER)[:2]]
+    try:
+        n = make_net(NetworkPolicy.public_only())
+        assert n.net.slot is not None and n.net.slot.number == FIRST_LEASE_NUMBER
+        assert connect(n, "tcp", PRIVATE_V4, ECHO_PORT) == "errno 111"
+        e = wait_event(n, action="deny", protocol="tcp", destination=PRIVATE_V4, port=ECHO_PORT)
+        assert e["reason"] == "no rule matched; default egress deny", e
+    finally:
+        for sock in held:
+            sock.close()

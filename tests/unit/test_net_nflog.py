@@ -9,7 +9,14 @@ import struct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corral.net.nflog import check_index, group_for, packet_flow, parse
+from corral.net.nflog import (
+    GROUP_TRIES,
+    candidate_groups,
+    check_index,
+    group_for,
+    packet_flow,
+    parse,
+)
 
 
 def _attr(atype: int, value: bytes) -> bytes:
@@ -77,3 +84,13 @@ def test_never_raises_on_mangled_messages(payload: bytes, prefix: bytes, cut: in
     data = message(prefix, payload)
     for p in parse(data[: len(data) - cut] + data[len(data) - cut :][::-1]):
         packet_flow(p.payload)
+
+
+def test_candidate_groups_start_with_the_slots_own_and_stay_distinct() -> None:
+    for number in (1, 2, 63, 4099, 40000, 0x10000):
+        groups = candidate_groups(number)
+        assert groups[0] == group_for(number)
+        assert len(groups) == len(set(groups)) == GROUP_TRIES
+        assert all(0x6300 <= g <= 0xFFFF for g in groups)
+    # Two low slot numbers never share a fallback with each other's own group.
+    assert not set(candidate_groups(1)[1:]) & {group_for(n) for n in range(1, 1000)}

@@ -365,20 +365,26 @@ class SandboxNetwork:
         log_group: int | None = None
         if isinstance(policy, Policy):
             # Certain denials are rejected by the kernel before the handshake; their audit
-            # events come back through NFLOG. Without an NFLOG group (another process holds
-            # it) there is no prefilter: the proxy decides everything and audits it.
+            # events come back through NFLOG. Without an NFLOG group (other processes hold
+            # every candidate) there is no prefilter: the proxy decides and audits it all.
             candidate = compile_prefilter(
                 policy.rules, policy.default_egress, policy.host,
                 pools=pools, gateways=gateways, ipv6=slot.ipv6 is not None,
                 connect_port=CONNECT_PROXY_PORT if self.tls_settings is not None else None,
                 tls_interception=self.tls_settings is not None,
             )  # fmt: skip
-            log_group = nflog.group_for(slot.number)
-            try:
-                self._parts.append(nflog.RejectAudit(self.gate, candidate, log_group))
-                prefilter = candidate
-            except (OSError, NetworkError):
-                log_group = None
+            for group in nflog.candidate_groups(slot.number):
+                try:
+                    self._parts.append(nflog.RejectAudit(self.gate, candidate, group))
+                except (OSError, NetworkError):
+                    continue  # held by another process of this namespace: the next one
+                prefilter, log_group = candidate, group
+                break
+            else:
+                _log.warning(
+                    "sandbox %s: no free NFLOG group among %s: no kernel prefilter, the "
+                    "proxy decides every flow", self.sandbox_id, nflog.candidate_groups(slot.number),
+                )  # fmt: skip
             if prefilter is not None and prefilter.uses_pins:
                 self._pinned_sets = {v: f"pf_{n}" for v, n in PINNED_SETS.items()}
         for part in self._parts:

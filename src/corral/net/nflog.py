@@ -59,8 +59,32 @@ _NFGENMSG = struct.Struct("!BBH")
 _NLATTR = struct.Struct("=HH")
 
 
+#: Groups a sandbox tries, its own first (:func:`candidate_groups`).
+GROUP_TRIES = 8
+
+#: Distance between a sandbox's candidate groups: a prime larger than any realistic count of
+#: live leases, so a fallback lands far from the groups of the other low slot numbers.
+GROUP_STRIDE = 4099
+
+
 def group_for(slot_number: int) -> int:
     return GROUP_BASE + slot_number % (0x10000 - GROUP_BASE)
+
+
+def candidate_groups(slot_number: int) -> list[int]:
+    """The NFLOG groups a sandbox tries to bind, in order: its slot's own, then others.
+
+    A group is per network namespace, and lease numbers are unique only within one corral
+    home and among live leases: another home's sandbox in the same namespace, or a removed
+    sandbox whose process has not exited yet, can hold the slot's own group. Without a group
+    there is no prefilter (the proxy then decides every flow: still enforced, but a refused
+    connect becomes a reset after the handshake), so a busy group is not the end of it."""
+    out: list[int] = []
+    for k in range(GROUP_TRIES):
+        group = group_for(slot_number + k * GROUP_STRIDE)
+        if group not in out:
+            out.append(group)
+    return out
 
 
 @dataclass(frozen=True, slots=True)
