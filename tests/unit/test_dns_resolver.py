@@ -646,6 +646,23 @@ def test_sweep_expires_everything() -> None:
     assert len(r.cache) == 0 and len(pins) == 0
 
 
+def test_sweep_delay_follows_what_is_held() -> None:
+    """The interceptor's timer stops when the resolver holds nothing, comes back soon while
+    failure memory is held, rarely for cache entries and pins alone."""
+    r, clock, pins = make(upstreams=1)
+    assert r.sweep_delay() is None
+    resolve(r, "c.example", ["c.example. 100 IN A 203.0.113.3"])
+    assert r.sweep_delay() == resolver_mod.STATE_SWEEP_SECONDS
+    (attempt,) = ask(r, query("dead.example")).attempts
+    clock.now += 2
+    r.upstream_failed(attempt, "timeout")
+    assert r.sweep_delay() == resolver_mod.FAILURE_SWEEP_SECONDS
+    clock.now += 101
+    r.sweep()
+    assert len(r.cache) == 0 and len(pins) == 0
+    assert r.sweep_delay() is None
+
+
 def test_upstream_work_is_budgeted_in_records(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(resolver_mod, "MAX_UPSTREAM_RECORDS_PER_SECOND", 100)
     r, clock, _ = make()

@@ -15,11 +15,12 @@ class Part:
     def __init__(self) -> None:
         self.items = 0
         self.sweeps = 0
+        self.delay = INTERVAL
 
-    def sweep(self) -> bool:
+    def sweep(self) -> float | None:
         self.sweeps += 1
         self.items = max(0, self.items - 1)
-        return self.items > 0
+        return self.delay if self.items > 0 else None
 
 
 def run(body):  # type: ignore[no-untyped-def]
@@ -55,6 +56,21 @@ def test_sweeps_while_state_remains_then_stops() -> None:
         assert sweeper.armed
         await asyncio.sleep(INTERVAL * 10)
         assert part.sweeps == 4
+
+    run(body)
+
+
+def test_a_sweep_sets_when_the_next_comes() -> None:
+    async def body() -> None:
+        part = Part()
+        part.delay = INTERVAL * 1000  # the next sweep, much later
+        sweeper = Sweeper(INTERVAL, part.sweep)
+        sweeper.start(asyncio.get_running_loop())
+        part.items = 3
+        sweeper.arm()
+        await asyncio.sleep(INTERVAL * 10)
+        assert part.sweeps == 1 and sweeper.armed
+        sweeper.close()
 
     run(body)
 

@@ -400,8 +400,8 @@ class IcmpRelay:
             with contextlib.suppress(OSError):
                 self.link_sockets[0 if entry.request.source.version == 4 else 1].send(frame)
 
-    def _sweep(self) -> bool:
+    def _sweep(self) -> float | None:
         now = time.monotonic()
         for key in [k for k, p in self.pending.items() if p.deadline <= now]:
             del self.pending[key]
-        return bool(self.pending)
+        return self._sweeper.interval if self.pending else None

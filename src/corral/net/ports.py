@@ -240,8 +240,8 @@ class PublishedPorts:
             self._loop.remove_reader(session.sock.fileno())
         session.sock.close()
 
-    def _sweep(self) -> bool:
+    def _sweep(self) -> float | None:
         now = time.monotonic()
         for s in [s for s in self._udp.values() if now - s.last >= UDP_PEER_IDLE_TIMEOUT]:
             self._end_udp(s)
-        return bool(self._udp)
+        return self._sweeper.interval if self._udp else None

@@ -6,7 +6,9 @@ cache entries, failure memory and pins. A timer re-armed forever wakes every idl
 supervisor about once a second (1.2 wake-ups/s measured for a public-only sandbox that did
 nothing; 120/s beside 100 idle sandboxes) to find nothing to do. A :class:`Sweeper` runs
 while its part holds state and stops when a sweep leaves none; the part calls :meth:`arm`
-whenever it adds state, which is one attribute test while the timer runs.
+whenever it adds state, which is one attribute test while the timer runs. A sweep may also
+ask for its next run later than the interval (the DNS interceptor's cache and pins are only
+memory to reclaim, its idle TCP clients are connections to close on time).
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ from collections.abc import Callable
 
 
 class Sweeper:
-    """Calls ``sweep`` every ``interval`` seconds while the last call returned True.
+    """Calls ``sweep`` ``interval`` seconds after state was added, and again while it asks.
 
-    ``sweep`` removes what has expired and says whether anything is left to sweep later.
+    ``sweep`` removes what has expired and returns the seconds until it wants to run again
+    (``interval`` usually), or None when nothing is left to sweep.
     """
 
-    def __init__(self, interval: float, sweep: Callable[[], bool]) -> None:
+    def __init__(self, interval: float, sweep: Callable[[], float | None]) -> None:
         self.interval = interval
         self._sweep = sweep
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -36,10 +39,12 @@ class Sweeper:
         """Bind to the part's loop; the first :meth:`arm` starts the timer."""
         self._loop = loop
 
-    def arm(self) -> None:
+    def arm(self, delay: float | None = None) -> None:
         """State was added: make sure a sweep comes (no-op while one is due)."""
         if self._handle is None and self._loop is not None and not self._closed:
-            self._handle = self._loop.call_later(self.interval, self._fire)
+            self._handle = self._loop.call_later(
+                self.interval if delay is None else delay, self._fire
+            )
 
     def close(self) -> None:
         self._closed = True
@@ -49,5 +54,6 @@ class Sweeper:
 
     def _fire(self) -> None:
         self._handle = None
-        if self._sweep():
-            self.arm()
+        delay = self._sweep()
+        if delay is not None:
+            self.arm(delay)

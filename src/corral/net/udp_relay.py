@@ -345,11 +345,11 @@ class UdpRelay:
                     self._send_raw(flow, data)
 
     # -- lifetime ---------------------------------------------------------------------------
-    def _sweep(self) -> bool:
+    def _sweep(self) -> float | None:
         now = time.monotonic()
         for flow in [f for f in self.flows.values() if now - f.last >= self.idle_timeout]:
             self._end(flow)
-        return bool(self.flows)
+        return self._sweeper.interval if self.flows else None
 
     def _end(self, flow: _Flow) -> None:
         if self.flows.pop(flow.key, None) is None:

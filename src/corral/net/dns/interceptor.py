@@ -80,7 +80,8 @@ TCP_IDLE_TIMEOUT = 10.0
 #: reading the answers is disconnected past this (four maximum-size messages).
 MAX_TCP_OUTBUF = 4 * wire.MAX_TCP_MESSAGE
 
-#: How often idle TCP connections, the cache, failures and pins are swept.
+#: How often idle guest TCP connections are swept while there are any (the resolver's state
+#: too, then; without connections the resolver says when: SandboxResolver.sweep_delay).
 SWEEP_INTERVAL = 1.0
 
 #: Bytes read from a TCP connection at once: one maximum-size query plus its prefix, so a
@@ -582,7 +583,7 @@ class DnsInterceptor:
             sock.close()
 
     # -- housekeeping ------------------------------------------------------------------------
-    def _sweep(self) -> bool:
+    def _sweep(self) -> float | None:
         now = time.monotonic()
         for conn in list(self._conns):
             if conn.outstanding == 0 and not conn.outbuf and now - conn.last >= TCP_IDLE_TIMEOUT:
@@ -591,7 +592,9 @@ class DnsInterceptor:
             self.core.sweep()
         except Exception:
             _log.exception("DNS: the sweep failed")
-        return bool(self._conns) or self.core.holds_state()
+        if self._conns:
+            return SWEEP_INTERVAL  # idle guest TCP connections are closed on time
+        return self.core.sweep_delay()
 
     @property
     def tcp_connections(self) -> int:

@@ -123,6 +123,10 @@ MAX_EVENTS_PER_SECOND = 100
 #: resolution failures for at least one second (and at most five minutes). One second absorbs
 #: a guest's retries of a dead name without making a fixed upstream look broken for long.
 FAILURE_CACHE_SECONDS = 1.0
+#: How soon after a sweep that left failure memory the next one comes (sweep_delay).
+FAILURE_SWEEP_SECONDS = 1.0
+#: How soon after a sweep that left only cache entries or pins the next one comes.
+STATE_SWEEP_SECONDS = 30.0
 
 #: Upstream rcodes that are an answer; any other (SERVFAIL, REFUSED, NOTIMP, FORMERR, or an
 #: extended or update rcode that makes no sense for a query) means the next resolver is tried,
@@ -310,10 +314,17 @@ class SandboxResolver:
         self.cache.clear()
         self._failures.clear()
 
-    def holds_state(self) -> bool:
-        """Whether :meth:`sweep` has anything to forget later (cache, failures, pins): the
-        interceptor's timer runs only while it does (net/sweeper.py)."""
-        return bool(self.cache) or bool(self._failures) or bool(self.pins)
+    def sweep_delay(self) -> float | None:
+        """Seconds until :meth:`sweep` is worth running again, None when it has nothing to
+        forget (the interceptor's timer then stops: net/sweeper.py). Every entry is checked
+        for expiry where it is used, so a sweep only reclaims memory: soon for failure memory
+        (short-lived, and its size follows the upstream's failures), rarely for the cache and
+        the pins (bounded by their limits)."""
+        if self._failures:
+            return FAILURE_SWEEP_SECONDS
+        if self.cache or self.pins:
+            return STATE_SWEEP_SECONDS
+        return None
 
     def sweep(self) -> None:
         """Periodic: expired cache entries, failure memory and pins."""
