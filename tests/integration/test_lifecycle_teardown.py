@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +105,30 @@ def test_a_supervisor_killed_during_its_stop_leaves_nothing_gc_cannot_remove(
         sb.remove()
     footprint.wait_gone()
     assert gc.collect([name]) == []
+
+
+def test_gc_removes_empty_sandbox_cgroups_no_home_leads_to(tmp_path: Path) -> None:
+    """A sandbox cgroup left empty by a supervisor that died, in a CORRAL_HOME that is gone
+    (nothing else leads gc to it): removed once old enough, on the real cgroupfs; one with a
+    process in it stays."""
+    from corral.runtime import cgroups
+    from corral.runtime.cgroups import CgroupLimits
+
+    orphan = cgroups.plan(cgroups.cgroup_name("orphan", tmp_path / "gone-home"))
+    busy = cgroups.plan(cgroups.cgroup_name("busy", tmp_path / "gone-home"))
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        cgroups.create(orphan, CgroupLimits())
+        cgroups.create(busy, CgroupLimits())
+        busy.add(sleeper.pid)
+        cgroups.cleanup_orphans()
+        assert orphan.exists()  # younger than ORPHAN_MIN_AGE: maybe a launch setting it up
+        removed = cgroups.cleanup_orphans(min_age=0)
+        assert set(removed) == set(orphan.paths)
+        assert not orphan.exists() and busy.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        for cg in (orphan, busy):
+            if cg.exists():
+                cgroups.cleanup(cg)

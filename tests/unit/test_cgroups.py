@@ -6,6 +6,7 @@ The real v1/hybrid path runs in tests/integration/test_isolation.py on this mach
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -261,3 +262,40 @@ def test_gc_finds_spares_below_another_process_cgroup(tmp_path: Path) -> None:
     assert "memory/process_api/xyz/corral-spare-10-1" in [
         str(p.relative_to(root)) for p in everywhere
     ]
+
+
+def test_sandbox_cgroup_names_are_told_from_spares_and_others() -> None:
+    name = cgroups.cgroup_name("my-box", Path("/var/lib/corral/sandboxes/my-box"))
+    assert cgroups.is_sandbox_cgroup_name(name)
+    assert not cgroups.is_sandbox_cgroup_name(cgroups.spare_name(10, 123456789012))
+    assert not cgroups.is_sandbox_cgroup_name("corral-box")  # no digest
+    assert not cgroups.is_sandbox_cgroup_name("corral--0123456789ab")  # no sandbox name
+    assert not cgroups.is_sandbox_cgroup_name("corral-box-0123456789AB")  # not ours: upper case
+    assert not cgroups.is_sandbox_cgroup_name("other-box-0123456789ab")
+
+
+def test_orphaned_sandbox_cgroups_are_empty_old_and_anywhere(tmp_path: Path) -> None:
+    """gc removes a sandbox cgroup no state directory leads to only when nothing is in it
+    and it is not being set up right now (younger than the minimum age)."""
+    root = _v1_tree(tmp_path / "cg", hybrid=True)
+    other_self = HYBRID_SELF.replace("/process_api/abc", "/process_api/xyz")
+    (root / "memory/process_api/xyz").mkdir(parents=True)
+    names = {k: cgroups.cgroup_name(k, tmp_path / k) for k in ("empty", "busy", "nested")}
+    for key, name in names.items():
+        cg = cgroups.plan(name, root, other_self if key == "empty" else HYBRID_SELF)
+        cgroups.create(cg, CgroupLimits())
+        for p in cg.paths:
+            (p / "cgroup.procs").write_text("4242\n" if key == "busy" else "")
+            if key == "nested":
+                (p / "leaf").mkdir()
+    spare = cgroups.plan(cgroups.spare_name(10, 1), root, HYBRID_SELF)
+    cgroups.create(spare, CgroupLimits())
+    later = time.time() + cgroups.ORPHAN_MIN_AGE + 1
+    found = cgroups.orphaned_sandbox_cgroups(root, HYBRID_SELF, now=later)
+    assert sorted(str(p.relative_to(root)) for p in found) == [
+        f"cpu/{names['empty']}",
+        f"memory/process_api/xyz/{names['empty']}",
+        f"pids/{names['empty']}",
+        f"unified/{names['empty']}",
+    ]
+    assert cgroups.orphaned_sandbox_cgroups(root, HYBRID_SELF, now=time.time()) == []  # young

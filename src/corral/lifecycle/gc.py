@@ -203,4 +203,7 @@ def collect(
         # Not reported: spare cgroups belong to no sandbox (nor to any CORRAL_HOME), they
         # are start-up machinery of SDK processes that were SIGKILLed.
         cgroups.cleanup_spares(everywhere=True)
+        # Empty sandbox cgroups no state directory leads to (a home deleted under a dead
+        # supervisor, say): reported, they were a sandbox's.
+        report += [f"empty cgroup {p} of no sandbox" for p in cgroups.cleanup_orphans()]
     return report

@@ -386,7 +386,10 @@ SPARE_SEARCH_DEPTH = 4
 
 
 def spare_parents(
-    root: Path = CGROUP_ROOT, proc_self_cgroup: str | None = None, everywhere: bool = False
+    root: Path = CGROUP_ROOT,
+    proc_self_cgroup: str | None = None,
+    everywhere: bool = False,
+    prefix: str = SPARE_PREFIX,
 ) -> list[Path]:
     """Where to look for abandoned spare cgroups: the directories :func:`plan` puts cgroups
     in for this process and, ``everywhere`` (gc), every directory down to SPARE_SEARCH_DEPTH
@@ -396,24 +399,24 @@ def spare_parents(
     parents = [p.parent for p in probe.paths]
     if not everywhere:
         return parents
-    for parent in _dirs_holding_spares(root, SPARE_SEARCH_DEPTH + 1):
+    for parent in _dirs_holding(root, SPARE_SEARCH_DEPTH + 1, prefix):
         if parent not in parents:
             parents.append(parent)
     return parents
 
 
-def _dirs_holding_spares(top: Path, depth: int) -> list[Path]:
+def _dirs_holding(top: Path, depth: int, prefix: str) -> list[Path]:
     found: list[Path] = []
     try:
         entries = [e for e in os.scandir(top) if e.is_dir(follow_symlinks=False)]
     except OSError:
         return found
-    if any(e.name.startswith(SPARE_PREFIX) for e in entries):
+    if any(e.name.startswith(prefix) for e in entries):
         found.append(top)
     if depth > 1:
         for e in entries:
             if not e.name.startswith("corral-"):
-                found.extend(_dirs_holding_spares(Path(e.path), depth - 1))
+                found.extend(_dirs_holding(Path(e.path), depth - 1, prefix))
     return found
 
 
@@ -437,6 +440,75 @@ def abandoned_spares(
             if owner is not None and entry.is_dir() and not alive(*owner):
                 found.append(entry)
     return found
+
+
+#: An empty sandbox cgroup younger than this is left alone by gc: a launch without a zygote
+#: makes its cgroup empty and moves its first process in a few milliseconds later.
+ORPHAN_MIN_AGE = 60.0
+
+
+def is_sandbox_cgroup_name(name: str) -> bool:
+    """Whether ``name`` has the form :func:`cgroup_name` gives (``corral-<name>-<12 hex>``)."""
+    if not name.startswith("corral-") or name.startswith(SPARE_PREFIX):
+        return False
+    sandbox, sep, digest = name[len("corral-") :].rpartition("-")
+    hexdigits = "0123456789abcdef"
+    return bool(sandbox and sep) and len(digest) == 12 and all(c in hexdigits for c in digest)
+
+
+def orphaned_sandbox_cgroups(
+    root: Path = CGROUP_ROOT,
+    proc_self_cgroup: str | None = None,
+    min_age: float = ORPHAN_MIN_AGE,
+    now: float | None = None,
+) -> list[Path]:
+    """Empty sandbox cgroup directories (no process, no child cgroup) older than ``min_age``,
+    below any process's cgroup: a sandbox's cgroup holds its init while it runs and goes with
+    its stop, so an empty one is what a supervisor left that died before it could remove it,
+    also one whose CORRAL_HOME no longer exists (gc finds no state directory to start from
+    then). Removing an empty cgroup loses nothing."""
+    now = time.time() if now is None else now
+    found: list[Path] = []
+    for parent in spare_parents(root, proc_self_cgroup, everywhere=True, prefix="corral-"):
+        try:
+            entries = sorted(
+                (e for e in os.scandir(parent) if e.is_dir(follow_symlinks=False)),
+                key=lambda e: e.name,
+            )
+        except OSError:
+            continue
+        for entry in entries:
+            if not is_sandbox_cgroup_name(entry.name):
+                continue
+            path = Path(entry.path)
+            try:
+                if now - path.stat().st_mtime < min_age:
+                    continue
+                if (path / "cgroup.procs").read_text().strip():
+                    continue
+                if any(e.is_dir(follow_symlinks=False) for e in os.scandir(path)):
+                    continue
+            except OSError:
+                continue
+            found.append(path)
+    return found
+
+
+def cleanup_orphans(root: Path = CGROUP_ROOT, min_age: float = ORPHAN_MIN_AGE) -> list[Path]:
+    """Remove every :func:`orphaned_sandbox_cgroups` directory; returns what went (a
+    directory that a process entered meanwhile is busy and stays)."""
+    removed: list[Path] = []
+    try:
+        orphans = orphaned_sandbox_cgroups(root, min_age=min_age)
+    except SandboxError:
+        return removed  # no cgroups here we could have made
+    for path in orphans:
+        try:
+            path.rmdir()
+        except OSError:
+            continue
+        removed.append(path)
+    return removed
 
 
 def _process_alive(pid: int, start_time: int) -> bool:
