@@ -497,15 +497,21 @@ def orphaned_sandbox_cgroups(
 def cleanup_orphans(root: Path = CGROUP_ROOT, min_age: float = ORPHAN_MIN_AGE) -> list[Path]:
     """Remove every :func:`orphaned_sandbox_cgroups` directory; returns what went (a
     directory that a process entered meanwhile is busy and stays)."""
-    removed: list[Path] = []
+    return _remove_each(lambda: orphaned_sandbox_cgroups(root, min_age=min_age), Path.rmdir)
+
+
+def _remove_each(find: Callable[[], list[Path]], remove: Callable[[Path], None]) -> list[Path]:
+    """gc's sweep of cgroup directories nobody owns: ``remove`` each that ``find`` lists,
+    skipping one that fails; returns what went."""
     try:
-        orphans = orphaned_sandbox_cgroups(root, min_age=min_age)
+        found = find()
     except SandboxError:
-        return removed  # no cgroups here we could have made
-    for path in orphans:
+        return []  # no cgroups here we could have made
+    removed: list[Path] = []
+    for path in found:
         try:
-            path.rmdir()
-        except OSError:
+            remove(path)
+        except (OSError, SandboxError):
             continue
         removed.append(path)
     return removed
@@ -520,17 +526,12 @@ def _process_alive(pid: int, start_time: int) -> bool:
 
 def cleanup_spares(root: Path = CGROUP_ROOT, everywhere: bool = False) -> list[Path]:
     """Kill what is in every abandoned spare cgroup and remove it; returns what went."""
-    removed: list[Path] = []
-    try:
-        abandoned = abandoned_spares(root, everywhere=everywhere)
-    except SandboxError:
-        return removed  # no cgroups here we could have made
-    for path in abandoned:
+
+    def kill_and_remove(path: Path) -> None:
         unified = path if (path / "cgroup.kill").exists() else None  # a v2 directory
-        with contextlib.suppress(SandboxError):
-            cleanup(Cgroup("spare", (path,), unified=unified))
-            removed.append(path)
-    return removed
+        cleanup(Cgroup("spare", (path,), unified=unified))
+
+    return _remove_each(lambda: abandoned_spares(root, everywhere=everywhere), kill_and_remove)
 
 
 def cleanup(cgroup: Cgroup) -> None:
