@@ -6,6 +6,10 @@ import ipaddress
 import socket
 import struct
 
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from corral.net import rtnetlink as rt
 
 
@@ -101,16 +105,72 @@ def test_find_attribute_is_the_first_of_its_type() -> None:
     assert rt.find_attribute(data, 12, 7) == rt.attributes(data, 12)[7]
 
 
-def test_route_destinations_are_those_of_the_full_parse() -> None:
+def _span(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> rt.Span:
+    return net.version, int(net.network_address), int(net.broadcast_address)
+
+
+def test_route_spans_are_those_of_the_full_parse() -> None:
     """The fast read of a real dump (this namespace's routes) gives exactly the networks the
-    full per-route parse gives, each once."""
+    full per-route parse gives."""
     with rt.RouteSocket() as sock:
         dump = sock.dump(rt.dump_request(rt.RTM_GETROUTE, socket.AF_UNSPEC))
-        fast = sock.route_destinations()
+        fast = sock.route_spans()
     full = {rt.parse_route_destination(b) for k, b in dump if k == rt.RTM_NEWROUTE} - {None}
-    assert len(fast) == len(set(fast))
-    assert set(fast) == full
+    assert fast == {_span(n) for n in full if n is not None}
     assert full  # this namespace has routes (lo's local ones at least)
+
+
+def test_rule_tables_are_those_of_the_full_parse() -> None:
+    with rt.RouteSocket() as sock:
+        dump = sock.dump(rt.dump_request(rt.RTM_GETRULE, socket.AF_UNSPEC))
+        fast = sock.rule_tables()
+    full = [rt.parse_rule(b) for k, b in dump if k == rt.RTM_NEWRULE]
+    assert fast == [(r.iif, r.table) for r in full if r.iif]
+
+
+def test_addresses_skip_those_inside_a_span() -> None:
+    with rt.RouteSocket() as sock:
+        every = sock.addresses()
+        loopback = rt.network_span("127.0.0.0/8")
+        kept = sock.addresses(skip=[loopback])
+    assert ipaddress.ip_address("127.0.0.1") in every
+    assert kept == [a for a in every if not (a.version == 4 and a.is_loopback)]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["10.1.2.0/30", "10.1.2.3/30", "0.0.0.0/0", "192.0.2.7", "fd42::/64", "fd42::1/127", "::/0",
+     "2001:db8::5"],
+)
+def test_network_span_is_the_ipaddress_network(text: str) -> None:
+    net = ipaddress.ip_network(text, strict=False)
+    assert rt.network_span(text) == _span(net)
+
+
+@pytest.mark.parametrize("text", ["", "10.1.2/30", "10.1.2.0/33", "10.1.2.0/", "fd42::/129",
+                                  "x/1", "10.0.0.0/-1", "10.0.0.0/ 8"])
+def test_network_span_refuses_what_is_not_a_network(text: str) -> None:
+    with pytest.raises(ValueError):
+        rt.network_span(text)
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(0, 32))
+def test_span_of_matches_ipaddress_v4(value: int, prefix: int) -> None:
+    net = ipaddress.IPv4Network((value, prefix), strict=False)
+    assert rt.span_of(socket.AF_INET, value.to_bytes(4, "big"), prefix) == _span(net)
+
+
+@given(st.integers(0, 2**128 - 1), st.integers(0, 128))
+def test_span_of_matches_ipaddress_v6(value: int, prefix: int) -> None:
+    net = ipaddress.IPv6Network((value, prefix), strict=False)
+    assert rt.span_of(socket.AF_INET6, value.to_bytes(16, "big"), prefix) == _span(net)
+
+
+def test_span_of_refuses_bad_lengths() -> None:
+    assert rt.span_of(socket.AF_INET, b"\1\2\3", 24) is None
+    assert rt.span_of(socket.AF_INET, b"\1\2\3\4", 33) is None
+    assert rt.span_of(socket.AF_INET6, b"\0" * 4, 24) is None
+    assert rt.span_of(socket.AF_PACKET, b"\0" * 4, 24) is None
 
 
 def test_messages_stop_at_a_truncated_one() -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from corral.errors import NetworkError
-from corral.net.rtnetlink import RouteSocket
+from corral.net.rtnetlink import RouteSocket, Span, network_span
 from corral.paths import PRIVATE_DIR_MODE, corral_home
 
 IPv4Network = ipaddress.IPv4Network
@@ -85,26 +85,35 @@ class Slot:
 
 
 def choose_slot(
-    pool: IPNetwork, prefixlen: int, taken: Iterable[IPNetwork], host_routes: Iterable[IPNetwork]
+    pool: IPNetwork,
+    prefixlen: int,
+    taken: Iterable[IPNetwork | Span],
+    host_routes: Iterable[IPNetwork | Span],
 ) -> IPNetwork | None:
     """The lowest ``/prefixlen`` of ``pool`` not taken and not overlapping a host route.
 
-    Default routes (/0) are ignored: they overlap everything and say nothing about which
-    addresses are in use on a link. Returns None when the pool has no free slot.
+    ``taken`` and ``host_routes`` are networks or their spans (rtnetlink.Span: the create
+    path reads both as integers). Default routes (/0) are ignored: they overlap everything
+    and say nothing about which addresses are in use on a link. Returns None when the pool
+    has no free slot.
     """
     if prefixlen < pool.prefixlen:
         return None
     size = 1 << (pool.max_prefixlen - prefixlen)
     start = int(pool.network_address)
     end = start + (1 << (pool.max_prefixlen - pool.prefixlen)) - 1
+    everything = (1 << pool.max_prefixlen) - 1
     # Integer bounds, not ipaddress' broadcast_address/overlaps: this runs over every lease
     # on every create, and those properties cost ~10 us each.
     blockers = []
     for n in [*taken, *host_routes]:
-        if n.version != pool.version or n.prefixlen == 0:
+        if isinstance(n, tuple):
+            version, lo, hi = n
+        else:
+            version, lo = n.version, int(n.network_address)
+            hi = lo + (1 << (n.max_prefixlen - n.prefixlen)) - 1
+        if version != pool.version or (lo == 0 and hi == everything):
             continue
-        lo = int(n.network_address)
-        hi = lo + (1 << (n.max_prefixlen - n.prefixlen)) - 1
         if lo <= end and hi >= start:
             blockers.append((lo, hi))
     blockers.sort()
@@ -134,12 +143,12 @@ def next_lease_number(used: Iterable[int]) -> int:
 # -- I/O part -------------------------------------------------------------------------------
 
 
-def host_routes() -> list[IPNetwork]:
+def host_routes() -> set[Span]:
     """Every route destination of the current network namespace (all tables, v4 and v6), read
     with one rtnetlink dump (no ``ip`` process). Default routes are left out."""
     try:
         with RouteSocket() as sock:
-            return sock.route_destinations()
+            return sock.route_spans()
     except OSError as exc:
         raise NetworkError(f"reading the host's routes failed: {exc}") from None
 
@@ -261,7 +270,7 @@ class AddressPool:
         sandbox_id: str,
         ipv4_pool: IPv4Network,
         ipv6_pool: IPv6Network | None,
-        routes: list[IPNetwork] | None = None,
+        routes: Iterable[IPNetwork | Span] | None = None,
         busy_numbers: Iterable[int] = (),
     ) -> Slot:
         """The sandbox's slot (the existing lease if it has one); NetworkError if a pool is full.
@@ -272,8 +281,8 @@ class AddressPool:
         with self._locked() as leases:
             if sandbox_id in leases:
                 return self._slot(sandbox_id, leases[sandbox_id], self.leases_path)
-            slots = [self._slot(k, v, self.leases_path) for k, v in leases.items()]
-            v4 = choose_slot(ipv4_pool, IPV4_SLOT_PREFIX, [s.ipv4 for s in slots], routes)
+            v4_taken, v6_taken, numbers = self._taken(leases)
+            v4 = choose_slot(ipv4_pool, IPV4_SLOT_PREFIX, v4_taken, routes)
             if v4 is None:
                 raise NetworkError(
                     f"ipv4_pool {ipv4_pool} has no free /{IPV4_SLOT_PREFIX} left "
@@ -284,7 +293,7 @@ class AddressPool:
                 v6 = choose_slot(
                     ipv6_pool,
                     IPV6_SLOT_PREFIX,
-                    [s.ipv6 for s in slots if s.ipv6 is not None],
+                    v6_taken,
                     routes,
                 )
                 if v6 is None:
@@ -294,10 +303,27 @@ class AddressPool:
                     )
             assert isinstance(v4, IPv4Network)
             assert v6 is None or isinstance(v6, IPv6Network)
-            numbers = {s.number for s in slots} | set(busy_numbers)
-            slot = Slot(v4, v6, next_lease_number(numbers))
+            slot = Slot(v4, v6, next_lease_number(numbers | set(busy_numbers)))
             leases[sandbox_id] = slot.to_json()
             return slot
+
+    def _taken(self, leases: dict[str, dict[str, object]]) -> tuple[list[Span], list[Span], set[int]]:
+        """The leased IPv4 and IPv6 networks (as spans) and lease numbers, read from the
+        stored form without a :class:`Slot` per lease; NetworkError names a malformed one."""
+        v4: list[Span] = []
+        v6: list[Span] = []
+        numbers: set[int] = set()
+        for sandbox_id, data in leases.items():
+            try:
+                v4.append(network_span(str(data["ipv4"])))
+                if data.get("ipv6") is not None:
+                    v6.append(network_span(str(data["ipv6"])))
+                numbers.add(int(str(data["number"])))
+            except (KeyError, ValueError, TypeError) as exc:
+                raise NetworkError(
+                    f"the lease of {sandbox_id!r} in {self.leases_path} is malformed: {exc}"
+                ) from None
+        return v4, v6, numbers
 
     def release(self, sandbox_id: str) -> None:
         """Forget the sandbox's lease (no-op without one)."""

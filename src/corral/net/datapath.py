@@ -298,7 +298,13 @@ class SandboxNetwork:
             guests.append(slot.guest_ipv6)
             pools.append(ipaddress.IPv6Network(self.config.ipv6_pool))
         plumbing.create_link(names, slot, self.mtu)
-        host_addresses = [*plumbing.host_addresses(), *gateways]
+        # Other sandboxes' gateways (inside the pools) are left out of the group ``host``:
+        # "another sandbox's address" refuses them first anyway, and with them the group,
+        # its prefilter sets and the table grew with every running sandbox (docs/network.md).
+        inside_pools = [
+            (p.version, int(p.network_address), int(p.broadcast_address)) for p in pools
+        ]
+        host_addresses = [*plumbing.host_addresses(inside_pools), *gateways]
         policy = self._policy
         if policy is None:
             policy = Policy.compile(self.config, host_addresses=host_addresses)

@@ -23,7 +23,7 @@ import ipaddress
 import os
 import re
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -254,7 +254,7 @@ def _sysctl(key: str, value: str, *, missing_ok: bool) -> None:
 def divert_rules() -> list[tuple[str, int]]:
     """(iif, table) of every policy rule with an input interface, v4 and v6."""
     with RouteSocket() as sock:
-        return [(r.iif, r.table) for r in sock.rules() if r.iif]
+        return sock.rule_tables()
 
 
 def lease_numbers_in_kernel() -> set[int]:
@@ -324,10 +324,13 @@ def link_exists(link: str) -> bool:
     return True
 
 
-def host_addresses() -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    """Every address configured in the current netns (the policy's group ``host``)."""
+def host_addresses(
+    skip: Iterable[rtnetlink.Span] = (),
+) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """Every address configured in the current netns (the policy's group ``host``) but those
+    inside ``skip`` (the sandbox pools: other sandboxes' gateways, docs/network.md)."""
     try:
         with RouteSocket() as sock:
-            return sock.addresses()
+            return sock.addresses(skip)
     except (OSError, NetlinkError) as exc:
         raise NetworkError(f"reading the host's addresses failed: {exc}") from None
