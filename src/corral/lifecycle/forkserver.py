@@ -89,6 +89,13 @@ def serve(sock: socket.socket) -> int:
     with contextlib.suppress(ImportError):  # the supervisor reports a missing data path
         from corral.net import datapath, secret_handoff  # noqa: F401
 
+    # The sandbox's seccomp filter, compiled once here (libseccomp, ~2 ms and its heap), not
+    # in each spare before it forks its zygote (launcher.prepare_zygote).
+    from corral.runtime import seccomp_profile
+
+    with contextlib.suppress(ImportError, OSError, RuntimeError):  # the launch reports it
+        seccomp_profile.compiled()
+
     # Supervisors are reaped by the kernel: this process never waits for them.
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     gc.collect()

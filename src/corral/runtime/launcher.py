@@ -557,22 +557,21 @@ def prepare_zygote() -> Zygote:
 
     Blocking for one cgroup move (an RCU grace period): call it when nothing waits, before
     threads exist. SandboxError if the cgroup cannot be made or joined.
+
+    The zygote is forked first, its cgroup made after: every page this process writes before
+    the fork is one the sandbox's init inherits as a private copy, and keeps once this
+    process (its supervisor-to-be) writes the page again. Forked right away, the zygote
+    shares the fork server's pages instead (the cgroup steps and the filter's compile dirtied
+    ~1.2 MiB here, most of which every idle sandbox's init then held; docs/design.md).
     """
-    # Spare cgroups of makers that were SIGKILLed (nothing else removes them, and a test
-    # world's teardown kills every process of its namespace): cheap, and nobody waits now.
-    cgroups.cleanup_spares()
-    cgroup = cgroups.plan(cgroups.spare_name(os.getpid(), procfs.own_start_time()))
-    cgroups.create(cgroup, CgroupLimits())
+    seccomp = seccomp_profile.compiled()  # the fork server compiled it: no work here
     parent_pid = os.getpid()
     try:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     except OSError as e:
-        with contextlib.suppress(SandboxError):
-            cgroups.cleanup(cgroup)
         raise SandboxError(f"prepare stage A: socketpair: {e.strerror}") from None
     if signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the zygote must be waitable
-    seccomp = seccomp_profile.compiled()
     gc.freeze()
     try:
         pid = os.fork()
@@ -580,18 +579,27 @@ def prepare_zygote() -> Zygote:
             _zygote_main(theirs, seccomp, parent_pid)
     except OSError as e:
         ours.close()
-        theirs.close()
-        with contextlib.suppress(SandboxError):
-            cgroups.cleanup(cgroup)
         raise SandboxError(f"prepare stage A: fork: {e.strerror}") from None
     finally:
         gc.unfreeze()
-    theirs.close()
+        theirs.close()
+    try:
+        # Spare cgroups of makers that were SIGKILLed (nothing else removes them, and a test
+        # world's teardown kills every process of its namespace): cheap, and nobody waits.
+        cgroups.cleanup_spares()
+        cgroup = cgroups.plan(cgroups.spare_name(os.getpid(), procfs.own_start_time()))
+    except BaseException:
+        ours.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        _reap(pid, block=True)
+        raise
     zygote = Zygote(pid, cgroup, ours)
     try:
+        cgroups.create(cgroup, CgroupLimits())
         cgroup.add(pid)
     except BaseException:
-        zygote.discard()
+        zygote.discard()  # also removes what create() made of the cgroup
         raise
     return zygote
 
