@@ -283,3 +283,57 @@ def test_a_table_built_elsewhere_and_replayed_is_the_table_applied_here() -> Non
     assert left == 0
     assert replaced == want.replace("10.0.0.1:1 ", "10.0.0.1:9 ")
     assert replaced != want
+
+
+def test_a_table_of_thousands_of_rules_replays_whole_and_a_bad_one_not_at_all() -> None:
+    """A replayed table is one transaction however large: 3,000 rules are ~1.3 MB of netlink,
+    more than a socket's default send buffer (a send that large failed with EMSGSIZE, so a
+    sandbox with a policy of a few hundred rules could not start beside 8 other sandboxes)
+    and than its receive buffer holds of acknowledgements. A transaction the kernel refuses
+    names the message and leaves nothing."""
+    out = isolated(
+        SPEC_SCRIPT
+        + textwrap.dedent(
+            """
+        import tempfile
+        scratch = tempfile.mkdtemp()
+        build_ns = f"{scratch}/build"
+        mount_empty_netns(build_ns)
+        lines = [f"add table inet {T}",
+                 f"add chain inet {T} c {{ type filter hook output priority 0; }}"]
+        lines += [f"add rule inet {T} c ip daddr 10.{i >> 8 & 255}.{i & 255}.1 "
+                  f"tcp dport {1 + i} accept" for i in range(3000)]
+        def build():
+            nftables.run("\\n".join(lines) + "\\n")
+            sock = nftables.open_socket()
+            try:
+                messages = nftables.snapshot_table(sock, T)
+                nftables.destroy_table(T, on=sock)
+            finally:
+                sock.close()
+            return messages
+        messages = kernel_netns.call_in_thread(build_ns, build)
+        size = sum(len(m[2]) for m in messages)
+        nftables.replay(messages, T, replace=False)
+        rules = listing().count("tcp dport")
+        nftables.replay(messages, T, replace=True)  # replaced in the same transaction
+        again = listing().count("tcp dport")
+        nftables.destroy_table(T)
+        kind, flags, payload = messages[7]
+        broken = [*messages[:7], (kind, flags, b"\\xff" * 8 + payload[8:]), *messages[8:]]
+        try:
+            nftables.replay(broken, T, replace=False)
+            error = ""
+        except NetworkError as exc:
+            error = str(exc)
+        subprocess.run(["umount", build_ns], check=True)
+        print(json.dumps([size, rules, again, error, tables()]))
+        """
+        )
+    )
+    assert isinstance(out, list)
+    size, rules, again, error, left = out
+    assert size > 1_000_000
+    assert rules == again == 3000
+    assert "failed at message 7" in error and "Invalid argument" in error
+    assert left == []

@@ -71,6 +71,9 @@ else:
 
 _lock = threading.Lock()
 
+#: SO_SNDBUFFORCE (asm-generic/socket.h; the socket module does not name it).
+_SO_SNDBUFFORCE = 32
+
 #: Free heap (bytes) above which a call hands memory back to the kernel. libnftables fills its
 #: cache with every table's chains, sets and rules before it evaluates a table: beside 100
 #: sandboxes' tables one apply took 53 MiB of heap, which glibc keeps after free(); without a
@@ -279,10 +282,14 @@ def _talk(
     *,
     batch: bool,
     on: socket.socket | None = None,
+    ack_each: bool = True,
 ) -> list[int]:
-    """Send ``messages`` ((type, extra flags, payload), each acknowledged) and return each
-    one's errno (0: done). ``batch``: wrapped in one nf_tables transaction (all or nothing).
-    ``on``: a socket of the caller's (left open), instead of the process's."""
+    """Send ``messages`` ((type, extra flags, payload)) and return each one's errno (0:
+    done). ``batch``: wrapped in one nf_tables transaction (all or nothing). ``on``: a
+    socket of the caller's (left open), instead of the process's. ``ack_each`` False: only
+    the last message asks for an acknowledgement (the kernel still answers every failed
+    one, and answers a batch all at once after its last message), so a batch of 10,000
+    rules does not queue 10,000 acknowledgements in the socket's receive buffer."""
     global _seq
     with _lock:
         sock, temporary = (on, False) if on is not None else _netlink()
@@ -293,31 +300,34 @@ def _talk(
                 _seq += 1
                 parts.append(_message(_NFNL_MSG_BATCH_BEGIN, _NLM_F_REQUEST, 0, _seq, b"",
                                       _NFNL_SUBSYS_NFTABLES))  # fmt: skip
-            for kind, flags, payload in messages:
+            for i, (kind, flags, payload) in enumerate(messages):
                 _seq += 1
                 seqs.append(_seq)
+                ack = _NLM_F_ACK if ack_each or i == len(messages) - 1 else 0
                 parts.append(
                     _message((_NFNL_SUBSYS_NFTABLES << 8) | kind,
-                             _NLM_F_REQUEST | _NLM_F_ACK | flags, family, _seq, payload)
+                             _NLM_F_REQUEST | ack | flags, family, _seq, payload)
                 )  # fmt: skip
             if batch:
                 _seq += 1
                 parts.append(_message(_NFNL_MSG_BATCH_END, _NLM_F_REQUEST, 0, _seq, b"",
                                       _NFNL_SUBSYS_NFTABLES))  # fmt: skip
-            sock.sendall(b"".join(parts))
-            errors = {seq: -1 for seq in seqs}
-            waiting = set(seqs)
+            data = b"".join(parts)
+            _fit_send_buffer(sock, len(data))
+            sock.sendall(data)
+            errors = dict.fromkeys(seqs, -1 if ack_each else 0)
+            waiting = set(seqs) if ack_each else {seqs[-1]}
             first = seqs[0] - (1 if batch else 0)
             while waiting:
-                data = sock.recv(65536)
+                reply = sock.recv(65536)
                 offset = 0
-                while offset + 16 <= len(data):
-                    length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", data, offset)
+                while offset + 16 <= len(reply):
+                    length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", reply, offset)
                     offset += max(16, (length + 3) & ~3)
                     if kind != _NLMSG_ERROR or not first <= seq <= _seq:
                         continue  # a reply's payload (GETTABLE), or a stale answer
-                    err = -struct.unpack_from("=i", data, offset - length + 16)[0]
-                    if seq in waiting:
+                    err = -struct.unpack_from("=i", reply, offset - length + 16)[0]
+                    if seq in errors:
                         errors[seq] = err
                         waiting.discard(seq)
                     elif err:  # the batch itself was refused: nothing else will answer
@@ -330,6 +340,20 @@ def _talk(
             if temporary:
                 sock.close()
     return [errors[s] for s in seqs]
+
+
+def _fit_send_buffer(sock: socket.socket, size: int) -> None:
+    """Grow the socket's send buffer to take ``size`` bytes in one message: a netlink send
+    larger than the buffer fails with EMSGSIZE, and a transaction must be one message
+    (a table of ~500 rules is larger than the default 208 KiB). As libnftables does, with
+    SO_SNDBUFFORCE (CAP_NET_ADMIN, which every caller has) past the system's maximum."""
+    need = size + 4096  # the kernel's own skb overhead is counted against the buffer
+    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= need:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, need)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, need)
 
 
 def _strz(text: str) -> bytes:
@@ -544,7 +568,7 @@ def replay(
     batch = list(messages)
     if replace:
         batch.insert(0, (_NFT_MSG_DESTROYTABLE, 0, _attr(_NFTA_TABLE_NAME, _strz(table))))
-    errs = _talk(batch, FAMILIES[family], batch=True)
+    errs = _talk(batch, FAMILIES[family], batch=True, ack_each=False)
     failed = [(i, e) for i, e in enumerate(errs) if e]
     if failed:
         index, err = failed[0]
