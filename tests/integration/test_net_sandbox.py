@@ -126,3 +126,29 @@ def test_real_sandbox_published_port_with_ingress_rule(image: str, world: world_
             got = s.recv(10)
         assert got == b""
         assert any(e.direction == "ingress" and e.action == "deny" for e in sb.logs())
+
+
+@pytest.mark.usefixtures("inet_servers")
+def test_a_policy_of_a_thousand_rules_starts_beside_many_sandboxes(image: str) -> None:
+    """Beside firewall.REPLAY_FROM_TABLES other sandboxes' tables a sandbox's table is built
+    in its own namespace and replayed here; a policy of 1,000 rules makes a table larger than
+    a netlink socket's default send buffer (that create failed with EMSGSIZE). It starts and
+    enforces: its last rule lets the world's echo port through, the default denies port 80."""
+    from corral.net import firewall, nftables
+
+    others: list[corral.sync.Sandbox] = []
+    try:
+        while nftables.table_count() < firewall.REPLAY_FROM_TABLES:
+            others.append(corral.sync.Sandbox.create(unique("beside"), image=image,
+                                                     network=NetworkPolicy.public_only()))  # fmt: skip
+        rules = [PolicyRule(action="deny", destination=f"198.18.{i >> 8}.{i & 255}/32")
+                 for i in range(999)]  # fmt: skip
+        rules.append(PolicyRule(action="allow", destination=f"{SERVER_V4}/32",
+                                protocols=["tcp"], ports=[str(ECHO_PORT)]))  # fmt: skip
+        cfg = NetworkConfig(default_egress="deny", rules=rules)
+        with corral.sync.Sandbox.create(unique("big"), image=image, network=cfg) as sb:
+            assert sb.exec("sh", ["-c", nc(SERVER_V4)]).stdout_text == "hi\n"  # the last rule
+            assert sb.exec("sh", ["-c", nc(SERVER_V4, 80)]).stdout_text == ""  # the default
+    finally:
+        for other in others:
+            other.remove()
