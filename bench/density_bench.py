@@ -2,10 +2,11 @@
 
 Run as root:  .venv/bin/python bench/density_bench.py [--count 100] [--network both]
 
-Creates COUNT idle sandboxes (busybox test image) through the async SDK, first with network
+Creates COUNT sandboxes (busybox test image) through the async SDK, first with network
 ``none``, then (``--network both``, the default, or ``public-only``) COUNT networked ones
 (``public-only``: a netns, veth, nftables table and proxies each), inside the host namespace
-of a private test world (tests/support/world.py), and measures, with all of a kind running:
+of a private test world (tests/support/world.py), and measures, with all of a kind running
+and idle for IDLE_SECONDS (past the init's SPARE_IDLE: an idle sandbox holds no spare worker):
 
 * PSS (proportional set size, /proc/<pid>/smaps_rollup) of each sandbox's supervisor plus
   every process in its cgroup (the init and its pre-forked spare worker): shared pages are
@@ -231,7 +232,8 @@ async def run(count: int, kind: str) -> None:
                                       network=network)  # fmt: skip
             create_ms.append((time.perf_counter() - start) * 1000)
             sandboxes.append(sb)
-        await asyncio.sleep(1.0)  # let the sandboxes settle into idle
+        # Idle: past the time after which an unused spare worker is let go (init.SPARE_IDLE).
+        await asyncio.sleep(IDLE_SECONDS)
         after = mem_available()
         kernel_after = meminfo()
         per_sandbox = []
@@ -261,7 +263,8 @@ async def run(count: int, kind: str) -> None:
     head = statistics.median(create_ms[:10])
     tail = statistics.median(create_ms[-10:])
     target_mib, target_ratio = TARGETS[kind]
-    print(f"{count} idle sandboxes (network {kind})")
+    print(f"{count} idle sandboxes (network {kind}), measured {IDLE_SECONDS:g} s after the "
+          "last create")  # fmt: skip
     print(f"PSS per sandbox (supervisor + sandbox processes): {pss:6.2f} MiB "
           f"(supervisor alone {statistics.mean(supervisors) / MIB:.2f} MiB)")  # fmt: skip
     print(f"MemAvailable drop per sandbox:                    {avail:6.2f} MiB")
@@ -293,6 +296,9 @@ async def run(count: int, kind: str) -> None:
 IMAGE = "corral-bench/busybox:1"
 #: Seconds between the last sandbox's removal and the platform control (see run()).
 CONTROL_PAUSE = 5.0
+#: Seconds the sandboxes sit idle after the last create before they are measured: past the
+#: init's SPARE_IDLE, after which a sandbox holds no spare worker (~0.9 MiB).
+IDLE_SECONDS = 12.0
 
 
 def main() -> None:

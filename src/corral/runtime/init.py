@@ -24,6 +24,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import select
 import selectors
 import shutil
 import signal
@@ -84,6 +85,14 @@ KILL_TREE_TIMEOUT = 2.0
 #: Pause before the init retries forking a spare worker that failed (pids limit reached).
 SPARE_RETRY = 0.05
 
+#: Seconds a spare worker waits for a connection before the init lets it go. A spare costs
+#: ~0.9 MiB (the pages it and the init write after the fork, which they would otherwise
+#: share: bench/density_bench.py); an idle sandbox (a pool of sandboxes created ahead, an
+#: agent between steps) need not pay it, and its next request then waits for one fork of
+#: the init (~1.5-3 ms) instead. A create followed by an exec, and a busy sandbox, never see
+#: this: each connection a spare takes brings the next spare at once.
+SPARE_IDLE = 10.0
+
 #: How long the init waits for its children after forwarding SIGTERM before it exits
 #: anyway (the launcher's stop() kills the whole cgroup after its own grace period).
 TERM_GRACE = 30.0
@@ -108,10 +117,13 @@ def serve(listener: socket.socket, config: InitConfig, ready_fd: int = -1) -> No
     """Run as the sandbox's pid 1 until SIGTERM; never returns.
 
     The init does not accept connections itself: it keeps one *spare* worker forked ahead,
-    blocked in accept(), and forks the next spare when that one reports (through a pipe)
-    that it took a connection. So a request never waits for a fork of this process (except,
-    briefly, the very first: ``ready_fd``, the launcher's pipe, gets ``{"t": "ready"}`` just
-    before the first spare is forked, which overlaps the rest of the create).
+    waiting for a connection, and forks the next spare when that one reports (through a
+    pipe) that it took a connection. So a request never waits for a fork of this process
+    (except, briefly, the very first: ``ready_fd``, the launcher's pipe, gets
+    ``{"t": "ready"}`` just before the first spare is forked, which overlaps the rest of the
+    create). A spare that waited :data:`SPARE_IDLE` seconds is let go (closing its stop
+    pipe: it exits unless a connection reached it first); the init then watches the
+    listener itself and forks a spare for the next connection.
     """
     sys.path[:] = []
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -141,12 +153,27 @@ def serve(listener: socket.socket, config: InitConfig, ready_fd: int = -1) -> No
         os.close(ready_fd)
     inherited = (wake_r, wake_w, taken_r)
     spare = 0  # forked by the loop below
+    spare_born = 0.0
+    stop_w = -1  # the current spare's stop pipe; -1 once it was let go (or there is none)
+    want_spare = True  # False after an idle spare was let go, until a connection waits
+    watching = False  # whether the init watches the listener itself
     term_deadline = 0.0
+
+    def spare_gone() -> None:
+        nonlocal spare, stop_w
+        spare = 0
+        if stop_w >= 0:
+            os.close(stop_w)
+            stop_w = -1
+
     while True:
         if spare in _reap_all():
-            spare = 0  # died without taking a connection (killed from inside the sandbox)
+            spare_gone()  # died without taking a connection (let go, or killed from inside)
         if terminating and term_deadline == 0.0:
             term_deadline = time.monotonic() + TERM_GRACE
+            if watching:
+                sel.unregister(listener)
+                watching = False
             listener.close()
             with contextlib.suppress(OSError):
                 os.kill(-1, signal.SIGTERM)  # every process of the pid namespace but us
@@ -155,14 +182,33 @@ def serve(listener: socket.socket, config: InitConfig, ready_fd: int = -1) -> No
             if not _has_children() or time.monotonic() > term_deadline:
                 os._exit(0)
             wait = 1.0
-        elif spare == 0:
+        elif spare == 0 and want_spare:
             try:
-                spare = _fork_spare(listener, config, taken_w, inherited)
+                spare, stop_w = _fork_spare(listener, config, taken_w, inherited)
+                spare_born = time.monotonic()
             except OSError:
                 # EAGAIN at the pids limit (a fork bomb in the sandbox): the init must
                 # survive it; connections wait in the backlog until a fork succeeds.
                 wait = SPARE_RETRY
+        if not terminating and spare != 0 and stop_w >= 0:
+            idle = time.monotonic() - spare_born
+            if idle >= SPARE_IDLE:
+                os.close(stop_w)  # let it go: it exits, or takes a connection that came first
+                stop_w = -1
+                want_spare = False
+            else:
+                wait = SPARE_IDLE - idle
+        watch = not terminating and not want_spare
+        if watch != watching:
+            if watch:
+                sel.register(listener, selectors.EVENT_READ)
+            else:
+                sel.unregister(listener)
+            watching = watch
         for key, _ in sel.select(timeout=wait):
+            if key.fileobj is listener:
+                want_spare = True  # a connection waits: fork a spare for it (once none lives)
+                continue
             with contextlib.suppress(BlockingIOError):
                 data = os.read(key.fd, 4096)
                 if key.fd == taken_r:
@@ -170,7 +216,8 @@ def serve(listener: socket.socket, config: InitConfig, ready_fd: int = -1) -> No
                     # current spare's counts (an older one may report late).
                     for (pid,) in _PID_RECORD.iter_unpack(data[: len(data) // 4 * 4]):
                         if pid == spare:
-                            spare = 0
+                            spare_gone()
+                            want_spare = True
 
 
 def _reap_all() -> set[int]:
@@ -203,15 +250,25 @@ _WORKER_DEFAULT_SIGNALS = {signal.SIGTERM, signal.SIGCHLD, signal.SIGINT, signal
 
 def _fork_spare(
     listener: socket.socket, config: InitConfig, taken_w: int, close: tuple[int, ...]
-) -> int:
+) -> tuple[int, int]:
+    """Fork a spare worker; returns its pid and the write end of its stop pipe (closing
+    that end asks the spare to exit if no connection has reached it)."""
+    stop_r, stop_w = os.pipe2(os.O_CLOEXEC)
     # Signals stay blocked across the fork until the child has default handlers again: a
     # SIGTERM (stop) arriving in between would otherwise run the init's handler in the child,
     # which would then ignore it and keep the sandbox from ever stopping gracefully.
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_DEFAULT_SIGNALS)
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        os.close(stop_r)
+        os.close(stop_w)
+        raise
     if pid != 0:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        return pid
+        os.close(stop_r)
+        return pid, stop_w
     # The spare worker: default signals, wait for one connection, tell the init, serve it.
     status = 1
     try:
@@ -219,14 +276,22 @@ def _fork_spare(
         for sig in _WORKER_DEFAULT_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        for fd in close:
+        for fd in (*close, stop_w):
             os.close(fd)
+        waiting = select.poll()
+        waiting.register(listener.fileno(), select.POLLIN)
+        waiting.register(stop_r, select.POLLIN)
         while True:
-            try:
-                conn, _ = listener.accept()
-                break
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                continue
+            ready = {fd for fd, _ in waiting.poll()}
+            if listener.fileno() in ready:  # a waiting connection wins over the stop
+                try:
+                    conn, _ = listener.accept()
+                    break
+                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                    continue
+            if stop_r in ready:
+                os._exit(0)  # let go by the init before any connection reached it
+        os.close(stop_r)
         listener.close()
         os.write(taken_w, _PID_RECORD.pack(os.getpid()))
         os.close(taken_w)
