@@ -93,6 +93,20 @@ SPARE_RETRY = 0.05
 #: this: each connection a spare takes brings the next spare at once.
 SPARE_IDLE = 10.0
 
+#: Environment variable that sets SPARE_IDLE (seconds, > 0). The init reads the environment
+#: it inherits: the SDK process's when that process started its fork server (its first
+#: create), else the creating process's.
+SPARE_IDLE_ENV = "CORRAL_SPARE_IDLE"
+
+
+def spare_idle() -> float:
+    """SPARE_IDLE, or the positive number of seconds in $CORRAL_SPARE_IDLE."""
+    try:
+        value = float(os.environ.get(SPARE_IDLE_ENV, SPARE_IDLE))
+    except ValueError:
+        return SPARE_IDLE
+    return value if 0 < value < float("inf") else SPARE_IDLE
+
 #: How long the init waits for its children after forwarding SIGTERM before it exits
 #: anyway (the launcher's stop() kills the whole cgroup after its own grace period).
 TERM_GRACE = 30.0
@@ -121,7 +135,7 @@ def serve(listener: socket.socket, config: InitConfig, ready_fd: int = -1) -> No
     pipe) that it took a connection. So a request never waits for a fork of this process
     (except, briefly, the very first: ``ready_fd``, the launcher's pipe, gets
     ``{"t": "ready"}`` just before the first spare is forked, which overlaps the rest of the
-    create). A spare that waited :data:`SPARE_IDLE` seconds is let go (closing its stop
+    create). A spare that waited :data:`SPARE_IDLE` seconds (:func:`spare_idle`) is let go (closing its stop
     pipe: it exits unless a connection reached it first); the init then watches the
     listener itself and forks a spare for the next connection.
     """
@@ -158,6 +172,7 @@ def serve(listener: socket.socket, config: InitConfig, ready_fd: int = -1) -> No
     want_spare = True  # False after an idle spare was let go, until a connection waits
     watching = False  # whether the init watches the listener itself
     term_deadline = 0.0
+    idle_limit = spare_idle()
 
     def spare_gone() -> None:
         nonlocal spare, stop_w
@@ -192,12 +207,12 @@ def serve(listener: socket.socket, config: InitConfig, ready_fd: int = -1) -> No
                 wait = SPARE_RETRY
         if not terminating and spare != 0 and stop_w >= 0:
             idle = time.monotonic() - spare_born
-            if idle >= SPARE_IDLE:
+            if idle >= idle_limit:
                 os.close(stop_w)  # let it go: it exits, or takes a connection that came first
                 stop_w = -1
                 want_spare = False
             else:
-                wait = SPARE_IDLE - idle
+                wait = idle_limit - idle
         watch = not terminating and not want_spare
         if watch != watching:
             if watch:
