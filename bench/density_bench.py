@@ -6,7 +6,8 @@ Creates COUNT sandboxes (busybox test image) through the async SDK, first with n
 ``none``, then (``--network both``, the default, or ``public-only``) COUNT networked ones
 (``public-only``: a netns, veth, nftables table and proxies each), inside the host namespace
 of a private test world (tests/support/world.py), and measures, with all of a kind running
-and idle for IDLE_SECONDS (past the init's SPARE_IDLE: an idle sandbox holds no spare worker):
+and idle until IDLE_MARGIN seconds past the time after which an unused spare worker is let go
+(corral.runtime.spare_idle: an idle sandbox holds no spare worker):
 
 * PSS (proportional set size, /proc/<pid>/smaps_rollup) of each sandbox's supervisor plus
   every process in its cgroup (the init and its pre-forked spare worker): shared pages are
@@ -215,8 +216,10 @@ def sandbox_pids(cgroup_paths: str) -> set[int]:
 async def run(count: int, kind: str) -> None:
     from corral import NetworkPolicy, Sandbox
     from corral.runtime import state
+    from corral.runtime.spare_idle import spare_idle
 
     network = NetworkPolicy.none() if kind == "none" else NetworkPolicy.public_only()
+    idle_seconds = spare_idle() + IDLE_MARGIN
     # Warm up once (fork server start, image store, page cache) so sandbox 1 is typical.
     warm = await Sandbox.create(f"density-warm-{os.getpid()}", image=IMAGE, network=network)
     await warm.remove()
@@ -232,8 +235,8 @@ async def run(count: int, kind: str) -> None:
                                       network=network)  # fmt: skip
             create_ms.append((time.perf_counter() - start) * 1000)
             sandboxes.append(sb)
-        # Idle: past the time after which an unused spare worker is let go (init.SPARE_IDLE).
-        await asyncio.sleep(IDLE_SECONDS)
+        # Idle: past the time after which an unused spare worker is let go.
+        await asyncio.sleep(idle_seconds)
         after = mem_available()
         kernel_after = meminfo()
         per_sandbox = []
@@ -263,7 +266,7 @@ async def run(count: int, kind: str) -> None:
     head = statistics.median(create_ms[:10])
     tail = statistics.median(create_ms[-10:])
     target_mib, target_ratio = TARGETS[kind]
-    print(f"{count} idle sandboxes (network {kind}), measured {IDLE_SECONDS:g} s after the "
+    print(f"{count} idle sandboxes (network {kind}), measured {idle_seconds:g} s after the "
           "last create")  # fmt: skip
     print(f"PSS per sandbox (supervisor + sandbox processes): {pss:6.2f} MiB "
           f"(supervisor alone {statistics.mean(supervisors) / MIB:.2f} MiB)")  # fmt: skip
@@ -296,9 +299,9 @@ async def run(count: int, kind: str) -> None:
 IMAGE = "corral-bench/busybox:1"
 #: Seconds between the last sandbox's removal and the platform control (see run()).
 CONTROL_PAUSE = 5.0
-#: Seconds the sandboxes sit idle after the last create before they are measured: past the
-#: init's SPARE_IDLE, after which a sandbox holds no spare worker (~0.9 MiB).
-IDLE_SECONDS = 12.0
+#: Seconds the sandboxes sit idle after the last create before they are measured, beyond
+#: the time after which an unused spare worker is let go (corral.runtime.spare_idle).
+IDLE_MARGIN = 2.0
 
 
 def main() -> None:

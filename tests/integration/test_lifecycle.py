@@ -22,7 +22,7 @@ from corral import NetworkPolicy, Sandbox
 from corral.errors import ConfigError, SandboxError, SandboxExists, SandboxNotFound
 from corral.kernel import procfs
 from corral.lifecycle import gc, spawn
-from corral.runtime import cgroups, init, state
+from corral.runtime import cgroups, spare_idle, state
 from tests.integration.lifecycle_support import (  # noqa: F401 - fixtures
     ROOT,
     corral_home_fixture,
@@ -151,10 +151,10 @@ def _sandbox_pids(sb: corral.sync.Sandbox) -> set[int]:
 def test_an_idle_sandbox_lets_its_spare_worker_go_and_still_serves(
     image: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """After init.SPARE_IDLE ($CORRAL_SPARE_IDLE, 1 s here) without a connection the init
+    """After spare_idle.SPARE_IDLE ($CORRAL_SPARE_IDLE, 1 s here) without a connection the init
     lets its spare worker go (the sandbox is its init alone, ~0.9 MiB less); the next exec
     waits for a fork of the init instead, works, and brings a spare back."""
-    monkeypatch.setenv(init.SPARE_IDLE_ENV, "1")
+    monkeypatch.setenv(spare_idle.SPARE_IDLE_ENV, "1")
     spawn.close_fork_server()  # the next create starts one that inherits the variable
     name = unique("idle")
     try:
@@ -166,9 +166,20 @@ def test_an_idle_sandbox_lets_its_spare_worker_go_and_still_serves(
             out = [sb.exec("echo", [str(i)]).stdout_text for i in range(3)]
             assert out == ["0\n", "1\n", "2\n"]
             wait_for(lambda: len(_sandbox_pids(sb)) >= 2, timeout=5, what="a spare ahead again")
-            assert init.SPARE_IDLE_ENV not in sb.exec("env").stdout_text  # the host's own
+            assert spare_idle.SPARE_IDLE_ENV not in sb.exec("env").stdout_text  # the host's own
     finally:
         spawn.close_fork_server()  # later tests get a fork server with the default
+
+
+def test_a_bad_spare_idle_setting_is_one_sentence_and_claims_nothing(
+    image: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(spare_idle.SPARE_IDLE_ENV, "soon")
+    name = unique("badidle")
+    with pytest.raises(ConfigError, match=r"^CORRAL_SPARE_IDLE: must be a positive number"):
+        corral.sync.Sandbox.create(name, image=image, network=NONE)
+    assert not state.sandbox_dir(name).exists()
+    assert cgroup_dirs(name) == []
 
 
 def test_reattach_from_a_second_process(image: str) -> None:

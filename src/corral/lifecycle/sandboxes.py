@@ -26,7 +26,7 @@ from corral.config import NetworkConfig, SecretEntry
 from corral.errors import SandboxError
 from corral.kernel import procfs
 from corral.lifecycle import gc, hostnetns, spawn
-from corral.runtime import cgroupfs, control, state
+from corral.runtime import cgroupfs, control, spare_idle, state
 from corral.runtime.state import (
     COMMAND_LOG,
     CRASHED,
@@ -219,6 +219,7 @@ def start(
     in the state directory that it reads and unlinks before anything else (never in
     state.json; see docs/network.md "Secrets: where values live")."""
     name = new_state.name
+    spare_idle.spare_idle()  # a bad $CORRAL_SPARE_IDLE is one sentence, before any claim
     # Where this thread's mount namespace shows no cgroup hierarchy (ip netns exec), mount
     # it now, so that the note about it comes from the creating process.
     cgroupfs.ensure()
@@ -256,6 +257,7 @@ def _with_runtime(sandbox_state: SandboxState, ready: dict[str, object]) -> Sand
 
 def restart(name: str) -> SandboxState:
     """Start a stopped or crashed ``name`` again (same record, a new supervisor and init)."""
+    spare_idle.spare_idle()  # a bad $CORRAL_SPARE_IDLE is one sentence, before any change
     with state.name_lock(name):
         directory = state.sandbox_dir(name)
         sandbox_state = state.read_state(name)

@@ -39,8 +39,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from corral.errors import ConfigError
 from corral.kernel import procfs
-from corral.runtime import syscalls, tree_serve
+from corral.runtime import spare_idle, syscalls, tree_serve
 from corral.runtime.channel_wire import (
     EXIT_TIMED_OUT,
     FRAME_PREFIX,
@@ -85,28 +86,6 @@ KILL_TREE_TIMEOUT = 2.0
 #: Pause before the init retries forking a spare worker that failed (pids limit reached).
 SPARE_RETRY = 0.05
 
-#: Seconds a spare worker waits for a connection before the init lets it go. A spare costs
-#: ~0.9 MiB (the pages it and the init write after the fork, which they would otherwise
-#: share: bench/density_bench.py); an idle sandbox (a pool of sandboxes created ahead, an
-#: agent between steps) need not pay it, and its next request then waits for one fork of
-#: the init (~1.5-3 ms) instead. A create followed by an exec, and a busy sandbox, never see
-#: this: each connection a spare takes brings the next spare at once.
-SPARE_IDLE = 10.0
-
-#: Environment variable that sets SPARE_IDLE (seconds, > 0). The init reads the environment
-#: it inherits: the SDK process's when that process started its fork server (its first
-#: create), else the creating process's.
-SPARE_IDLE_ENV = "CORRAL_SPARE_IDLE"
-
-
-def spare_idle() -> float:
-    """SPARE_IDLE, or the positive number of seconds in $CORRAL_SPARE_IDLE."""
-    try:
-        value = float(os.environ.get(SPARE_IDLE_ENV, SPARE_IDLE))
-    except ValueError:
-        return SPARE_IDLE
-    return value if 0 < value < float("inf") else SPARE_IDLE
-
 #: How long the init waits for its children after forwarding SIGTERM before it exits
 #: anyway (the launcher's stop() kills the whole cgroup after its own grace period).
 TERM_GRACE = 30.0
@@ -135,9 +114,9 @@ def serve(listener: socket.socket, config: InitConfig, ready_fd: int = -1) -> No
     pipe) that it took a connection. So a request never waits for a fork of this process
     (except, briefly, the very first: ``ready_fd``, the launcher's pipe, gets
     ``{"t": "ready"}`` just before the first spare is forked, which overlaps the rest of the
-    create). A spare that waited :data:`SPARE_IDLE` seconds (:func:`spare_idle`) is let go (closing its stop
-    pipe: it exits unless a connection reached it first); the init then watches the
-    listener itself and forks a spare for the next connection.
+    create). A spare that waited :func:`~corral.runtime.spare_idle.spare_idle` seconds is
+    let go (closing its stop pipe: it exits unless a connection reached it first); the init
+    then watches the listener itself and forks a spare for the next connection.
     """
     sys.path[:] = []
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -172,7 +151,10 @@ def serve(listener: socket.socket, config: InitConfig, ready_fd: int = -1) -> No
     want_spare = True  # False after an idle spare was let go, until a connection waits
     watching = False  # whether the init watches the listener itself
     term_deadline = 0.0
-    idle_limit = spare_idle()
+    try:
+        idle_limit = spare_idle.spare_idle()
+    except ConfigError:  # refused at the SDK's start already; pid 1 cannot report it
+        idle_limit = spare_idle.SPARE_IDLE
 
     def spare_gone() -> None:
         nonlocal spare, stop_w
