@@ -39,6 +39,7 @@ from corral.net.guest_trust import rootfs_state
 from corral.net.icmp import IcmpRelay
 from corral.net.ports import Published, PublishedPorts, bind_published
 from corral.net.prefilter import PINNED_SETS, Prefilter, compile_prefilter
+from corral.net.rtnetlink import network_span
 from corral.net.secrets import SecretTable
 from corral.net.splice import PipePool
 from corral.net.tcp_proxy import CONNECT_TIMEOUT, TcpProxy
@@ -301,9 +302,7 @@ class SandboxNetwork:
         # Other sandboxes' gateways (inside the pools) are left out of the group ``host``:
         # "another sandbox's address" refuses them first anyway, and with them the group,
         # its prefilter sets and the table grew with every running sandbox (docs/network.md).
-        inside_pools = [
-            (p.version, int(p.network_address), int(p.broadcast_address)) for p in pools
-        ]
+        inside_pools = [network_span(str(p)) for p in pools]
         host_addresses = [*plumbing.host_addresses(inside_pools), *gateways]
         policy = self._policy
         if policy is None:
