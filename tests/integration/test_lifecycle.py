@@ -226,9 +226,14 @@ def test_command_not_found_is_one_sentence(image: str) -> None:
 
 
 def test_unknown_image_leaves_nothing() -> None:
+    """An image that cannot be had is one ImageError naming the registry, and no sandbox.
+    (A registry on the world's loopback that refuses at once: a name the world cannot
+    resolve would cost the system resolver's 10 s of retries per run, for the same path.)"""
     name = unique("noimg")
-    with pytest.raises(corral.ImageError):
-        corral.sync.Sandbox.create(name, image="corral-test/does-not-exist:1", network=NONE)
+    with pytest.raises(corral.ImageError, match="registry localhost:1 cannot be reached"):
+        corral.sync.Sandbox.create(
+            name, image="localhost:1/corral-test/does-not-exist:1", network=NONE
+        )
     assert not state.sandbox_dir(name).exists()
 
 
