@@ -73,6 +73,9 @@ def coerce_enum(kind: type[E], value: object, path: str) -> E:
     if isinstance(value, kind):
         return value
     if isinstance(value, str):
+        member = kind._value2member_map_.get(value)  # the wire spelling itself: no parse
+        if member is not None:
+            return member  # type: ignore[return-value]
         try:
             return kind(value.strip().lower())
         except ValueError:

@@ -212,13 +212,16 @@ def parse_destination(value: object, path: str) -> Destination:
     if "/" in text:
         net = unmap_network(parse_cidr(text, path))
         return Destination(DestinationKind.CIDR, str(net), network=net)
-    try:
-        addr = ipaddress.ip_address(text.strip("[]"))
-    except ValueError:
-        pass
-    else:
-        addr = unmap(addr)
-        return Destination(DestinationKind.IP, str(addr), network=ipaddress.ip_network(addr))
+    # An address ends in a digit (IPv4) or has a colon (IPv6): a name that does neither is
+    # not tried as one (the failed parse and its exception cost more than the name's own).
+    if ":" in text or text[-1].isdigit() or text[-1] == "]":
+        try:
+            addr = ipaddress.ip_address(text.strip("[]"))
+        except ValueError:
+            pass
+        else:
+            addr = unmap(addr)
+            return Destination(DestinationKind.IP, str(addr), network=ipaddress.ip_network(addr))
     if text.startswith("."):
         return Destination(DestinationKind.SUFFIX, normalize_suffix(text, path))
     if text.startswith("*."):
